@@ -1,0 +1,81 @@
+"""Extent trees: the map from a file's logical blocks to physical blocks, with a checksum per data block.
+
+Guarantees:
+- Extents never overlap; a key is the first logical block of its extent and the extent's length is the number of
+  checksums it carries (at most ``max_extent_blocks``).
+- Remapping or unmapping a range hands every physical block it drops to ``free`` exactly once.
+- Data is never overwritten in place: a rewritten block always gets a new physical block (the caller allocates).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from ..format import max_extent_blocks, pack_extent, unpack_extent
+from .btree import BTree
+
+Free = Callable[[int, int], None]
+
+
+def extents(tree: BTree, lo: int = 0, hi: int | None = None) -> Iterator[tuple[int, int, list[int]]]:
+    """(logical, physical, checksums) of the extents overlapping [lo, hi)."""
+    first = tree.floor(lo)
+    if first is not None:
+        key, value = first
+        physical, csums = unpack_extent(value)
+        if key + len(csums) > lo and key < lo:
+            yield key, physical, csums
+    for key, value in tree.items(lo, hi):
+        physical, csums = unpack_extent(value)
+        yield key, physical, csums
+
+
+def unmap(tree: BTree, lo: int, hi: int | None, free: Free) -> int:
+    """Remove the mapping of logical blocks [lo, hi); return how many mapped blocks were dropped."""
+    dropped = 0
+    for key, physical, csums in list(extents(tree, lo, hi)):
+        end = key + len(csums)
+        cut_lo, cut_hi = max(key, lo), end if hi is None else min(end, hi)
+        if cut_lo >= cut_hi:
+            continue
+        free(physical + cut_lo - key, cut_hi - cut_lo)
+        dropped += cut_hi - cut_lo
+        tree.delete(key)
+        if key < cut_lo:
+            tree.insert(key, pack_extent(physical, csums[: cut_lo - key]))
+        if cut_hi < end:
+            tree.insert(cut_hi, pack_extent(physical + cut_hi - key, csums[cut_hi - key:]))
+    return dropped
+
+
+def map_run(tree: BTree, logical: int, physical: int, csums: list[int], free: Free, blocksize: int) -> int:
+    """Map logical blocks [logical, logical+n) to physical blocks [physical, physical+n); return blocks dropped."""
+    dropped = unmap(tree, logical, logical + len(csums), free)
+    limit = max_extent_blocks(blocksize)
+    prev = tree.floor(logical - 1) if logical else None
+    if prev is not None:  # extend the extent just before when it is contiguous on disk too
+        key, value = prev
+        pphys, pcsums = unpack_extent(value)
+        if key + len(pcsums) == logical and pphys + len(pcsums) == physical and len(pcsums) < limit:
+            take = min(limit - len(pcsums), len(csums))
+            tree.insert(key, pack_extent(pphys, pcsums + csums[:take]))
+            logical, physical, csums = logical + take, physical + take, csums[take:]
+    while csums:
+        tree.insert(logical, pack_extent(physical, csums[:limit]))
+        logical, physical, csums = logical + limit, physical + limit, csums[limit:]
+    return dropped
+
+
+def lookup_run(tree: BTree, index: int, limit: int) -> tuple[int, list[int], int]:
+    """What backs logical block ``index``: (physical, checksums, n) for n mapped blocks from index, or
+    (0, [], n) for a hole of n blocks (n <= limit)."""
+    found = tree.floor(index)
+    if found is not None:
+        key, value = found
+        physical, csums = unpack_extent(value)
+        if index < key + len(csums):
+            n = min(limit, key + len(csums) - index)
+            return physical + index - key, csums[index - key: index - key + n], n
+    for key, _ in tree.items(index + 1, index + limit):
+        return 0, [], key - index
+    return 0, [], limit

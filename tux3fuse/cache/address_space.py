@@ -1,0 +1,104 @@
+"""Per-file page index and per-delta dirty lists; a global LRU that bounds clean pages.
+
+Guarantees:
+- A dirty page is on the dirty list of exactly the delta it is tagged with, and stays in memory until the backend
+  has written it (dirty pages are never evicted).
+- Clean pages are evicted in least-recently-used order once their total size passes the cache limit.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from .page import CLEAN, Page
+
+
+class PageCache:
+    """Accounting shared by every address space of a volume."""
+
+    def __init__(self, limit_bytes: int, pagesize: int) -> None:
+        self.limit_pages = max(64, limit_bytes // pagesize)
+        self.pagesize = pagesize
+        self.clean: OrderedDict[tuple[int, int], Page] = OrderedDict()
+        self.dirty_pages = 0
+        self.evictions = 0
+
+    def touch(self, mapping: AddressSpace, page: Page) -> None:
+        key = (mapping.ino, page.index)
+        if page.delta == CLEAN:
+            self.clean[key] = page
+            self.clean.move_to_end(key)
+            if len(self.clean) > self.limit_pages:
+                self._evict(mapping.registry)
+        else:
+            self.clean.pop(key, None)
+
+    def _evict(self, registry: dict[int, AddressSpace]) -> None:
+        while len(self.clean) > self.limit_pages:
+            (ino, index), page = self.clean.popitem(last=False)
+            mapping = registry.get(ino)
+            if mapping is not None and mapping.pages.get(index) is page and page.delta == CLEAN:
+                del mapping.pages[index]
+                self.evictions += 1
+
+    def forget(self, ino: int, index: int) -> None:
+        self.clean.pop((ino, index), None)
+
+
+class AddressSpace:
+    """The cached pages of one file, by index, and its dirty pages by delta."""
+
+    def __init__(self, ino: int, cache: PageCache, registry: dict[int, AddressSpace]) -> None:
+        self.ino = ino
+        self.cache = cache
+        self.registry = registry
+        self.pages: dict[int, Page] = {}
+        self.dirty: dict[int, dict[int, Page]] = {}
+
+    def get(self, index: int) -> Page | None:
+        return self.pages.get(index)
+
+    def insert(self, page: Page) -> None:
+        page.mapping = self
+        self.pages[page.index] = page
+        self.cache.touch(self, page)
+
+    def mark_dirty(self, page: Page, delta: int) -> None:
+        if page.delta == delta:
+            return
+        if page.delta != CLEAN:
+            raise AssertionError(f"{page} would hold data of two deltas")
+        page.delta = delta
+        self.dirty.setdefault(delta, {})[page.index] = page
+        self.cache.dirty_pages += 1
+        self.cache.touch(self, page)
+
+    def take_dirty(self, delta: int) -> dict[int, Page]:
+        """Hand the dirty pages of a delta to the backend."""
+        return self.dirty.pop(delta, {})
+
+    def mark_clean(self, page: Page) -> None:
+        if page.delta != CLEAN:
+            page.delta = CLEAN
+            self.cache.dirty_pages -= 1
+        if self.pages.get(page.index) is page:
+            self.cache.touch(self, page)
+
+    def truncate(self, first: int) -> list[Page]:
+        """Drop every page at index >= first from the index and the dirty lists; return the dropped pages."""
+        gone = [p for i, p in self.pages.items() if i >= first]
+        for page in gone:
+            del self.pages[page.index]
+            self.cache.forget(self.ino, page.index)
+            if page.delta != CLEAN:
+                self.dirty.get(page.delta, {}).pop(page.index, None)
+                page.delta = CLEAN
+                self.cache.dirty_pages -= 1
+        return gone
+
+    def drop_all(self) -> None:
+        self.truncate(0)
+        self.registry.pop(self.ino, None)
+
+    def dirty_count(self) -> int:
+        return sum(len(d) for d in self.dirty.values())

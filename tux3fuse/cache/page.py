@@ -1,0 +1,30 @@
+"""A cached block of a file: its data and the delta that owns it.
+
+Guarantee: a page is in exactly one state — clean (``delta == CLEAN``) or dirty for one delta — so a page never
+holds data of two deltas. ``writeback`` marks a page whose data the backend is writing; ``forked`` marks a page
+that has been replaced in its address space by a copy and must never be modified again.
+"""
+
+from __future__ import annotations
+
+CLEAN = -1
+
+
+class Page:
+    __slots__ = ("index", "data", "delta", "writeback", "forked", "mapping")
+
+    def __init__(self, index: int, data: bytearray, mapping: object = None) -> None:
+        self.index = index
+        self.data = data
+        self.delta = CLEAN
+        self.writeback = False
+        self.forked = False
+        self.mapping = mapping
+
+    @property
+    def dirty(self) -> bool:
+        return self.delta != CLEAN
+
+    def __repr__(self) -> str:
+        state = "clean" if self.delta == CLEAN else f"dirty@{self.delta}"
+        return f"<Page {self.index} {state}{' wb' if self.writeback else ''}{' forked' if self.forked else ''}>"

@@ -1,0 +1,372 @@
+"""Command-line tools: thin shells over the library. Wrong usage: one line and exit 2; never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from .fs import Options, VolumeError
+
+PROG_MOUNT = "tux3fuse"
+
+
+class UsageError(Exception):
+    pass
+
+
+def _run(main: Callable[[list[str]], int], argv: list[str] | None, default_fail: int = 1) -> None:
+    try:
+        code = main(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:
+        code = 130
+    except UsageError as e:
+        print(f"{os.path.basename(sys.argv[0])}: {e}", file=sys.stderr)
+        code = 2
+    except VolumeError as e:
+        print(f"{os.path.basename(sys.argv[0])}: {e}", file=sys.stderr)
+        code = default_fail
+    except OSError as e:
+        print(f"{os.path.basename(sys.argv[0])}: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""),
+              file=sys.stderr)
+        code = default_fail
+    except Exception as e:  # a bug: say so in one line, never a traceback
+        print(f"{os.path.basename(sys.argv[0])}: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        code = default_fail
+    sys.exit(code)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        print(f"{self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# mkfs.tux3
+
+def mkfs_cmd(argv: list[str]) -> int:
+    from .mkfs import mkfs, parse_size
+
+    p = _Parser(prog="mkfs.tux3", description="Make a tux3fuse filesystem on an image file or block device.")
+    p.add_argument("-b", "--blocksize", default="4096", help="block size, a power of two from 512 to 65536")
+    p.add_argument("-L", "--label", default="", help="volume label (up to 32 bytes)")
+    p.add_argument("-s", "--size", help="size of the image (e.g. 512M, 2G); the file is created sparse")
+    p.add_argument("-f", "--force", action="store_true", help="overwrite an existing filesystem")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    p.add_argument("image")
+    a = p.parse_args(argv)
+    try:
+        bs = parse_size(a.blocksize)
+        size = parse_size(a.size) if a.size else None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if size is None and not os.path.exists(a.image):
+        raise UsageError(f"{a.image} does not exist; give its size with -s")
+    sb = mkfs(a.image, bs, size, a.label, a.force)
+    if not a.quiet:
+        print(f"{a.image}: tux3fuse volume, {sb.volblocks} blocks of {sb.blocksize} bytes "
+              f"({sb.volblocks * sb.blocksize / 2**20:.0f} MiB), {sb.free_blocks} free"
+              + (f", label {a.label!r}" if a.label else ""))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tux3fuse IMAGE MOUNTPOINT
+
+PASSED = {"allow_other", "allow_root", "nodev", "nosuid", "noexec", "noatime", "sync", "dirsync", "auto_unmount"}
+IGNORED = {"defaults", "auto", "noauto", "user", "nouser", "users", "nofail", "_netdev", "dev", "suid", "exec",
+           "atime", "relatime", "strictatime", "nodiratime", "async", "rw", "default_permissions", "noxattr",
+           "writeback", "lazytime", "nolazytime"}
+
+
+def parse_mount_options(text: str) -> dict:
+    """-o string -> settings; raises UsageError on anything unknown."""
+    out = {"ro": False, "writeback": True, "xattr": False, "commit": 5.0, "cache": None, "fuse": set()}
+    for opt in filter(None, (text or "").split(",")):
+        key, _, value = opt.partition("=")
+        if key == "ro":
+            out["ro"] = True
+        elif key == "nowriteback":
+            out["writeback"] = False
+        elif key == "xattr":
+            out["xattr"] = True
+        elif key == "commit":
+            try:
+                out["commit"] = float(value)
+                if out["commit"] < 0:
+                    raise ValueError
+            except ValueError:
+                raise UsageError(f"commit= takes a number of seconds, not {value!r}") from None
+        elif key == "cache":
+            from .mkfs import parse_size
+            try:
+                out["cache"] = parse_size(value)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+        elif key in PASSED:
+            out["fuse"].add(opt)
+        elif key in IGNORED or key.startswith("x-") or key in ("fsname", "subtype", "debug"):
+            continue
+        else:
+            raise UsageError(f"unknown mount option {opt!r}")
+    return out
+
+
+def mount_cmd(argv: list[str], prog: str = PROG_MOUNT) -> int:
+    p = _Parser(prog=prog, description="Mount a tux3fuse image.")
+    p.add_argument("-o", dest="options", action="append", default=[], help="mount options, comma separated: ro, "
+                   "allow_other, writeback|nowriteback, xattr, commit=SECONDS, cache=SIZE, auto_unmount")
+    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    p.add_argument("--debug", action="store_true", help="log every request (implies --foreground)")
+    p.add_argument("image")
+    p.add_argument("mountpoint")
+    a = p.parse_args(argv)
+    opts = parse_mount_options(",".join(a.options))
+    mnt = os.path.realpath(a.mountpoint)
+    if not os.path.exists(mnt):
+        raise UsageError(f"mountpoint {mnt} does not exist")
+    if not os.path.isdir(mnt):
+        raise UsageError(f"mountpoint {mnt} is not a directory")
+    if os.path.ismount(mnt):
+        raise UsageError(f"{mnt} is already a mountpoint")
+    image = os.path.abspath(a.image)
+    if not os.path.exists(image):
+        raise VolumeError(f"{a.image}: no such image")
+
+    import pyfuse3
+
+    from .daemon import Daemon, detach, setup_logging
+    from .fs import Volume
+    from .fuse_ops import Operations
+
+    foreground = a.foreground or a.debug
+    setup_logging(a.debug, True)
+    options = Options(readonly=opts["ro"])
+    if opts["cache"]:
+        options.cache_bytes = opts["cache"]
+    vol = Volume(image, options)
+    try:
+        vol.mount()
+        ops = Operations(vol, writeback=opts["writeback"], xattr=opts["xattr"])
+        fuse_opts = set(pyfuse3.default_options) | opts["fuse"] | {f"fsname={image}", "subtype=tux3"}
+        if opts["ro"]:
+            fuse_opts.add("ro")
+        if a.debug:
+            fuse_opts.add("debug")
+        try:
+            pyfuse3.init(ops, mnt, fuse_opts)
+        except RuntimeError as e:
+            raise VolumeError(f"cannot mount on {mnt}: {e}") from None
+    except BaseException:
+        vol.unmount()
+        raise
+    if not foreground:
+        detach()
+        setup_logging(a.debug, False)
+    return Daemon(vol, ops, mnt, image, opts["commit"]).run()
+
+
+def mount_helper_cmd(argv: list[str]) -> int:
+    """mount(8) helper: mount.fuse.tux3 IMAGE MOUNTPOINT [-o OPTIONS] [-n] [-v]."""
+    args = [x for x in argv if x not in ("-n", "-v", "-s", "-f")]
+    return mount_cmd(args, prog="mount.fuse.tux3")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tux3 umount / stat / sync
+
+def _mounted_at(mnt: str) -> bool:
+    real = os.path.realpath(mnt)
+    try:
+        with open("/proc/self/mounts") as f:
+            return any(line.split()[1] == real and line.split()[2].startswith("fuse") for line in f)
+    except OSError:
+        return os.path.ismount(mnt)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][0] != "Z"
+    except OSError:
+        return False
+
+
+def umount_cmd(argv: list[str], prog: str = "umount.tux3") -> int:
+    from .daemon import state_paths
+
+    p = _Parser(prog=prog, description="Unmount a tux3fuse mount and wait until its daemon has committed "
+                "everything and exited. Exit status 1 if the daemon met errors while mounted.")
+    p.add_argument("-z", "--lazy", action="store_true", help="lazy unmount (the mountpoint may be busy)")
+    p.add_argument("mountpoint")
+    a = p.parse_args(argv)
+    mnt = os.path.realpath(a.mountpoint)
+    if not _mounted_at(mnt):
+        raise UsageError(f"{a.mountpoint} is not mounted")
+    state_file, _ = state_paths(mnt)
+    state = {}
+    try:
+        with open(state_file) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        pass
+    cmd = ["fusermount3", "-u"] + (["-z"] if a.lazy else []) + [mnt]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        msg = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "fusermount3 failed"
+        print(f"{prog}: {msg}", file=sys.stderr)
+        return 1
+    pid = state.get("pid")
+    if not pid:
+        print(f"{prog}: unmounted, but no daemon state was found; cannot wait for the last commit", file=sys.stderr)
+        return 1
+    warned = False
+    started = time.monotonic()
+    while _alive(pid):
+        time.sleep(0.02)
+        if not warned and time.monotonic() - started > 10:
+            print(f"{prog}: waiting for the daemon ({pid}) to finish its last commit...", file=sys.stderr)
+            warned = True
+    try:
+        with open(state_file) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        state = {"status": "unknown"}
+    if state.get("status") != "done":
+        print(f"{prog}: the daemon reported errors: {state.get('error') or state.get('status')}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _control(mnt: str, request: str) -> dict:
+    from .daemon import state_paths
+
+    if not _mounted_at(mnt):
+        raise UsageError(f"{mnt} is not a mounted tux3fuse filesystem")
+    _, sock = state_paths(os.path.realpath(mnt))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(sock)
+        except OSError:
+            raise VolumeError(f"no tux3fuse daemon answers for {mnt}") from None
+        s.sendall(request.encode() + b"\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return json.loads(data)
+
+
+def tux3_cmd(argv: list[str]) -> int:
+    commands = ("umount", "stat", "sync", "mkfs", "fsck", "mount")
+    if argv and argv[0] not in commands and not argv[0].startswith("-") and len(argv) >= 2:
+        return mount_cmd(argv, prog="tux3")  # as run by mount.fuse3 for type fuse.tux3
+    p = _Parser(prog="tux3", description="tux3fuse administration.")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
+    sub.add_parser("umount", help="unmount and wait for the daemon", add_help=False)
+    s = sub.add_parser("stat", help="print the counters of a mounted volume")
+    s.add_argument("mountpoint")
+    s.add_argument("--json", action="store_true", help="one JSON object")
+    y = sub.add_parser("sync", help="commit everything now and wait until it is durable")
+    y.add_argument("mountpoint")
+    sub.add_parser("mkfs", help="same as mkfs.tux3", add_help=False)
+    sub.add_parser("fsck", help="same as fsck.tux3", add_help=False)
+    sub.add_parser("mount", help="same as tux3fuse", add_help=False)
+    if argv and argv[0] in ("umount", "mkfs", "fsck", "mount"):
+        rest = argv[1:]
+        return {"umount": lambda: umount_cmd(rest, "tux3 umount"), "mkfs": lambda: mkfs_cmd(rest),
+                "fsck": lambda: fsck_cmd(rest), "mount": lambda: mount_cmd(rest, "tux3 mount")}[argv[0]]()
+    a = p.parse_args(argv)
+    if a.cmd is None:
+        p.print_help()
+        return 2
+    reply = _control(a.mountpoint, a.cmd)
+    if a.cmd == "stat":
+        stats = reply.get("stat", {})
+        if a.json:
+            print(json.dumps(stats, sort_keys=True))
+        else:
+            width = max(map(len, stats), default=0)
+            for key in sorted(stats):
+                value = stats[key]
+                print(f"{key:<{width}}  {value:.6f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    if reply.get("error"):
+        print(f"tux3 {a.cmd}: the volume has failed: {reply['error']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fsck.tux3
+
+def fsck_cmd(argv: list[str]) -> int:
+    from .fsck import FSCK_ERROR, fsck
+
+    p = _Parser(prog="fsck.tux3", description="Check a tux3fuse volume. Exit status: 0 clean, 1 errors corrected, "
+                "4 errors left uncorrected, 8 operational error.")
+    p.add_argument("-n", "--no-action", action="store_true", help="open read-only, change nothing")
+    p.add_argument("-y", "-p", "-a", dest="yes", action="store_true", help="repair what can be repaired safely")
+    p.add_argument("-f", "--force", action="store_true", help="accepted for fsck(8) compatibility")
+    p.add_argument("-v", "--verbose", action="store_true", help="print every check")
+    p.add_argument("image")
+    a = p.parse_args(argv)
+    if _image_mounted(a.image):
+        print(f"fsck.tux3: {a.image} is mounted; unmount it first", file=sys.stderr)
+        return FSCK_ERROR
+    try:
+        report = fsck(a.image, repair=not a.no_action, verbose=a.verbose)
+    except VolumeError as e:
+        print(f"fsck.tux3: {e}", file=sys.stderr)
+        return FSCK_ERROR
+    for line in report.lines:
+        print(line)
+    return report.status
+
+
+def _image_mounted(image: str) -> bool:
+    real = os.path.realpath(image)
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 2 and fields[2].startswith("fuse.tux3") and os.path.realpath(
+                        fields[0].replace("\\040", " ")) == real:
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+def mkfs_main(argv: list[str] | None = None) -> None:
+    _run(mkfs_cmd, argv)
+
+
+def mount_main(argv: list[str] | None = None) -> None:
+    _run(mount_cmd, argv)
+
+
+def mount_helper_main(argv: list[str] | None = None) -> None:
+    _run(mount_helper_cmd, argv)
+
+
+def umount_main(argv: list[str] | None = None) -> None:
+    _run(umount_cmd, argv)
+
+
+def tux3_main(argv: list[str] | None = None) -> None:
+    _run(tux3_cmd, argv)
+
+
+def fsck_main(argv: list[str] | None = None) -> None:
+    _run(fsck_cmd, argv, default_fail=8)

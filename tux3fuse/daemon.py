@@ -1,0 +1,161 @@
+"""The mount daemon: mount, detach, serve requests, commit periodically, and finish with a last commit.
+
+Guarantees:
+- Mount errors (bad image, bad mountpoint, FUSE refusing) are reported before the command returns: the daemon
+  detaches only after the kernel mount exists.
+- On unmount, SIGTERM or SIGINT the daemon commits everything (with a unify) before it exits; it records its exit
+  status in its state file, which ``tux3 umount`` waits for.
+- A control socket beside the state file answers ``stat`` (counters as JSON) and ``sync`` (commit now).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+
+import pyfuse3
+import trio
+
+from . import flusher
+from .fs import Volume
+
+log = logging.getLogger("tux3fuse")
+
+
+def state_dir() -> str:
+    base = "/run/tux3fuse" if os.geteuid() == 0 else os.environ.get("XDG_RUNTIME_DIR", f"/tmp/tux3fuse-{os.getuid()}")
+    if os.geteuid() != 0 and "XDG_RUNTIME_DIR" in os.environ:
+        base = os.path.join(base, "tux3fuse")
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    return base
+
+
+def state_paths(mountpoint: str) -> tuple[str, str]:
+    """(state file, control socket) of the daemon serving a mountpoint (an absolute, resolved path)."""
+    key = hashlib.sha1(mountpoint.encode()).hexdigest()[:16]
+    base = os.path.join(state_dir(), key)
+    return base + ".json", base + ".sock"
+
+
+def write_state(path: str, **fields) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(fields, f)
+    os.replace(tmp, path)
+
+
+class Daemon:
+    def __init__(self, vol: Volume, ops: pyfuse3.Operations, mountpoint: str, image: str, interval: float) -> None:
+        """``mountpoint`` must be resolved before the mount: the daemon never looks at its own mount."""
+        self.vol = vol
+        self.ops = ops
+        self.mountpoint = mountpoint
+        self.image = image
+        self.interval = interval
+        self.state, self.sock = state_paths(self.mountpoint)
+        self.signalled: int | None = None
+
+    def _record(self, status: str) -> None:
+        write_state(self.state, pid=os.getpid(), image=self.image, mountpoint=self.mountpoint, status=status,
+                    error=self.vol.failed)
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                log.info("signal %d: unmounting", signum)
+                self.signalled = signum
+                pyfuse3.terminate()
+                return
+
+    async def _control(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        if os.path.exists(self.sock):
+            os.unlink(self.sock)
+        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await listener.bind(self.sock)
+        listener.listen(8)
+        os.chmod(self.sock, 0o666)
+        task_status.started()
+        async with trio.open_nursery() as nursery:
+            while True:
+                conn, _ = await listener.accept()
+                nursery.start_soon(self._answer, conn)
+
+    async def _answer(self, conn) -> None:
+        with conn:
+            try:
+                request = (await conn.recv(256)).decode().strip()
+                if request == "sync" and self.vol.failed is None and not self.vol.readonly:
+                    self.vol.commit()
+                reply = {"stat": self.vol.stats(), "error": self.vol.failed} if request in ("stat", "sync") else {
+                    "error": f"unknown request {request!r}"}
+                data = memoryview(json.dumps(reply).encode())
+                while data:
+                    data = data[await conn.send(data):]
+            except Exception:
+                log.exception("control request failed")
+
+    async def main(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._signals)
+            await nursery.start(self._control)
+            if self.interval > 0:
+                nursery.start_soon(flusher.run_periodic, self.vol, self.interval)
+            await pyfuse3.main(min_tasks=2, max_tasks=32)
+            nursery.cancel_scope.cancel()
+
+    def run(self) -> int:
+        """Serve until unmounted; then commit and close. Returns the exit status."""
+        self._record("running")
+        crashed = False
+        try:
+            trio.run(self.main)
+        except BaseException:
+            log.exception("the daemon failed")
+            crashed = True
+        try:
+            pyfuse3.close(unmount=True)
+        except Exception:
+            log.exception("closing the FUSE session")
+        try:
+            self.vol.unmount()
+        except Exception as e:
+            log.exception("final commit failed")
+            self.vol.fail(f"final commit failed: {e}")
+        for path in (self.sock,):
+            if os.path.exists(path):
+                os.unlink(path)
+        ok = not crashed and self.vol.failed is None
+        self._record("done" if ok else "error")
+        return 0 if ok else 1
+
+
+def detach() -> None:
+    """Become a background daemon: the parent returns to the shell once this is called."""
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def setup_logging(debug: bool, foreground: bool) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    if foreground:
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s tux3fuse[%(process)d] %(levelname)s: %(message)s"))
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler("/dev/log")
+        handler.setFormatter(logging.Formatter("tux3fuse[%(process)d]: %(levelname)s: %(message)s"))
+    else:
+        handler = logging.NullHandler()
+    root.handlers[:] = [handler]

@@ -1,0 +1,114 @@
+"""The image: block reads and writes, flushes, and I/O accounting.
+
+Guarantee: a block outside the volume is never read or written (``OutOfRange``); a write batch is issued as
+vectored writes of contiguous runs; ``flush`` returns only after the image's data is durable (fdatasync). The
+device never interprets what it stores.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+IOV_MAX = 1024
+
+
+class OutOfRange(Exception):
+    def __init__(self, block: int, volblocks: int) -> None:
+        super().__init__(f"block {block} is outside the volume ({volblocks} blocks)")
+        self.block = block
+
+
+@dataclass
+class IOStats:
+    blocks_read: int = 0
+    blocks_written: int = 0
+    bytes_written: int = 0
+    writes: int = 0  # system calls
+    flushes: int = 0
+
+
+def image_size(fd: int) -> int:
+    """Size in bytes of an image file or block device."""
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        return os.lseek(fd, 0, os.SEEK_END)
+    return st.st_size
+
+
+class Device:
+    """Block I/O on an open image file or block device."""
+
+    def __init__(self, path: str, blocksize: int, volblocks: int, readonly: bool = False) -> None:
+        self.path = path
+        self.readonly = readonly
+        self.fd = os.open(path, os.O_RDONLY if readonly else os.O_RDWR)
+        self.blocksize = blocksize
+        self.volblocks = volblocks
+        self.stats = IOStats()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _check(self, block: int, count: int = 1) -> None:
+        if block < 0 or block + count > self.volblocks:
+            raise OutOfRange(block + count - 1 if block >= 0 else block, self.volblocks)
+
+    def read_block(self, block: int) -> bytes:
+        self._check(block)
+        data = os.pread(self.fd, self.blocksize, block * self.blocksize)
+        self.stats.blocks_read += 1
+        if len(data) < self.blocksize:  # a short image reads as zeros past its end
+            data = data.ljust(self.blocksize, b"\0")
+        return data
+
+    def read_blocks(self, block: int, count: int) -> bytes:
+        self._check(block, count)
+        n = count * self.blocksize
+        data = os.pread(self.fd, n, block * self.blocksize)
+        self.stats.blocks_read += count
+        if len(data) < n:
+            data = data.ljust(n, b"\0")
+        return data
+
+    def write_blocks(self, writes: Iterable[tuple[int, bytes | bytearray | memoryview]]) -> None:
+        """Write (block, data) pairs; contiguous blocks go out in one vectored write."""
+        run_start, run = -1, []
+        for block, data in sorted(writes, key=lambda w: w[0]):
+            self._check(block)
+            if run and (block != run_start + len(run) or len(run) >= IOV_MAX):
+                self._pwritev(run_start, run)
+                run = []
+            if not run:
+                run_start = block
+            run.append(data)
+        if run:
+            self._pwritev(run_start, run)
+
+    def _pwritev(self, block: int, bufs: list) -> None:
+        offset = block * self.blocksize
+        total = sum(len(b) for b in bufs)
+        done = os.pwritev(self.fd, bufs, offset)
+        while done < total:  # short writes are legal; finish the rest
+            rest = b"".join(bytes(b) for b in bufs)[done:]
+            done += os.pwrite(self.fd, rest, offset + done)
+        self.stats.blocks_written += len(bufs)
+        self.stats.bytes_written += total
+        self.stats.writes += 1
+
+    def write_at(self, offset: int, data: bytes) -> None:
+        """Write bytes at a byte offset (superblocks)."""
+        os.pwrite(self.fd, data, offset)
+        self.stats.bytes_written += len(data)
+        self.stats.writes += 1
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        return os.pread(self.fd, size, offset)
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+        self.stats.flushes += 1

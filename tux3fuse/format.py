@@ -1,0 +1,380 @@
+"""On-disk structures of a tux3fuse volume: packing, unpacking and checksums.
+
+Guarantee: every metadata block that leaves this module carries its own block number and an xxh3-64 checksum of
+its whole content, and every block that enters it is checked for both; a mismatch raises ``CorruptBlock`` naming
+the block, its kind and the reason. Nothing here does I/O. docs/FORMAT.md describes every byte written here.
+All integers are little-endian.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+import xxhash
+
+MAGIC = b"TUX3\x20\x26\x11\x25"  # "tux3", then the date of this format: 2026-11-25
+VERSION = 1
+SUPER_SIZE = 512  # one sector: a superblock copy is never split across sectors
+SUPER_OFFSETS = (4096, 8192)  # byte offsets of superblock copies 0 and 1
+RESERVED_BYTES = 8192 + SUPER_SIZE  # bytes at the start of the volume that are never allocated
+MIN_BLOCKBITS, MAX_BLOCKBITS = 9, 16
+NAME_MAX = 255
+ROOT_INO = 1
+
+# Kinds of metadata block (the first four bytes of the block).
+KIND_ILEAF = b"ILEF"  # inode table leaf
+KIND_DLEAF = b"DLEF"  # extent tree leaf
+KIND_OLEAF = b"OLEF"  # orphan tree leaf
+KIND_BNODE = b"BNOD"  # interior btree node (any tree)
+KIND_LOG = b"LOGB"  # log block
+KIND_BITMAP = b"BMAP"  # allocation bitmap block
+KIND_NAMES = {
+    KIND_ILEAF: "ileaf", KIND_DLEAF: "dleaf", KIND_OLEAF: "oleaf", KIND_BNODE: "bnode", KIND_LOG: "log",
+    KIND_BITMAP: "bitmap",
+}
+
+# Common metadata block header: kind, level, count, blocknr, checksum, delta (32 bytes).
+HEADER = struct.Struct("<4sHHQQQ")
+HEADER_SIZE = HEADER.size
+CSUM_AT = 16  # byte offset of the checksum field inside the header
+
+
+class FormatError(Exception):
+    """The image is not a tux3fuse volume this code can use."""
+
+
+class CorruptBlock(Exception):
+    """A metadata block failed its checks."""
+
+    def __init__(self, block: int, kind: str, reason: str) -> None:
+        super().__init__(f"corrupt {kind} block {block}: {reason}")
+        self.block, self.kind, self.reason = block, kind, reason
+
+
+def checksum(data: bytes | bytearray | memoryview) -> int:
+    """xxh3-64 of a data block (as stored in extent records)."""
+    return xxhash.xxh3_64_intdigest(data)
+
+
+def _meta_csum(buf: bytes | bytearray | memoryview) -> int:
+    h = xxhash.xxh3_64()
+    mv = memoryview(buf)
+    h.update(mv[:CSUM_AT])
+    h.update(mv[CSUM_AT + 8:])
+    return h.intdigest()
+
+
+def seal(buf: bytearray, kind: bytes, level: int, count: int, blocknr: int, delta: int) -> bytearray:
+    """Write the header of a metadata block and its checksum; return buf."""
+    HEADER.pack_into(buf, 0, kind, level, count, blocknr, 0, delta)
+    struct.pack_into("<Q", buf, CSUM_AT, _meta_csum(buf))
+    return buf
+
+
+def unseal(buf: bytes | bytearray, blocknr: int, kinds: tuple[bytes, ...]) -> tuple[bytes, int, int, int]:
+    """Check a metadata block read from ``blocknr``; return (kind, level, count, delta)."""
+    kind, level, count, own, csum, delta = HEADER.unpack_from(buf, 0)
+    name = KIND_NAMES.get(kind, "metadata")
+    if kind not in kinds:
+        expected = "/".join(KIND_NAMES[k] for k in kinds)
+        raise CorruptBlock(blocknr, name, f"expected a {expected} block, found kind {kind!r}")
+    if csum != _meta_csum(buf):
+        raise CorruptBlock(blocknr, name, "checksum mismatch")
+    if own != blocknr:
+        raise CorruptBlock(blocknr, name, f"block claims to be block {own}")
+    return kind, level, count, delta
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Superblock
+
+_SUPER = struct.Struct("<8sIHHQQQQQIIQQIIQQQ32s16sQ")  # see docs/FORMAT.md
+STATE_CLEAN, STATE_MOUNTED = 0, 1
+
+
+@dataclass
+class Super:
+    blockbits: int
+    volblocks: int
+    seq: int = 0  # number of the last committed delta
+    itree_root: int = 0
+    otree_root: int = 0
+    log_head: int = 0  # newest log block since the last unify (0: none)
+    log_count: int = 0
+    unify_seq: int = 0  # delta number of the last unify
+    bitmap_start: tuple[int, int] = (0, 0)  # first block of bitmap region 0 and 1
+    bitmap_blocks: int = 0  # blocks in each region
+    bitmap_cur: int = 0  # region written by the last unify
+    state: int = STATE_CLEAN
+    free_blocks: int = 0
+    used_inodes: int = 0
+    next_inum: int = ROOT_INO + 1
+    label: bytes = b""
+    uuid: bytes = b"\0" * 16
+    created_ns: int = 0
+    copy: int = field(default=0, compare=False)  # which copy this was read from or is written to
+
+    @property
+    def blocksize(self) -> int:
+        return 1 << self.blockbits
+
+    def pack(self) -> bytes:
+        buf = bytearray(SUPER_SIZE)
+        _SUPER.pack_into(
+            buf, 0, MAGIC, VERSION, self.blockbits, self.state, self.seq, self.volblocks, self.itree_root,
+            self.otree_root, self.log_head, self.log_count, self.bitmap_blocks, self.unify_seq,
+            self.bitmap_start[0], self.bitmap_start[1], self.bitmap_cur, self.free_blocks, self.used_inodes,
+            self.next_inum, self.label.ljust(32, b"\0"), self.uuid, self.created_ns,
+        )
+        struct.pack_into("<Q", buf, SUPER_SIZE - 8, xxhash.xxh3_64_intdigest(bytes(buf[: SUPER_SIZE - 8])))
+        return bytes(buf)
+
+    @classmethod
+    def unpack(cls, buf: bytes, copy: int) -> Super:
+        """Decode one superblock copy; raise FormatError saying what is wrong with it."""
+        if len(buf) < SUPER_SIZE:
+            raise FormatError("image too short to hold a superblock")
+        if buf[:8] != MAGIC:
+            raise FormatError("no tux3fuse signature (wrong magic)")
+        (stored,) = struct.unpack_from("<Q", buf, SUPER_SIZE - 8)
+        if stored != xxhash.xxh3_64_intdigest(buf[: SUPER_SIZE - 8]):
+            raise FormatError(f"superblock copy {copy}: checksum mismatch")
+        f = _SUPER.unpack_from(buf, 0)
+        if f[1] != VERSION:
+            raise FormatError(f"unsupported format version {f[1]} (this tux3fuse reads version {VERSION})")
+        sb = cls(
+            blockbits=f[2], state=f[3], seq=f[4], volblocks=f[5], itree_root=f[6], otree_root=f[7], log_head=f[8],
+            log_count=f[9], bitmap_blocks=f[10], unify_seq=f[11], bitmap_start=(f[12], f[13]), bitmap_cur=f[14],
+            free_blocks=f[15], used_inodes=f[16], next_inum=f[17], label=f[18].rstrip(b"\0"), uuid=f[19],
+            created_ns=f[20], copy=copy,
+        )
+        if not MIN_BLOCKBITS <= sb.blockbits <= MAX_BLOCKBITS:
+            raise FormatError(f"superblock copy {copy}: block size 2^{sb.blockbits} out of range")
+        if sb.bitmap_cur not in (0, 1):
+            raise FormatError(f"superblock copy {copy}: bad bitmap region {sb.bitmap_cur}")
+        return sb
+
+
+def reserved_blocks(blocksize: int) -> int:
+    """Blocks at the start of the volume covering the superblock copies: never allocated."""
+    return -(-RESERVED_BYTES // blocksize)
+
+
+def bitmap_bits_per_block(blocksize: int) -> int:
+    return (blocksize - HEADER_SIZE) * 8
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Btree nodes. Leaves map u64 keys to byte strings; interior nodes map u64 keys to child block numbers.
+
+_LEAF_ENTRY = struct.Struct("<QHH")  # key, value offset, value length
+_BNODE_ENTRY = struct.Struct("<QQ")  # key, child block
+
+
+def leaf_capacity(blocksize: int) -> int:
+    """Bytes available in a leaf for entries and values."""
+    return blocksize - HEADER_SIZE
+
+
+def leaf_entry_cost(value_len: int) -> int:
+    return _LEAF_ENTRY.size + value_len
+
+
+def bnode_capacity(blocksize: int) -> int:
+    return (blocksize - HEADER_SIZE) // _BNODE_ENTRY.size
+
+
+def pack_leaf(blocksize: int, kind: bytes, keys: list[int], values: list[bytes], blocknr: int, delta: int) -> bytearray:
+    buf = bytearray(blocksize)
+    top = blocksize
+    at = HEADER_SIZE
+    for key, value in zip(keys, values, strict=True):
+        top -= len(value)
+        buf[top: top + len(value)] = value
+        _LEAF_ENTRY.pack_into(buf, at, key, top & 0xFFFF, len(value))
+        at += _LEAF_ENTRY.size
+    if at > top:
+        raise ValueError("leaf overflow")
+    return seal(buf, kind, 0, len(keys), blocknr, delta)
+
+
+def unpack_leaf(buf: bytes | bytearray, count: int) -> tuple[list[int], list[bytes]]:
+    keys, values = [], []
+    size = len(buf)
+    at = HEADER_SIZE
+    for _ in range(count):
+        key, off, length = _LEAF_ENTRY.unpack_from(buf, at)
+        if length == 0:
+            keys.append(key)
+            values.append(b"")
+            at += _LEAF_ENTRY.size
+            continue
+        if off < HEADER_SIZE or off + length > size:
+            raise ValueError(f"value at {off}+{length} outside the block")
+        keys.append(key)
+        values.append(bytes(buf[off: off + length]))
+        at += _LEAF_ENTRY.size
+    return keys, values
+
+
+def pack_bnode(blocksize: int, level: int, keys: list[int], children: list[int], blocknr: int,
+               delta: int) -> bytearray:
+    buf = bytearray(blocksize)
+    at = HEADER_SIZE
+    for key, child in zip(keys, children, strict=True):
+        _BNODE_ENTRY.pack_into(buf, at, key, child)
+        at += _BNODE_ENTRY.size
+    return seal(buf, KIND_BNODE, level, len(keys), blocknr, delta)
+
+
+def unpack_bnode(buf: bytes | bytearray, count: int) -> tuple[list[int], list[int]]:
+    keys, children = [], []
+    for i in range(count):
+        key, child = _BNODE_ENTRY.unpack_from(buf, HEADER_SIZE + i * _BNODE_ENTRY.size)
+        keys.append(key)
+        children.append(child)
+    return keys, children
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inode records (values in the inode table)
+
+_INODE = struct.Struct("<IIIIQQqqqQQQIH")
+INODE_FIXED = _INODE.size
+_XATTR = struct.Struct("<BH")
+
+
+@dataclass
+class InodeRecord:
+    mode: int
+    uid: int = 0
+    gid: int = 0
+    nlink: int = 1
+    size: int = 0
+    rdev: int = 0
+    atime_ns: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    dtree_root: int = 0  # root block of the extent tree, 0 when the file has no blocks
+    blocks: int = 0  # data blocks mapped by the extent tree
+    parent: int = 0  # directories: the directory holding this one
+    flags: int = 0
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+
+    def pack(self) -> bytes:
+        parts = [_INODE.pack(self.mode, self.uid, self.gid, self.nlink, self.size, self.rdev, self.atime_ns,
+                             self.mtime_ns, self.ctime_ns, self.dtree_root, self.blocks, self.parent, self.flags,
+                             len(self.xattrs))]
+        for name in sorted(self.xattrs):
+            value = self.xattrs[name]
+            parts.append(_XATTR.pack(len(name), len(value)))
+            parts.append(name)
+            parts.append(value)
+        return b"".join(parts)
+
+    @classmethod
+    def unpack(cls, buf: bytes) -> InodeRecord:
+        (mode, uid, gid, nlink, size, rdev, atime, mtime, ctime, root, blocks, parent, flags,
+         nx) = _INODE.unpack_from(buf, 0)
+        at = INODE_FIXED
+        xattrs = {}
+        for _ in range(nx):
+            nlen, vlen = _XATTR.unpack_from(buf, at)
+            at += _XATTR.size
+            name = bytes(buf[at: at + nlen])
+            at += nlen
+            xattrs[name] = bytes(buf[at: at + vlen])
+            at += vlen
+        if at != len(buf):
+            raise ValueError(f"inode record has {len(buf) - at} trailing bytes")
+        return cls(mode, uid, gid, nlink, size, rdev, atime, mtime, ctime, root, blocks, parent, flags, xattrs)
+
+
+def xattr_cost(name: bytes, value: bytes) -> int:
+    return _XATTR.size + len(name) + len(value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Extent records (values in an extent tree; key = first logical block)
+
+_EXTENT = struct.Struct("<QI")
+
+
+def pack_extent(physical: int, csums: list[int]) -> bytes:
+    return _EXTENT.pack(physical, len(csums)) + struct.pack(f"<{len(csums)}Q", *csums)
+
+
+def unpack_extent(buf: bytes) -> tuple[int, list[int]]:
+    physical, count = _EXTENT.unpack_from(buf, 0)
+    if len(buf) != _EXTENT.size + 8 * count or count == 0:
+        raise ValueError(f"extent record of {len(buf)} bytes for {count} blocks")
+    return physical, list(struct.unpack_from(f"<{count}Q", buf, _EXTENT.size))
+
+
+def max_extent_blocks(blocksize: int) -> int:
+    """Longest extent: at least two extents must fit in one leaf."""
+    room = leaf_capacity(blocksize) // 2 - _LEAF_ENTRY.size - _EXTENT.size
+    return max(1, min(1024, room // 8))
+
+
+def max_inode_record(blocksize: int) -> int:
+    """Largest inode record (with its xattrs): at least two must fit in one leaf."""
+    return leaf_capacity(blocksize) // 2 - _LEAF_ENTRY.size
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Directory entries (in the data blocks of a directory; ext2 style)
+
+DIRENT = struct.Struct("<QHBB")  # inum, rec_len, name_len, type
+DIRENT_HEADER = DIRENT.size
+DT_UNKNOWN, DT_REG, DT_DIR, DT_CHR, DT_BLK, DT_FIFO, DT_SOCK, DT_LNK = 0, 1, 2, 3, 4, 5, 6, 7
+
+
+def rec_len(name_len: int) -> int:
+    return (DIRENT_HEADER + name_len + 7) & ~7
+
+
+def encode_rec_len(length: int) -> int:
+    return 0xFFFF if length == 65536 else length
+
+
+def decode_rec_len(raw: int) -> int:
+    return 65536 if raw == 0xFFFF else raw
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Log blocks: allocation records of the deltas since the last unify
+
+_LOG_HEAD = struct.Struct("<QI")  # previous log block, bytes of records
+_LOG_REC = struct.Struct("<BQI")  # code, block, count
+LOG_ALLOC, LOG_FREE = 1, 2
+
+
+def log_capacity(blocksize: int) -> int:
+    return (blocksize - HEADER_SIZE - _LOG_HEAD.size) // _LOG_REC.size
+
+
+def pack_log(blocksize: int, prev: int, records: list[tuple[int, int, int]], blocknr: int, delta: int) -> bytearray:
+    buf = bytearray(blocksize)
+    _LOG_HEAD.pack_into(buf, HEADER_SIZE, prev, len(records) * _LOG_REC.size)
+    at = HEADER_SIZE + _LOG_HEAD.size
+    for rec in records:
+        _LOG_REC.pack_into(buf, at, *rec)
+        at += _LOG_REC.size
+    return seal(buf, KIND_LOG, 0, len(records), blocknr, delta)
+
+
+def unpack_log(buf: bytes | bytearray, count: int) -> tuple[int, list[tuple[int, int, int]]]:
+    prev, nbytes = _LOG_HEAD.unpack_from(buf, HEADER_SIZE)
+    if nbytes != count * _LOG_REC.size:
+        raise ValueError("log record count and length disagree")
+    at = HEADER_SIZE + _LOG_HEAD.size
+    records = []
+    for _ in range(count):
+        code, block, n = _LOG_REC.unpack_from(buf, at)
+        if code not in (LOG_ALLOC, LOG_FREE):
+            raise ValueError(f"unknown log record code {code}")
+        records.append((code, block, n))
+        at += _LOG_REC.size
+    return prev, records

@@ -1,0 +1,845 @@
+"""Filesystem operations on a mounted volume, independent of FUSE: the embedded API.
+
+Guarantees:
+- Every change runs inside one delta (``Deltas.change``) and touches only in-core state: inode attributes and
+  pages of file and directory data, tagged with the delta. Btrees, the bitmap and the log are the backend's.
+- Errors are ``OSError`` with the errno a POSIX filesystem would return; nothing else escapes an operation except
+  ``VolumeError`` for a volume that has failed (then the volume is read-only and every change gets EROFS).
+- A write never over-commits space: blocks are reserved before a page is dirtied, and a commit is tried first to
+  release space freed by earlier deltas; ENOSPC is returned only when that still does not help.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import stat
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from . import format as fmt
+from .alloc import NoSpace
+from .backend import extents
+from .backend.btree import BTree
+from .backend.commit import commit_delta
+from .backend.log import load_bitmap, read_chain, replay
+from .cache import AddressSpace, Page, PageCache
+from .delta import Deltas
+from .device import Device, OutOfRange, image_size
+from .dir import CorruptDir, DirIndex
+from .format import ROOT_INO, CorruptBlock, FormatError, InodeRecord, Super
+from .inode import Inode
+
+log = logging.getLogger("tux3fuse")
+
+DT_OF_MODE = {stat.S_IFREG: fmt.DT_REG, stat.S_IFDIR: fmt.DT_DIR, stat.S_IFCHR: fmt.DT_CHR,
+              stat.S_IFBLK: fmt.DT_BLK, stat.S_IFIFO: fmt.DT_FIFO, stat.S_IFSOCK: fmt.DT_SOCK,
+              stat.S_IFLNK: fmt.DT_LNK}
+MAX_FILE_SIZE = 1 << 50  # logical blocks must fit the 48-bit range of the format at any block size
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+
+
+class VolumeError(Exception):
+    """The volume cannot be used (bad image, or it failed while mounted)."""
+
+
+@dataclass
+class Attr:
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    blocks: int  # 512-byte units
+    blksize: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+def _err(code: int, what: str = "") -> OSError:
+    return OSError(code, os.strerror(code) + (f": {what}" if what else ""))
+
+
+@dataclass
+class Options:
+    readonly: bool = False
+    cache_bytes: int = 256 << 20
+    unify_deltas: int = 8
+    unify_log_blocks: int = 64
+
+
+class Volume:
+    """A mounted tux3fuse volume."""
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # mount, commit, unmount
+
+    def __init__(self, path: str, options: Options | None = None) -> None:
+        self.options = opts = options or Options()
+        self.path = path
+        self.readonly = opts.readonly
+        self.failed: str | None = None
+        try:
+            fd = os.open(path, os.O_RDONLY if self.readonly else os.O_RDWR)
+        except OSError as e:
+            raise VolumeError(f"cannot open {path}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise VolumeError(f"{path} is in use (mounted, or being checked)") from None
+        self.lock_fd = fd
+        try:
+            self._load(fd)
+        except BaseException:
+            self.close_files()
+            raise
+
+    def _load(self, fd: int) -> None:
+        sb = read_super(fd, self.path)
+        self.sb = sb
+        self.blocksize = bs = sb.blocksize
+        self.dev = Device(self.path, bs, sb.volblocks, self.readonly)
+        self.counters: Counter[str] = Counter()
+        for key in ("forks", "waits", "commits", "blocks_written", "flushes", "unifies"):
+            self.counters[key] = 0
+        self.writes: list[tuple[int, bytes | bytearray]] = []
+        try:
+            self.alloc = load_bitmap(self.dev.read_block, sb)
+            chain = read_chain(self.dev.read_block, sb.log_head, sb.log_count)
+            replay(self.alloc, chain)
+        except (CorruptBlock, OutOfRange) as e:
+            raise VolumeError(f"{self.path}: {e}") from None
+        self.log_blocks = [block for block, _ in chain]
+        self.deltas_since_unify = sb.seq - sb.unify_seq
+        self.unify_deltas = self.options.unify_deltas
+        self.unify_log_blocks = self.options.unify_log_blocks
+        self.itable = BTree(self, fmt.KIND_ILEAF, sb.itree_root)
+        self.otree = BTree(self, fmt.KIND_OLEAF, sb.otree_root)
+        self.deltas = Deltas(sb.seq)
+        self.inodes: dict[int, Inode] = {}
+        self.registry: dict[int, AddressSpace] = {}
+        self.cache = PageCache(self.options.cache_bytes, bs)
+        self.dirty_inodes: dict[int, dict[int, Inode]] = {}
+        self.used_inodes = sb.used_inodes
+        self.next_inum = sb.next_inum
+        if sb.itree_root == 0:  # a volume being made: mkfs creates the root next
+            return
+        try:
+            self.iget(ROOT_INO)
+        except (CorruptBlock, OutOfRange, OSError) as e:
+            raise VolumeError(f"{self.path}: cannot load the root directory: {e}") from None
+
+    def mount(self) -> None:
+        """Reclaim orphans left by a crash and record the volume as mounted (a commit)."""
+        if self.readonly:
+            return
+        for ino, _ in list(self.otree.items()):
+            inode = self.iget(ino)
+            if inode.rec.nlink == 0:
+                self._dirty_inode(inode, self.deltas.current)
+        self.commit(state=fmt.STATE_MOUNTED)
+
+    def make_root(self, uid: int, gid: int) -> None:
+        """mkfs: create the root directory in an empty volume and commit it to both superblock copies."""
+        now = time.time_ns()
+        rec = InodeRecord(mode=stat.S_IFDIR | 0o755, uid=uid, gid=gid, nlink=2, atime_ns=now, mtime_ns=now,
+                          ctime_ns=now, parent=ROOT_INO)
+        with self.deltas.change() as delta:
+            self._dirty_inode(self._new_inode(ROOT_INO, rec, on_disk=False), delta)
+            self.used_inodes = 1
+            self.next_inum = ROOT_INO + 1
+        self.commit(unify=True, state=fmt.STATE_CLEAN)
+        self.commit(unify=True, state=fmt.STATE_CLEAN)
+
+    def close_files(self) -> None:
+        if getattr(self, "dev", None) is not None:
+            self.dev.close()
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
+
+    def unmount(self) -> None:
+        """Forget every kernel reference, commit everything with a unify, and close the image."""
+        try:
+            if not self.readonly and self.failed is None:
+                for inode in list(self.inodes.values()):
+                    inode.lookups = 0
+                    inode.opens = 0
+                    if inode.rec.nlink == 0:
+                        self._dirty_inode(inode, self.deltas.current)
+                self.commit(unify=True, state=fmt.STATE_CLEAN)
+        finally:
+            self.close_files()
+
+    def commit(self, *, unify: bool = False, state: int | None = None) -> bool:
+        """Transition and commit the current delta synchronously. Returns True if anything was written."""
+        if self.readonly:
+            return False
+        self.check_writable()
+        delta = self.deltas.transition()
+        try:
+            written = commit_delta(self, delta, unify=unify, state=state)
+        except Exception as e:
+            self.fail(f"commit of delta {delta} failed: {e}")
+            raise VolumeError(self.failed) from e
+        self.counters["flushes"] = self.dev.stats.flushes
+        return written
+
+    def fail(self, reason: str) -> None:
+        """Turn the volume read-only after an error it cannot recover from; the image keeps its last commit."""
+        if self.failed is None:
+            self.failed = reason
+            log.error("volume %s is now read-only: %s", self.path, reason, exc_info=True)
+
+    def check_writable(self) -> None:
+        if self.failed is not None or self.readonly:
+            raise _err(errno.EROFS)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # btree store (the backend's block access)
+
+    def read_block(self, block: int) -> bytes:
+        return self.dev.read_block(block)
+
+    def alloc_meta(self) -> int:
+        return self.alloc.alloc()
+
+    def alloc_log_block(self) -> int:
+        start, _ = self.alloc.alloc_run(1)
+        self.alloc.records.pop()  # a log block's own allocation is implied by the chain
+        return start
+
+    def free_meta(self, block: int) -> None:
+        self.alloc.free_later(block, 1)
+
+    def write_meta(self, block: int, data: bytearray) -> None:
+        self.writes.append((block, data))
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # inodes
+
+    def iget(self, ino: int) -> Inode:
+        inode = self.inodes.get(ino)
+        if inode is not None:
+            return inode
+        raw = self.itable.lookup(ino)
+        if raw is None:
+            raise _err(errno.ENOENT, f"inode {ino}")
+        try:
+            rec = InodeRecord.unpack(raw)
+        except (ValueError, IndexError) as e:
+            raise CorruptBlock(self.sb.itree_root, "ileaf", f"inode {ino}: {e}") from None
+        return self._new_inode(ino, rec, on_disk=True)
+
+    def _new_inode(self, ino: int, rec: InodeRecord, on_disk: bool) -> Inode:
+        mapping = AddressSpace(ino, self.cache, self.registry)
+        self.registry[ino] = mapping
+        inode = Inode(ino, rec, mapping, on_disk)
+        self.inodes[ino] = inode
+        return inode
+
+    def forget_inode(self, inode: Inode) -> None:
+        inode.mapping.drop_all()
+        self.inodes.pop(inode.ino, None)
+
+    def dtree(self, inode: Inode) -> BTree:
+        if inode.dtree is None:
+            inode.dtree = BTree(self, fmt.KIND_DLEAF, inode.rec.dtree_root)
+        return inode.dtree
+
+    def _dirty_inode(self, inode: Inode, delta: int) -> InodeRecord:
+        rec = inode.attr_dirty(delta)
+        inode.dirty_deltas.add(delta)
+        self.dirty_inodes.setdefault(delta, {})[inode.ino] = inode
+        return rec
+
+    def attr(self, inode: Inode) -> Attr:
+        r = inode.rec
+        pending = inode.mapping.dirty_count()
+        return Attr(inode.ino, r.mode, r.nlink, r.uid, r.gid, r.rdev, r.size,
+                    (r.blocks + pending) * (self.blocksize // 512), self.blocksize, r.atime_ns, r.mtime_ns,
+                    r.ctime_ns)
+
+    def getattr(self, ino: int) -> Attr:
+        return self.attr(self.iget(ino))
+
+    def ref(self, ino: int, n: int = 1) -> None:
+        """The kernel holds n more references (lookup count)."""
+        self.iget(ino).lookups += n
+
+    def forget(self, ino: int, n: int) -> None:
+        inode = self.inodes.get(ino)
+        if inode is None:
+            return
+        inode.lookups -= n
+        self._maybe_dead(inode)
+
+    def _maybe_dead(self, inode: Inode) -> None:
+        if inode.dead and inode.ino != ROOT_INO and self.failed is None and not self.readonly:
+            with self.deltas.change() as delta:
+                self._dirty_inode(inode, delta)
+
+    def open(self, ino: int, truncate: bool = False) -> Attr:
+        inode = self.iget(ino)
+        if truncate:
+            self.setattr(ino, size=0)
+        inode.opens += 1
+        return self.attr(inode)
+
+    def release(self, ino: int) -> None:
+        inode = self.inodes.get(ino)
+        if inode is not None:
+            inode.opens -= 1
+            self._maybe_dead(inode)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # space
+
+    def _meta_estimate(self, dirty_pages: int, dirty_inodes: int) -> int:
+        """Blocks a commit may need for metadata beyond the data blocks (a generous upper bound)."""
+        leaf = fmt.leaf_capacity(self.blocksize)
+        return 16 + 12 * dirty_inodes + (dirty_pages * 64) // leaf + (dirty_inodes * 160) // leaf
+
+    def _dirty_reservation(self) -> int:
+        pages = self.cache.dirty_pages
+        inodes = sum(len(d) for d in self.dirty_inodes.values())
+        return pages + self._meta_estimate(pages, inodes)
+
+    def _slack(self) -> int:
+        """Blocks kept back for deletes and truncates, which must work on a full volume."""
+        return max(8, self.sb.volblocks // 512)
+
+    def reserve(self, new_pages: int) -> None:
+        """Make sure ``new_pages`` more dirty pages can be committed; commit first if that frees space."""
+        for attempt in range(2):
+            need = self._dirty_reservation() + new_pages + self._meta_estimate(new_pages, 1)
+            if need + self._slack() <= self.alloc.free:
+                return
+            if attempt == 0 and (self.alloc.pending or self.cache.dirty_pages):
+                self.commit()
+        raise _err(errno.ENOSPC)
+
+    def statfs(self) -> dict[str, int]:
+        free = max(0, self.alloc.free - self._dirty_reservation() - self._slack())
+        per_block = max(1, self.blocksize // 128)
+        return {
+            "bsize": self.blocksize, "frsize": self.blocksize, "blocks": self.sb.volblocks,
+            "bfree": free, "bavail": free, "files": self.used_inodes + free * per_block,
+            "ffree": free * per_block, "namemax": fmt.NAME_MAX,
+        }
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # pages
+
+    def _read_pages(self, inode: Inode, index: int, limit: int) -> list[Page]:
+        """Bring up to ``limit`` pages from ``index`` into the cache (at least one)."""
+        mapping = inode.mapping
+        page = mapping.get(index)
+        if page is not None:
+            self.cache.touch(mapping, page)
+            return [page]
+        bs = self.blocksize
+        hole = min((h for d, h in inode.hole_from.items()), default=None)
+        tree = self.dtree(inode)
+        limit = min(limit, max(1, -(-inode.rec.size // bs) - index))
+        for i in range(1, limit):  # stop at the next cached page
+            if mapping.get(index + i) is not None:
+                limit = i
+                break
+        if hole is not None and index >= hole:
+            physical, csums, n = 0, [], 1
+        else:
+            physical, csums, n = extents.lookup_run(tree, index, limit)
+            if hole is not None:
+                n = max(1, min(n, hole - index))
+        pages = []
+        if physical:
+            data = self.dev.read_blocks(physical, n)
+            for i in range(n):
+                block = bytearray(data[i * bs: (i + 1) * bs])
+                if fmt.checksum(block) != csums[i]:
+                    self.counters["checksum_errors"] += 1
+                    raise CorruptBlock(physical + i, "data", f"checksum mismatch (inode {inode.ino}, "
+                                                            f"block {index + i})")
+                pages.append(Page(index + i, block))
+        else:
+            pages = [Page(index + i, bytearray(bs)) for i in range(n)]
+        for page in pages:
+            mapping.insert(page)
+        return pages
+
+    def _page(self, inode: Inode, index: int) -> Page:
+        return self._read_pages(inode, index, 1)[0]
+
+    def _write_page(self, inode: Inode, index: int, delta: int, fill: bool = True) -> Page:
+        """The page at ``index``, dirty for ``delta`` (read first when ``fill``)."""
+        mapping = inode.mapping
+        page = mapping.get(index)
+        if page is None:
+            page = self._page(inode, index) if fill else Page(index, bytearray(self.blocksize))
+            if not fill:
+                mapping.insert(page)
+        mapping.mark_dirty(page, delta)
+        return page
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # data
+
+    def read(self, ino: int, offset: int, size: int) -> bytes:
+        inode = self.iget(ino)
+        end = min(offset + size, inode.rec.size)
+        if offset >= end:
+            return b""
+        bs = self.blocksize
+        first, last = offset // bs, (end - 1) // bs
+        parts = []
+        index = first
+        while index <= last:
+            for page in self._read_pages(inode, index, last - index + 1):
+                parts.append(page.data)
+                index += 1
+        if len(parts) == 1:
+            lo = offset - first * bs
+            return bytes(parts[0][lo: lo + end - offset])
+        data = b"".join(parts)
+        lo = offset - first * bs
+        return data[lo: lo + end - offset]
+
+    def write(self, ino: int, offset: int, data: bytes) -> int:
+        self.check_writable()
+        if offset + len(data) > MAX_FILE_SIZE:
+            raise _err(errno.EFBIG)
+        if not data:
+            return 0
+        inode = self.iget(ino)
+        bs = self.blocksize
+        first, last = offset // bs, (offset + len(data) - 1) // bs
+        mapping = inode.mapping
+        new = sum(1 for i in range(first, last + 1) if (p := mapping.get(i)) is None or not p.dirty)
+        self.reserve(new)
+        with self.deltas.change() as delta:
+            size = inode.rec.size
+            mv = memoryview(data)
+            pos = 0
+            for index in range(first, last + 1):
+                lo = offset + pos - index * bs
+                n = min(bs - lo, len(data) - pos)
+                whole = n == bs or (lo == 0 and index * bs + n >= size)
+                page = self._write_page(inode, index, delta, fill=not whole)
+                page.data[lo: lo + n] = mv[pos: pos + n]
+                pos += n
+            rec = self._dirty_inode(inode, delta)
+            now = time.time_ns()
+            rec.size = max(rec.size, offset + len(data))
+            rec.mtime_ns = rec.ctime_ns = now
+            if rec.mode & (stat.S_ISUID | stat.S_ISGID):
+                rec.mode &= ~stat.S_ISUID & ~(stat.S_ISGID if rec.mode & stat.S_IXGRP else 0)
+        return len(data)
+
+    def _truncate(self, inode: Inode, size: int, delta: int) -> None:
+        rec = inode.rec
+        bs = self.blocksize
+        if size < rec.size:
+            keep = -(-size // bs)
+            inode.mapping.truncate(keep)
+            old = inode.hole_from.get(delta)
+            inode.hole_from[delta] = keep if old is None else min(old, keep)
+            if size % bs:
+                page = self._write_page(inode, size // bs, delta)
+                page.data[size % bs:] = bytes(bs - size % bs)
+        rec.size = size
+
+    def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None, gid: int | None = None,
+                size: int | None = None, atime_ns: int | None = None, mtime_ns: int | None = None,
+                ctime_ns: int | None = None) -> Attr:
+        self.check_writable()
+        inode = self.iget(ino)
+        if size is not None:
+            if inode.is_dir:
+                raise _err(errno.EISDIR)
+            if size > MAX_FILE_SIZE:
+                raise _err(errno.EFBIG)
+            if size > inode.rec.size and size % self.blocksize:
+                self.reserve(1)
+        with self.deltas.change() as delta:
+            rec = self._dirty_inode(inode, delta)
+            now = time.time_ns()
+            if size is not None and size != rec.size:
+                self._truncate(inode, size, delta)
+                rec.mtime_ns = now
+            if mode is not None:
+                rec.mode = (rec.mode & stat.S_IFMT) | (mode & 0o7777)
+            if uid is not None:
+                rec.uid = uid
+            if gid is not None:
+                rec.gid = gid
+            if atime_ns is not None:
+                rec.atime_ns = atime_ns
+            if mtime_ns is not None:
+                rec.mtime_ns = mtime_ns
+            rec.ctime_ns = ctime_ns if ctime_ns is not None else now
+        return self.attr(inode)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # directories
+
+    def _dir(self, inode: Inode) -> DirIndex:
+        if not inode.is_dir:
+            raise _err(errno.ENOTDIR)
+        if inode.dir is None:
+            inode.dir = DirIndex(inode.ino, self.blocksize, inode.rec.size // self.blocksize,
+                                 lambda block: self._page(inode, block).data)
+        return inode.dir
+
+    def _dir_writer(self, inode: Inode, delta: int):
+        def write(block: int) -> bytearray:
+            fill = block * self.blocksize < inode.rec.size
+            return self._write_page(inode, block, delta, fill=fill).data
+        return write
+
+    @staticmethod
+    def _check_name(name: bytes) -> None:
+        if len(name) > fmt.NAME_MAX:
+            raise _err(errno.ENAMETOOLONG)
+        if not name or b"/" in name or b"\0" in name:
+            raise _err(errno.EINVAL)
+        if name in (b".", b".."):
+            raise _err(errno.EEXIST)
+
+    def lookup(self, parent: int, name: bytes) -> Attr:
+        """Find a name; the kernel now holds one more reference to the inode."""
+        if len(name) > fmt.NAME_MAX:
+            raise _err(errno.ENAMETOOLONG)
+        dirnode = self.iget(parent)
+        if name == b".":
+            ino = parent
+        elif name == b"..":
+            ino = dirnode.rec.parent or ROOT_INO
+        else:
+            entry = self._dir(dirnode).get(name)
+            if entry is None:
+                raise _err(errno.ENOENT)
+            ino = entry[0]
+        inode = self.iget(ino)
+        inode.lookups += 1
+        return self.attr(inode)
+
+    def _make(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0) -> Inode:
+        self.check_writable()
+        self._check_name(name)
+        dirnode = self.iget(parent)
+        index = self._dir(dirnode)
+        if dirnode.rec.nlink == 0:
+            raise _err(errno.ENOENT)
+        if index.get(name) is not None:
+            raise _err(errno.EEXIST)
+        self.reserve(2)
+        with self.deltas.change() as delta:
+            now = time.time_ns()
+            ino = self.next_inum
+            self.next_inum += 1
+            self.used_inodes += 1
+            is_dir = stat.S_ISDIR(mode)
+            rec = InodeRecord(mode=mode, uid=uid, gid=gid, nlink=2 if is_dir else 1, rdev=rdev, atime_ns=now,
+                              mtime_ns=now, ctime_ns=now, parent=parent if is_dir else 0)
+            if dirnode.rec.mode & stat.S_ISGID:  # BSD group semantics of a setgid directory
+                rec.gid = dirnode.rec.gid
+                if is_dir:
+                    rec.mode |= stat.S_ISGID
+            inode = self._new_inode(ino, rec, on_disk=False)
+            self._dirty_inode(inode, delta)
+            self._add_entry(dirnode, name, inode, delta)
+            if is_dir:
+                prec = self._dirty_inode(dirnode, delta)
+                prec.nlink += 1
+        inode.lookups += 1
+        return inode
+
+    def _add_entry(self, dirnode: Inode, name: bytes, inode: Inode, delta: int) -> None:
+        index = self._dir(dirnode)
+        rec = self._dirty_inode(dirnode, delta)
+        if index.add(name, inode.ino, DT_OF_MODE.get(stat.S_IFMT(inode.rec.mode), 0),
+                     self._dir_writer(dirnode, delta)):
+            rec.size = index.nblocks * self.blocksize
+        rec.mtime_ns = rec.ctime_ns = time.time_ns()
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int = 0, uid: int = 0, gid: int = 0) -> Attr:
+        if stat.S_IFMT(mode) == 0:
+            mode |= stat.S_IFREG
+        if stat.S_IFMT(mode) not in DT_OF_MODE or stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
+            raise _err(errno.EINVAL)
+        return self.attr(self._make(parent, name, mode, uid, gid, rdev))
+
+    def create(self, parent: int, name: bytes, mode: int, uid: int = 0, gid: int = 0) -> Attr:
+        """Create and open a regular file."""
+        inode = self._make(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid)
+        inode.opens += 1
+        return self.attr(inode)
+
+    def mkdir(self, parent: int, name: bytes, mode: int, uid: int = 0, gid: int = 0) -> Attr:
+        return self.attr(self._make(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid))
+
+    def symlink(self, parent: int, name: bytes, target: bytes, uid: int = 0, gid: int = 0) -> Attr:
+        if len(target) >= 4096:
+            raise _err(errno.ENAMETOOLONG)
+        inode = self._make(parent, name, stat.S_IFLNK | 0o777, uid, gid)
+        self.reserve(-(-len(target) // self.blocksize))
+        with self.deltas.change() as delta:
+            bs = self.blocksize
+            for at in range(0, len(target), bs):
+                page = self._write_page(inode, at // bs, delta, fill=False)
+                chunk = target[at: at + bs]
+                page.data[: len(chunk)] = chunk
+            self._dirty_inode(inode, delta).size = len(target)
+        return self.attr(inode)
+
+    def readlink(self, ino: int) -> bytes:
+        inode = self.iget(ino)
+        if not stat.S_ISLNK(inode.rec.mode):
+            raise _err(errno.EINVAL)
+        return self.read(ino, 0, inode.rec.size)
+
+    def link(self, ino: int, parent: int, name: bytes) -> Attr:
+        self.check_writable()
+        self._check_name(name)
+        inode = self.iget(ino)
+        if inode.is_dir:
+            raise _err(errno.EPERM)
+        dirnode = self.iget(parent)
+        if self._dir(dirnode).get(name) is not None:
+            raise _err(errno.EEXIST)
+        if inode.rec.nlink >= 65000:
+            raise _err(errno.EMLINK)
+        self.reserve(1)
+        with self.deltas.change() as delta:
+            self._add_entry(dirnode, name, inode, delta)
+            rec = self._dirty_inode(inode, delta)
+            rec.nlink += 1
+            rec.ctime_ns = time.time_ns()
+        inode.lookups += 1
+        return self.attr(inode)
+
+    def _drop_link(self, inode: Inode, delta: int, now: int) -> None:
+        rec = self._dirty_inode(inode, delta)
+        rec.nlink = 0 if inode.is_dir else rec.nlink - 1
+        rec.ctime_ns = now
+
+    def unlink(self, parent: int, name: bytes) -> None:
+        self._remove(parent, name, is_dir=False)
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        self._remove(parent, name, is_dir=True)
+
+    def _remove(self, parent: int, name: bytes, is_dir: bool) -> None:
+        self.check_writable()
+        if len(name) > fmt.NAME_MAX:
+            raise _err(errno.ENAMETOOLONG)
+        if name in (b".", b".."):
+            raise _err(errno.EINVAL if name == b"." else errno.ENOTEMPTY)
+        dirnode = self.iget(parent)
+        index = self._dir(dirnode)
+        entry = index.get(name)
+        if entry is None:
+            raise _err(errno.ENOENT)
+        inode = self.iget(entry[0])
+        if is_dir and not inode.is_dir:
+            raise _err(errno.ENOTDIR)
+        if not is_dir and inode.is_dir:
+            raise _err(errno.EISDIR)
+        if is_dir and len(self._dir(inode)):
+            raise _err(errno.ENOTEMPTY)
+        with self.deltas.change() as delta:
+            now = time.time_ns()
+            index.remove(name, self._dir_writer(dirnode, delta))
+            prec = self._dirty_inode(dirnode, delta)
+            prec.mtime_ns = prec.ctime_ns = now
+            if is_dir:
+                prec.nlink -= 1
+            self._drop_link(inode, delta, now)
+        self._maybe_dead(inode)
+
+    def _is_ancestor(self, ino: int, of: int) -> bool:
+        """Is directory ``ino`` the directory ``of`` or one of its ancestors?"""
+        cur = of
+        for _ in range(1 << 16):
+            if cur == ino:
+                return True
+            if cur == ROOT_INO or cur == 0:
+                return False
+            cur = self.iget(cur).rec.parent
+        return False
+
+    def rename(self, old_parent: int, old: bytes, new_parent: int, new: bytes, flags: int = 0) -> None:
+        self.check_writable()
+        self._check_name(new)
+        if len(old) > fmt.NAME_MAX:
+            raise _err(errno.ENAMETOOLONG)
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+            raise _err(errno.EINVAL)
+        sdir, ddir = self.iget(old_parent), self.iget(new_parent)
+        sidx, didx = self._dir(sdir), self._dir(ddir)
+        sentry = sidx.get(old)
+        if sentry is None:
+            raise _err(errno.ENOENT)
+        src = self.iget(sentry[0])
+        dentry = didx.get(new)
+        dst = self.iget(dentry[0]) if dentry is not None else None
+        if flags & RENAME_NOREPLACE and dst is not None:
+            raise _err(errno.EEXIST)
+        if flags & RENAME_EXCHANGE:
+            if dst is None:
+                raise _err(errno.ENOENT)
+            if src.is_dir and self._is_ancestor(src.ino, ddir.ino) and src is not dst:
+                raise _err(errno.EINVAL)
+            if dst.is_dir and self._is_ancestor(dst.ino, sdir.ino) and src is not dst:
+                raise _err(errno.EINVAL)
+            self._exchange(sdir, old, src, ddir, new, dst)
+            return
+        if dst is src:
+            return  # both names are links to the same inode: nothing to do
+        if src.is_dir and self._is_ancestor(src.ino, ddir.ino):
+            raise _err(errno.EINVAL)
+        if dst is not None:
+            if src.is_dir and not dst.is_dir:
+                raise _err(errno.ENOTDIR)
+            if not src.is_dir and dst.is_dir:
+                raise _err(errno.EISDIR)
+            if dst.is_dir and len(self._dir(dst)):
+                raise _err(errno.ENOTEMPTY)
+        else:
+            self.reserve(1)
+        with self.deltas.change() as delta:
+            now = time.time_ns()
+            dtype = DT_OF_MODE.get(stat.S_IFMT(src.rec.mode), 0)
+            if dst is not None:
+                didx.retarget(new, src.ino, dtype, self._dir_writer(ddir, delta))
+                drec = self._dirty_inode(ddir, delta)
+                drec.mtime_ns = drec.ctime_ns = now
+                self._drop_link(dst, delta, now)
+                if dst.is_dir:
+                    drec.nlink -= 1
+            else:
+                self._add_entry(ddir, new, src, delta)
+            sidx.remove(old, self._dir_writer(sdir, delta))
+            srec = self._dirty_inode(sdir, delta)
+            srec.mtime_ns = srec.ctime_ns = now
+            rec = self._dirty_inode(src, delta)
+            rec.ctime_ns = now
+            if src.is_dir and sdir is not ddir:
+                srec.nlink -= 1
+                self._dirty_inode(ddir, delta).nlink += 1
+                rec.parent = ddir.ino
+        if dst is not None:
+            self._maybe_dead(dst)
+
+    def _exchange(self, sdir: Inode, old: bytes, src: Inode, ddir: Inode, new: bytes, dst: Inode) -> None:
+        with self.deltas.change() as delta:
+            now = time.time_ns()
+            sidx, didx = self._dir(sdir), self._dir(ddir)
+            sidx.retarget(old, dst.ino, DT_OF_MODE.get(stat.S_IFMT(dst.rec.mode), 0), self._dir_writer(sdir, delta))
+            didx.retarget(new, src.ino, DT_OF_MODE.get(stat.S_IFMT(src.rec.mode), 0), self._dir_writer(ddir, delta))
+            for d in (sdir, ddir):
+                r = self._dirty_inode(d, delta)
+                r.mtime_ns = r.ctime_ns = now
+            for node, new_parent in ((src, ddir), (dst, sdir)):
+                r = self._dirty_inode(node, delta)
+                r.ctime_ns = now
+                if node.is_dir and sdir is not ddir:
+                    r.parent = new_parent.ino
+            if sdir is not ddir and src.is_dir != dst.is_dir:
+                moved = 1 if src.is_dir else -1  # a directory moved from sdir to ddir
+                self._dirty_inode(sdir, delta).nlink -= moved
+                self._dirty_inode(ddir, delta).nlink += moved
+
+    def readdir(self, ino: int, start: int) -> Iterator[tuple[bytes, int, int]]:
+        """(name, inode number, next position) from position ``start`` (0: the beginning)."""
+        inode = self.iget(ino)
+        index = self._dir(inode)
+        for name, child, _, nxt in index.entries(start, lambda block: self._page(inode, block).data):
+            yield name, child, nxt
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # extended attributes
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        value = self.iget(ino).rec.xattrs.get(name)
+        if value is None:
+            raise _err(errno.ENODATA)
+        return value
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        return sorted(self.iget(ino).rec.xattrs)
+
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        self.check_writable()
+        if not (name.startswith(b"user.") or name.startswith(b"trusted.") or name.startswith(b"security.")):
+            raise _err(errno.EOPNOTSUPP)
+        if len(name) > 255:
+            raise _err(errno.ERANGE)
+        inode = self.iget(ino)
+        xattrs = inode.rec.xattrs
+        if flags & os.XATTR_CREATE and name in xattrs:
+            raise _err(errno.EEXIST)
+        if flags & os.XATTR_REPLACE and name not in xattrs:
+            raise _err(errno.ENODATA)
+        size = len(inode.rec.pack()) - (fmt.xattr_cost(name, xattrs[name]) if name in xattrs else 0)
+        if size + fmt.xattr_cost(name, value) > fmt.max_inode_record(self.blocksize):
+            raise _err(errno.ENOSPC, "extended attributes do not fit in the inode")
+        self.reserve(1)
+        with self.deltas.change() as delta:
+            rec = self._dirty_inode(inode, delta)
+            rec.xattrs[name] = bytes(value)
+            rec.ctime_ns = time.time_ns()
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        self.check_writable()
+        inode = self.iget(ino)
+        if name not in inode.rec.xattrs:
+            raise _err(errno.ENODATA)
+        with self.deltas.change() as delta:
+            rec = self._dirty_inode(inode, delta)
+            del rec.xattrs[name]
+            rec.ctime_ns = time.time_ns()
+
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, float]:
+        out: dict[str, float] = dict(self.counters)
+        out.update(dirty_pages=self.cache.dirty_pages, cached_pages=len(self.cache.clean) + self.cache.dirty_pages,
+                   delta=self.deltas.current, committed=self.deltas.committed, free_blocks=self.alloc.free,
+                   flushes=self.dev.stats.flushes, forked_pages_live=0, forked_pages_peak=0,
+                   wait_seconds=0.0, read_only=int(self.failed is not None or self.readonly))
+        return out
+
+
+def read_super(fd: int, path: str = "image") -> Super:
+    """The newest valid superblock copy of an image; FormatError says why there is none."""
+    size = image_size(fd)
+    if size < fmt.SUPER_OFFSETS[1] + fmt.SUPER_SIZE:
+        raise VolumeError(f"{path}: image is too short ({size} bytes) to hold a tux3fuse volume")
+    found, problems = [], []
+    for copy, offset in enumerate(fmt.SUPER_OFFSETS):
+        try:
+            found.append(Super.unpack(os.pread(fd, fmt.SUPER_SIZE, offset), copy))
+        except FormatError as e:
+            problems.append(str(e))
+    if not found:
+        if all("wrong magic" in p for p in problems):
+            raise VolumeError(f"{path}: not a tux3fuse volume (no signature found)")
+        raise VolumeError(f"{path}: no usable superblock ({'; '.join(problems)})")
+    sb = max(found, key=lambda s: s.seq)
+    if size < sb.volblocks * sb.blocksize:
+        raise VolumeError(f"{path}: image is {size} bytes but the filesystem needs {sb.volblocks * sb.blocksize}"
+                          " (truncated image?)")
+    return sb
+
+
+__all__ = ["Attr", "CorruptBlock", "CorruptDir", "NoSpace", "Options", "Volume", "VolumeError", "read_super"]

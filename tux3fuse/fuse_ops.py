@@ -1,0 +1,239 @@
+"""The pyfuse3 adapter: kernel requests in, Volume calls, errno out. Nothing else.
+
+Guarantee: no exception other than FUSEError leaves a handler. An OSError becomes its errno; a corrupt block or
+any unexpected exception is logged with its stack, turns the volume read-only, and is answered with EIO, so the
+mount never dies.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+
+import pyfuse3
+
+from .dir import CorruptDir
+from .format import CorruptBlock
+from .fs import Attr, Volume, VolumeError
+
+log = logging.getLogger("tux3fuse")
+TIMEOUT = 300.0  # every change goes through the kernel, so its caches may be trusted for long
+
+
+def _translate(fn):
+    @functools.wraps(fn)
+    async def wrapper(self, *args, **kwargs):
+        try:
+            return await fn(self, *args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except VolumeError:
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except (CorruptBlock, CorruptDir) as e:
+            self.vol.fail(str(e))
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as e:  # a bug: keep the mount alive, stop changing the image
+            log.exception("unexpected error in %s", fn.__name__)
+            self.vol.fail(f"unexpected {type(e).__name__} in {fn.__name__}: {e}")
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+
+    def __init__(self, vol: Volume, writeback: bool = True, xattr: bool = False) -> None:
+        super().__init__()
+        self.vol = vol
+        self.enable_writeback_cache = writeback
+        self.xattr = xattr
+
+    def entry(self, a: Attr) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = a.ino
+        e.generation = 0
+        e.entry_timeout = e.attr_timeout = TIMEOUT
+        e.st_mode = a.mode
+        e.st_nlink = a.nlink
+        e.st_uid = a.uid
+        e.st_gid = a.gid
+        e.st_rdev = a.rdev
+        e.st_size = a.size
+        e.st_blksize = a.blksize
+        e.st_blocks = a.blocks
+        e.st_atime_ns = a.atime_ns
+        e.st_mtime_ns = a.mtime_ns
+        e.st_ctime_ns = a.ctime_ns
+        return e
+
+    # -- names -----------------------------------------------------------------------------------------------------
+
+    @_translate
+    async def lookup(self, parent_inode, name, ctx=None):
+        return self.entry(self.vol.lookup(parent_inode, name))
+
+    async def forget(self, inode_list):
+        for ino, n in inode_list:
+            try:
+                self.vol.forget(ino, n)
+            except Exception:  # forget must not fail
+                log.exception("forget of inode %d", ino)
+
+    @_translate
+    async def getattr(self, inode, ctx=None):
+        return self.entry(self.vol.getattr(inode))
+
+    @_translate
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        kw = {}
+        if fields.update_size:
+            kw["size"] = attr.st_size
+        if fields.update_mode:
+            kw["mode"] = attr.st_mode
+        if fields.update_uid:
+            kw["uid"] = attr.st_uid
+        if fields.update_gid:
+            kw["gid"] = attr.st_gid
+        if fields.update_atime:
+            kw["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            kw["mtime_ns"] = attr.st_mtime_ns
+        if getattr(fields, "update_ctime", False):
+            kw["ctime_ns"] = attr.st_ctime_ns
+        return self.entry(self.vol.setattr(inode, **kw))
+
+    @_translate
+    async def readlink(self, inode, ctx):
+        return self.vol.readlink(inode)
+
+    @_translate
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        return self.entry(self.vol.mknod(parent_inode, name, mode & ~ctx.umask, rdev, ctx.uid, ctx.gid))
+
+    @_translate
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        return self.entry(self.vol.mkdir(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid))
+
+    @_translate
+    async def unlink(self, parent_inode, name, ctx):
+        self.vol.unlink(parent_inode, name)
+
+    @_translate
+    async def rmdir(self, parent_inode, name, ctx):
+        self.vol.rmdir(parent_inode, name)
+
+    @_translate
+    async def symlink(self, parent_inode, name, target, ctx):
+        return self.entry(self.vol.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
+
+    @_translate
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        self.vol.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    @_translate
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        return self.entry(self.vol.link(inode, new_parent_inode, new_name))
+
+    # -- files -----------------------------------------------------------------------------------------------------
+
+    @_translate
+    async def open(self, inode, flags, ctx):
+        attr = self.vol.open(inode, truncate=bool(flags & os.O_TRUNC))
+        if stat.S_ISDIR(attr.mode):
+            self.vol.release(inode)
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    @_translate
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        attr = self.vol.create(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid)
+        return pyfuse3.FileInfo(fh=attr.ino, keep_cache=True), self.entry(attr)
+
+    @_translate
+    async def read(self, fh, off, size):
+        return self.vol.read(fh, off, size)
+
+    @_translate
+    async def write(self, fh, off, buf):
+        return self.vol.write(fh, off, buf)
+
+    async def flush(self, fh):
+        if self.vol.failed is not None:
+            raise pyfuse3.FUSEError(errno.EIO)
+
+    @_translate
+    async def release(self, fh):
+        self.vol.release(fh)
+
+    @_translate
+    async def fsync(self, fh, datasync):
+        await self.vol_sync()
+
+    @_translate
+    async def fsyncdir(self, fh, datasync):
+        await self.vol_sync()
+
+    async def vol_sync(self) -> None:
+        if self.vol.failed is not None:
+            raise pyfuse3.FUSEError(errno.EIO)
+        if not self.vol.readonly:
+            self.vol.commit()
+
+    # -- directories -----------------------------------------------------------------------------------------------
+
+    @_translate
+    async def opendir(self, inode, ctx):
+        if not stat.S_ISDIR(self.vol.getattr(inode).mode):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @_translate
+    async def readdir(self, fh, start_id, token):
+        for name, ino, nxt in self.vol.readdir(fh, start_id):
+            if not pyfuse3.readdir_reply(token, name, self.entry(self.vol.getattr(ino)), nxt):
+                break
+            self.vol.ref(ino)
+
+    async def releasedir(self, fh):
+        return None
+
+    @_translate
+    async def statfs(self, ctx):
+        s = self.vol.statfs()
+        out = pyfuse3.StatvfsData()
+        out.f_bsize, out.f_frsize = s["bsize"], s["frsize"]
+        out.f_blocks, out.f_bfree, out.f_bavail = s["blocks"], s["bfree"], s["bavail"]
+        out.f_files, out.f_ffree, out.f_favail = s["files"], s["ffree"], s["ffree"]
+        out.f_namemax = s["namemax"]
+        return out
+
+    # -- extended attributes (off unless mounted with -o xattr) ----------------------------------------------------
+
+    def _xattr_on(self) -> None:
+        if not self.xattr:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+
+    @_translate
+    async def getxattr(self, inode, name, ctx):
+        self._xattr_on()
+        return self.vol.getxattr(inode, name)
+
+    @_translate
+    async def setxattr(self, inode, name, value, ctx):
+        self._xattr_on()
+        self.vol.setxattr(inode, name, value)
+
+    @_translate
+    async def listxattr(self, inode, ctx):
+        self._xattr_on()
+        return self.vol.listxattr(inode)
+
+    @_translate
+    async def removexattr(self, inode, name, ctx):
+        self._xattr_on()
+        self.vol.removexattr(inode, name)
