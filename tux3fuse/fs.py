@@ -476,7 +476,7 @@ class Volume:
                 self._truncate(inode, size, delta)
                 rec.mtime_ns = now
             if mode is not None:
-                rec.mode = (rec.mode & stat.S_IFMT) | (mode & 0o7777)
+                rec.mode = stat.S_IFMT(rec.mode) | (mode & 0o7777)
             if uid is not None:
                 rec.uid = uid
             if gid is not None:

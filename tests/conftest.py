@@ -1,0 +1,153 @@
+"""Shared fixtures: real images, real mounts.
+
+A mounted test gets a ``Mount``: mkfs into a temp dir, the daemon started in the foreground as a subprocess,
+and at the end ``tux3 umount`` (which must succeed), the daemon's exit, and an fsck that must be clean.
+With CI=true a machine without FUSE fails the mounted tests instead of skipping them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tool(name: str) -> str:
+    path = BIN / name
+    return str(path) if path.exists() else name
+
+
+def fuse_problem() -> str | None:
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse is missing"
+    if shutil.which("fusermount3") is None:
+        return "fusermount3 is missing (apt-get install fuse3)"
+    try:
+        os.close(os.open("/dev/fuse", os.O_RDWR))
+    except OSError as e:
+        return f"/dev/fuse cannot be opened: {e}"
+    return None
+
+
+def require_fuse() -> None:
+    problem = fuse_problem()
+    if problem:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"FUSE is required on CI: {problem}")
+        pytest.skip(problem)
+
+
+def is_mounted(path: str) -> bool:
+    real = os.path.realpath(path)
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == real for line in f)
+
+
+def mkfs(image: Path, size: str = "256M", blocksize: int = 4096) -> None:
+    subprocess.run([tool("mkfs.tux3"), "-q", "-f", "-b", str(blocksize), "-s", size, str(image)], check=True)
+
+
+def fsck(image: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([tool("fsck.tux3"), *args, str(image)], capture_output=True, text=True)
+
+
+class Mount:
+    def __init__(self, image: Path, mnt: Path, options: str = "") -> None:
+        self.image, self.mnt, self.options = image, mnt, options
+        self.proc: subprocess.Popen | None = None
+        self.log = image.with_suffix(".log")
+
+    def start(self, options: str | None = None) -> Mount:
+        if options is not None:
+            self.options = options
+        self.mnt.mkdir(exist_ok=True)
+        args = [tool("tux3fuse"), "-f", str(self.image), str(self.mnt)]
+        if self.options:
+            args[1:1] = ["-o", self.options]
+        self.logfile = open(self.log, "ab")
+        self.proc = subprocess.Popen(args, stdout=self.logfile, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 20
+        while not is_mounted(str(self.mnt)):
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.proc.returncode}: {self.log.read_text()}")
+            if time.monotonic() > deadline:
+                raise AssertionError("mount did not appear within 20 s")
+            time.sleep(0.02)
+        return self
+
+    def umount(self, expect_ok: bool = True) -> int:
+        r = subprocess.run([tool("tux3"), "umount", str(self.mnt)], capture_output=True, text=True, timeout=120)
+        assert self.proc is not None
+        self.proc.wait(timeout=60)
+        self.logfile.close()
+        if expect_ok:
+            assert r.returncode == 0, f"umount: {r.stderr}\n{self.log.read_text()}"
+            assert self.proc.returncode == 0, self.log.read_text()
+        assert not is_mounted(str(self.mnt))
+        self.proc = None
+        return r.returncode
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        self.proc.wait(timeout=60)
+        self.logfile.close()
+        if is_mounted(str(self.mnt)):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], check=False)
+        self.proc = None
+
+    def cleanup(self) -> None:
+        if self.proc is not None:
+            if is_mounted(str(self.mnt)):
+                subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], check=False)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.logfile.close()
+            self.proc = None
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(str(self.mnt), *parts)
+
+    def stat_json(self) -> dict:
+        import json
+        r = subprocess.run([tool("tux3"), "stat", "--json", str(self.mnt)], capture_output=True, text=True,
+                           timeout=30, check=True)
+        return json.loads(r.stdout)
+
+
+@pytest.fixture
+def make_mount(tmp_path):
+    """Factory: make_mount(size=..., blocksize=..., options=...) -> started Mount; checked at teardown."""
+    require_fuse()
+    mounts: list[Mount] = []
+
+    def factory(size: str = "256M", blocksize: int = 4096, options: str = "", name: str = "fs") -> Mount:
+        image = tmp_path / f"{name}.img"
+        mkfs(image, size, blocksize)
+        m = Mount(image, tmp_path / f"{name}.mnt", options)
+        mounts.append(m)
+        return m.start()
+
+    yield factory
+    for m in mounts:
+        m.cleanup()
+    for m in mounts:
+        r = fsck(m.image)
+        assert r.returncode == 0, f"fsck after the test: {r.stdout}{r.stderr}"
+
+
+@pytest.fixture
+def mount(make_mount) -> Mount:
+    return make_mount()
