@@ -66,6 +66,8 @@ def mkfs_cmd(argv: list[str]) -> int:
         size = parse_size(a.size) if a.size else None
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if bs & (bs - 1) or not 512 <= bs <= 65536:
+        raise UsageError(f"block size {bs} is not a power of two from 512 to 65536")
     if size is None and not os.path.exists(a.image):
         raise UsageError(f"{a.image} does not exist; give its size with -s")
     sb = mkfs(a.image, bs, size, a.label, a.force)
