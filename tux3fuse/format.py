@@ -89,7 +89,7 @@ def unseal(buf: bytes | bytearray, blocknr: int, kinds: tuple[bytes, ...]) -> tu
 # ---------------------------------------------------------------------------------------------------------------
 # Superblock
 
-_SUPER = struct.Struct("<8sIHHQQQQQIIQQIIQQQ32s16sQ")  # see docs/FORMAT.md
+_SUPER = struct.Struct("<8sIHHQQQQQIIQQQIIQQQ32s16sQ")  # see docs/FORMAT.md
 STATE_CLEAN, STATE_MOUNTED = 0, 1
 
 
@@ -124,7 +124,7 @@ class Super:
         _SUPER.pack_into(
             buf, 0, MAGIC, VERSION, self.blockbits, self.state, self.seq, self.volblocks, self.itree_root,
             self.otree_root, self.log_head, self.log_count, self.bitmap_blocks, self.unify_seq,
-            self.bitmap_start[0], self.bitmap_start[1], self.bitmap_cur, self.free_blocks, self.used_inodes,
+            self.bitmap_start[0], self.bitmap_start[1], self.bitmap_cur, 0, self.free_blocks, self.used_inodes,
             self.next_inum, self.label.ljust(32, b"\0"), self.uuid, self.created_ns,
         )
         struct.pack_into("<Q", buf, SUPER_SIZE - 8, xxhash.xxh3_64_intdigest(bytes(buf[: SUPER_SIZE - 8])))
@@ -146,8 +146,8 @@ class Super:
         sb = cls(
             blockbits=f[2], state=f[3], seq=f[4], volblocks=f[5], itree_root=f[6], otree_root=f[7], log_head=f[8],
             log_count=f[9], bitmap_blocks=f[10], unify_seq=f[11], bitmap_start=(f[12], f[13]), bitmap_cur=f[14],
-            free_blocks=f[15], used_inodes=f[16], next_inum=f[17], label=f[18].rstrip(b"\0"), uuid=f[19],
-            created_ns=f[20], copy=copy,
+            free_blocks=f[16], used_inodes=f[17], next_inum=f[18], label=f[19].rstrip(b"\0"), uuid=f[20],
+            created_ns=f[21], copy=copy,
         )
         if not MIN_BLOCKBITS <= sb.blockbits <= MAX_BLOCKBITS:
             raise FormatError(f"superblock copy {copy}: block size 2^{sb.blockbits} out of range")
