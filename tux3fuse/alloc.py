@@ -30,6 +30,7 @@ class Allocator:
         self.bits = bits if bits is not None else bytearray(nbytes)
         if len(self.bits) < nbytes:
             self.bits.extend(bytes(nbytes - len(self.bits)))
+        del self.bits[nbytes:]  # no bits for blocks past the volume
         # bits past the end of the volume always read as used
         for b in range(volblocks, nbytes * 8):
             self.bits[b >> 3] |= 1 << (b & 7)

@@ -189,13 +189,14 @@ class BTree:
         depth = len(path) - 1
         node = path[depth][0]
         while True:
-            if node.level == 0:
-                half, acc, mid = node.used // 2, 0, 0
-                for mid, v in enumerate(node.vals):  # noqa: B007
-                    acc += fmt.leaf_entry_cost(len(v))
-                    if acc >= half:
-                        break
-                mid = min(max(1, mid + 1), len(node.keys) - 1)
+            if node.level == 0:  # split where the larger half is smallest: both halves then fit
+                costs = [fmt.leaf_entry_cost(len(v)) for v in node.vals]
+                best, mid, left = None, 1, 0
+                for i in range(1, len(costs)):
+                    left += costs[i - 1]
+                    worst = max(left, node.used - left)
+                    if best is None or worst < best:
+                        best, mid = worst, i
                 right = Node(0, node.keys[mid:], node.vals[mid:])
                 del node.keys[mid:], node.vals[mid:]
                 node.used -= right.used
