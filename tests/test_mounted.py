@@ -13,7 +13,6 @@ import sys
 import tarfile
 
 import pytest
-
 from conftest import ROOT, fsck
 
 pytestmark = [pytest.mark.mounted, pytest.mark.timeout(300)]

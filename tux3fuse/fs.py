@@ -362,16 +362,17 @@ class Volume:
                 n = max(1, min(n, hole - index))
         pages = []
         if physical:
-            data = self.dev.read_blocks(physical, n)
+            data = memoryview(self.dev.read_blocks(physical, n))
             for i in range(n):
-                block = bytearray(data[i * bs: (i + 1) * bs])
+                block = data[i * bs: (i + 1) * bs]
                 if fmt.checksum(block) != csums[i]:
                     self.counters["checksum_errors"] += 1
                     raise CorruptBlock(physical + i, "data", f"checksum mismatch (inode {inode.ino}, "
                                                             f"block {index + i})")
                 pages.append(Page(index + i, block))
         else:
-            pages = [Page(index + i, bytearray(bs)) for i in range(n)]
+            zero = memoryview(bytes(bs))  # holes share one read-only zero block until written
+            pages = [Page(index + i, zero) for i in range(n)]
         for page in pages:
             mapping.insert(page)
         return pages
@@ -388,6 +389,7 @@ class Volume:
             if not fill:
                 mapping.insert(page)
         mapping.mark_dirty(page, delta)
+        page.mutable()
         return page
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -423,22 +425,33 @@ class Volume:
         bs = self.blocksize
         first, last = offset // bs, (offset + len(data) - 1) // bs
         mapping = inode.mapping
-        new = sum(1 for i in range(first, last + 1) if (p := mapping.get(i)) is None or not p.dirty)
-        self.reserve(new)
+        mine = mapping.dirty.get(self.deltas.current)
+        npages = last - first + 1
+        self.reserve(npages if not mine else npages - sum(1 for i in range(first, last + 1) if i in mine))
         with self.deltas.change() as delta:
             size = inode.rec.size
             mv = memoryview(data)
-            pos = 0
-            for index in range(first, last + 1):
-                lo = offset + pos - index * bs
-                n = min(bs - lo, len(data) - pos)
-                whole = n == bs or (lo == 0 and index * bs + n >= size)
-                page = self._write_page(inode, index, delta, fill=not whole)
-                page.data[lo: lo + n] = mv[pos: pos + n]
-                pos += n
+            end = offset + len(data)
+            index, pos = first, 0
+            lo = offset - first * bs
+            if lo or end - first * bs < bs:  # a partial first page
+                n = min(bs - lo, len(data))
+                page = self._write_page(inode, first, delta, fill=not (lo == 0 and end >= size))
+                page.data[lo: lo + n] = mv[:n]
+                index, pos = first + 1, n
+            whole_end = (end // bs) if end % bs else last + 1  # pages fully covered by the write
+            if index < whole_end:
+                mapping.write_pages(index, mv[pos: pos + (whole_end - index) * bs], delta)
+                pos += (whole_end - index) * bs
+                index = whole_end
+            if index <= last:  # a partial last page
+                n = end - index * bs
+                page = self._write_page(inode, index, delta, fill=index * bs < size)
+                page.data[:n] = mv[pos:]
             rec = self._dirty_inode(inode, delta)
             now = time.time_ns()
-            rec.size = max(rec.size, offset + len(data))
+            if end > rec.size:
+                rec.size = end
             rec.mtime_ns = rec.ctime_ns = now
             if rec.mode & (stat.S_ISUID | stat.S_ISGID):
                 rec.mode &= ~stat.S_ISUID & ~(stat.S_ISGID if rec.mode & stat.S_IXGRP else 0)

@@ -133,15 +133,14 @@ def _write_run(vol: Volume, inode: Inode, rec: fmt.InodeRecord, tree, run: list[
     last = run[-1]
     tail = rec.size - last.index * bs
     if 0 < tail < bs and any(last.data[tail:]):  # zero what lies past the size of this delta
-        last.data[tail:] = bytes(bs - tail)
+        last.mutable()[tail:] = bytes(bs - tail)
     done = 0
     while done < len(run):
         physical, count = vol.alloc.alloc_run(len(run) - done)
         pages = run[done: done + count]
         csums = [checksum(p.data) for p in pages]
-        for i, page in enumerate(pages):
-            vol.writes.append((physical + i, page.data))
-            inode.mapping.mark_clean(page)
+        vol.writes.extend(zip(range(physical, physical + count), (p.data for p in pages), strict=True))
+        inode.mapping.mark_clean_many(pages)
         dropped = extents.map_run(tree, pages[0].index, physical, csums, vol.alloc.free_later, bs)
         rec.blocks += count - dropped
         done += count

@@ -73,6 +73,32 @@ class AddressSpace:
         self.cache.dirty_pages += 1
         self.cache.touch(self, page)
 
+    def write_pages(self, first: int, data: memoryview, delta: int) -> None:
+        """Overwrite whole pages from ``first`` with ``data`` (a multiple of the page size), dirty for delta."""
+        size = self.cache.pagesize
+        pages = self.pages
+        dirty = self.dirty.setdefault(delta, {})
+        clean = self.cache.clean
+        added = 0
+        for i in range(len(data) // size):
+            index = first + i
+            chunk = data[i * size: (i + 1) * size]
+            page = pages.get(index)
+            if page is None:
+                page = Page(index, chunk, self)
+                pages[index] = page
+            else:
+                if page.delta != delta and page.delta != CLEAN:
+                    raise AssertionError(f"{page} would hold data of two deltas")
+                page.data = chunk
+                if page.delta == delta:
+                    continue
+                clean.pop((self.ino, index), None)
+            page.delta = delta
+            dirty[index] = page
+            added += 1
+        self.cache.dirty_pages += added
+
     def take_dirty(self, delta: int) -> dict[int, Page]:
         """Hand the dirty pages of a delta to the backend."""
         return self.dirty.pop(delta, {})
@@ -83,6 +109,23 @@ class AddressSpace:
             self.cache.dirty_pages -= 1
         if self.pages.get(page.index) is page:
             self.cache.touch(self, page)
+
+    def mark_clean_many(self, pages: list[Page]) -> None:
+        """The backend wrote these pages: they are clean now and join the LRU."""
+        cache = self.cache
+        clean = cache.clean
+        ino = self.ino
+        own = self.pages
+        n = 0
+        for page in pages:
+            if page.delta != CLEAN:
+                page.delta = CLEAN
+                n += 1
+            if own.get(page.index) is page:
+                clean[(ino, page.index)] = page
+        cache.dirty_pages -= n
+        if len(clean) > cache.limit_pages:
+            cache._evict(self.registry)
 
     def truncate(self, first: int) -> list[Page]:
         """Drop every page at index >= first from the index and the dirty lists; return the dropped pages."""

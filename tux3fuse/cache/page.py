@@ -13,13 +13,20 @@ CLEAN = -1
 class Page:
     __slots__ = ("index", "data", "delta", "writeback", "forked", "mapping")
 
-    def __init__(self, index: int, data: bytearray, mapping: object = None) -> None:
+    def __init__(self, index: int, data: bytearray | memoryview, mapping: object = None) -> None:
         self.index = index
         self.data = data
         self.delta = CLEAN
         self.writeback = False
         self.forked = False
         self.mapping = mapping
+
+    def mutable(self) -> bytearray:
+        """The page's data as a bytearray. Pages filled by whole-page writes or reads share the request's or the
+        read's buffer (a read-only memoryview) until something changes part of them."""
+        if not isinstance(self.data, bytearray):
+            self.data = bytearray(self.data)
+        return self.data
 
     @property
     def dirty(self) -> bool:
