@@ -45,24 +45,31 @@ def parse_block(ino: int, block: int, data: bytes | bytearray) -> Iterator[tuple
 
 
 class DirIndex:
-    """Name -> entry index of one directory, built from its blocks on first use."""
+    """Name -> entry index of one directory, built from its blocks on first use.
+
+    ``room[block]`` is an upper bound of the largest free run in a block (exact after the block was scanned) and
+    ``hint[block]`` the offset of the entry that had it, so adding a name usually reads one entry, not a block."""
 
     def __init__(self, ino: int, blocksize: int, nblocks: int, read: Callable[[int], Any]) -> None:
         self.ino = ino
         self.bs = blocksize
         self.nblocks = nblocks
+        self.read = read
         self.names: dict[bytes, Entry] = {}
-        self.room: set[int] = set()  # blocks that may hold a free slot
+        self.room: dict[int, int] = {}
+        self.hint: dict[int, int] = {}
         for block in range(nblocks):
             for off, rl, inum, dtype, name in parse_block(ino, block, read(block)):
                 if inum:
                     if name in self.names:
                         raise CorruptDir(ino, block, f"duplicate name {name!r}")
                     self.names[name] = (inum, dtype, block, off)
-                    if rl - rec_len(len(name)) >= rec_len(1):
-                        self.room.add(block)
-                else:
-                    self.room.add(block)
+                self._note(block, off, rl - rec_len(len(name)) if inum else rl)
+
+    def _note(self, block: int, off: int, free: int) -> None:
+        if free > self.room.get(block, 0):
+            self.room[block] = free
+            self.hint[block] = off
 
     def __len__(self) -> int:
         return len(self.names)
@@ -70,28 +77,55 @@ class DirIndex:
     def get(self, name: bytes) -> Entry | None:
         return self.names.get(name)
 
+    def _fit(self, block: int, need: int) -> tuple[int, int, int] | None:
+        """(offset, record length, bytes used) of an entry in block with ``need`` free bytes."""
+        data = self.read(block)
+        off = self.hint.get(block)
+        if off is not None and off + DIRENT_HEADER <= self.bs:
+            inum, raw, nlen, _ = DIRENT.unpack_from(data, off)
+            rl = decode_rec_len(raw)
+            used = rec_len(nlen) if inum else 0
+            if rl - used >= need and off + rl <= self.bs:
+                return off, rl, used
+        best, found = 0, None  # the hint was stale: scan the block, and make room and hint exact
+        self.hint.pop(block, None)
+        for eoff, rl, inum, _, name in parse_block(self.ino, block, data):
+            used = rec_len(len(name)) if inum else 0
+            if rl - used > best:
+                best, self.hint[block] = rl - used, eoff
+            if found is None and rl - used >= need:
+                found = (eoff, rl, used)
+        self.room[block] = best
+        return found
+
     def add(self, name: bytes, inum: int, dtype: int, write: Callable[[int], bytearray]) -> bool:
         """Add an entry; ``write(block)`` returns the block's data dirtied for the current delta.
         Returns True when a new block was appended to the directory."""
         need = rec_len(len(name))
-        for block in sorted(self.room):
+        last = self.nblocks - 1
+        candidates = [last] if self.room.get(last, 0) >= need else []
+        candidates += [b for b, free in self.room.items() if free >= need and b != last]
+        for block in candidates:
+            fit = self._fit(block, need)
+            if fit is None:
+                continue
+            off, rl, used = fit
             data = write(block)
-            for off, rl, einum, _, ename in parse_block(self.ino, block, data):
-                used = rec_len(len(ename)) if einum else 0
-                if rl - used >= need:
-                    if used:
-                        DIRENT.pack_into(data, off, einum, encode_rec_len(used), len(ename), data[off + 11])
-                        off, rl = off + used, rl - used
-                    self._put(data, off, rl, name, inum, dtype)
-                    self.names[name] = (inum, dtype, block, off)
-                    return False
-            self.room.discard(block)
+            if used:
+                DIRENT.pack_into(data, off, int.from_bytes(data[off: off + 8], "little"), encode_rec_len(used),
+                                 data[off + 10], data[off + 11])
+                off, rl = off + used, rl - used
+            self._put(data, off, rl, name, inum, dtype)
+            self.names[name] = (inum, dtype, block, off)
+            self.hint[block] = off
+            return False
         block = self.nblocks
         self.nblocks += 1
         data = write(block)
         self._put(data, 0, self.bs, name, inum, dtype)
         self.names[name] = (inum, dtype, block, 0)
-        self.room.add(block)
+        self.room[block] = self.bs - need
+        self.hint[block] = 0
         return True
 
     @staticmethod
@@ -104,16 +138,19 @@ class DirIndex:
         _, _, block, off = entry
         data = write(block)
         prev = None
-        for eoff, rl, _, _, _ in parse_block(self.ino, block, data):
+        for eoff, rl, _, _, ename in parse_block(self.ino, block, data):
             if eoff == off:
                 if prev is None:
                     DIRENT.pack_into(data, off, 0, encode_rec_len(rl), 0, 0)
+                    self.room[block] = max(self.room.get(block, 0), rl)
+                    self.hint[block] = off
                 else:
-                    poff, prl = prev
+                    poff, prl, pused = prev
                     data[poff + 8: poff + 10] = encode_rec_len(prl + rl).to_bytes(2, "little")
+                    self.room[block] = max(self.room.get(block, 0), prl + rl - pused)
+                    self.hint[block] = poff  # never leave a hint on the entry that is gone
                 break
-            prev = (eoff, rl)
-        self.room.add(block)
+            prev = (eoff, rl, rec_len(len(ename)) if ename else 0)
         return entry
 
     def retarget(self, name: bytes, inum: int, dtype: int, write: Callable[[int], bytearray]) -> None:
