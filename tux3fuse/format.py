@@ -8,6 +8,7 @@ All integers are little-endian.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass, field
 
@@ -185,18 +186,25 @@ def bnode_capacity(blocksize: int) -> int:
     return (blocksize - HEADER_SIZE) // _BNODE_ENTRY.size
 
 
+@functools.lru_cache(maxsize=512)
+def _table(count: int, entry: str) -> struct.Struct:
+    return struct.Struct("<" + entry * count)
+
+
 def pack_leaf(blocksize: int, kind: bytes, keys: list[int], values: list[bytes], blocknr: int, delta: int) -> bytearray:
+    n = len(keys)
+    heap = b"".join(reversed(values))  # values grow down from the end of the block
+    if HEADER_SIZE + n * _LEAF_ENTRY.size + len(heap) > blocksize:
+        raise ValueError("leaf overflow")
     buf = bytearray(blocksize)
+    buf[blocksize - len(heap):] = heap
+    flat = []
     top = blocksize
-    at = HEADER_SIZE
     for key, value in zip(keys, values, strict=True):
         top -= len(value)
-        buf[top: top + len(value)] = value
-        _LEAF_ENTRY.pack_into(buf, at, key, top & 0xFFFF, len(value))
-        at += _LEAF_ENTRY.size
-    if at > top:
-        raise ValueError("leaf overflow")
-    return seal(buf, kind, 0, len(keys), blocknr, delta)
+        flat += (key, top & 0xFFFF, len(value))
+    _table(n, "QHH").pack_into(buf, HEADER_SIZE, *flat)
+    return seal(buf, kind, 0, n, blocknr, delta)
 
 
 def unpack_leaf(buf: bytes | bytearray, count: int) -> tuple[list[int], list[bytes]]:
