@@ -1,0 +1,77 @@
+# tux3fuse developer targets (GNU make).
+
+VENV ?= .venv
+PY = $(VENV)/bin/python
+PYTEST_ARGS ?=
+BENCH_ARGS ?=
+
+# pyfuse3 is built from source: it also needs a C compiler and the Python headers.
+APT_PACKAGES = fuse3 libfuse3-dev pkg-config fio gcc python3-dev python3-venv
+STAMP = $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+
+.PHONY: help deps install test demo bench clean distclean
+
+help:
+	@echo "Targets:"
+	@echo "  make deps       install missing system packages ($(APT_PACKAGES); fuse2fs best-effort)"
+	@echo "  make install    create $(VENV) and pip install -e '.[test,plot]'"
+	@echo "  make test       ruff check + pytest (extra args: PYTEST_ARGS='-k foo')"
+	@echo "  make demo       mkfs, mount, fio verify, fsx, stat, umount, fsck on a 1 GiB image"
+	@echo "  make bench      fio benchmarks: tux3fuse vs fuse2fs (extra args: BENCH_ARGS='--quick')"
+	@echo "  make clean      remove build artifacts and caches (keeps the venv)"
+	@echo "  make distclean  clean, and remove the venv"
+
+deps:
+	@missing=""; \
+	command -v fusermount3 >/dev/null 2>&1 || missing="$$missing fuse3"; \
+	command -v fio >/dev/null 2>&1 || missing="$$missing fio"; \
+	command -v pkg-config >/dev/null 2>&1 || missing="$$missing pkg-config"; \
+	if ! dpkg -s libfuse3-dev >/dev/null 2>&1 && ! pkg-config --exists fuse3 >/dev/null 2>&1; then \
+		missing="$$missing libfuse3-dev"; \
+	fi; \
+	command -v gcc >/dev/null 2>&1 || missing="$$missing gcc"; \
+	if command -v dpkg >/dev/null 2>&1; then \
+		dpkg -s python3-dev >/dev/null 2>&1 || missing="$$missing python3-dev"; \
+		dpkg -s python3-venv >/dev/null 2>&1 || missing="$$missing python3-venv"; \
+	fi; \
+	if [ -z "$$missing" ]; then \
+		exit 0; \
+	fi; \
+	if [ "$$(id -u)" -ne 0 ]; then \
+		echo "error: missing system packages:$$missing" >&2; \
+		echo "       as root: apt-get install -y$$missing   (or run make deps as root)" >&2; \
+		exit 1; \
+	fi; \
+	echo "installing system packages:$$missing"; \
+	apt-get update -qq && \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing || exit 1; \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse2fs || \
+		echo "warning: could not install fuse2fs; 'make bench' will measure tux3fuse alone" >&2
+
+$(PY): | deps
+	python3 -m venv $(VENV)
+
+$(STAMP): setup.cfg pyproject.toml | deps $(PY)
+	$(PY) -m pip install -q -e '.[test,plot]'
+	@touch $@
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m ruff check tux3fuse scripts tests
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+demo: install
+	$(PY) scripts/demo.py
+
+bench: install
+	$(PY) scripts/bench.py $(BENCH_ARGS)
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .hypothesis bench-out
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,691 @@
+#!/usr/bin/env python3
+"""Benchmark tux3fuse against fuse2fs (ext4 through FUSE) with fio.
+
+Both filesystems get a sparse image of the same size in a temporary directory
+on local disk and run the same jobs, one filesystem after the other:
+
+  seqwrite    1 MiB sequential writes, end_fsync               MB/s
+  seqread     1 MiB sequential reads of that file, cold cache   MB/s
+  randwrite   4 KiB random writes over a file, time based       IOPS
+  randread    4 KiB random reads of that file, cold cache       IOPS
+  fsync       4 KiB write + fsync, time based                   ops/s
+  create      create + write 4 KiB + close, many small files    files/s
+
+"Cold cache" means the filesystem is unmounted and mounted again before the job
+(and, when running as root, /proc/sys/vm/drop_caches is written).
+
+Results are printed as a table and written to OUTDIR/PERFORMANCE.md and
+OUTDIR/bench.png (the chart needs matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+FILESYSTEMS = ("tux3fuse", "fuse2fs")
+MiB = 1024 * 1024
+
+# Floors from the spec (tux3fuse only): job -> minimum value.
+FLOORS: dict[str, float] = {"seqwrite": 300.0, "fsync": 2000.0, "create": 3000.0}
+
+
+@dataclass(frozen=True)
+class Params:
+    image_size: str
+    seq_size_mib: int
+    rand_size_mib: int
+    rand_runtime: int
+    fsync_runtime: int
+    create_files: int
+
+
+FULL = Params(image_size="2G", seq_size_mib=512, rand_size_mib=128, rand_runtime=15, fsync_runtime=10,
+              create_files=2000)
+QUICK = Params(image_size="2G", seq_size_mib=64, rand_size_mib=32, rand_runtime=3, fsync_runtime=2,
+               create_files=500)
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    unit: str
+    description: str
+
+
+JOBS: tuple[Job, ...] = (
+    Job("seqwrite", "MB/s", "sequential write, 1 MiB blocks, end_fsync"),
+    Job("seqread", "MB/s", "sequential read, 1 MiB blocks, after remount"),
+    Job("randwrite", "IOPS", "random write, 4 KiB blocks, time based"),
+    Job("randread", "IOPS", "random read, 4 KiB blocks, after remount, time based"),
+    Job("fsync", "ops/s", "4 KiB sequential write + fsync after each write, time based"),
+    Job("create", "files/s", "create + write 4 KiB + close, one directory"),
+)
+
+
+@dataclass
+class FsResult:
+    values: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    skipped: str | None = None
+
+
+class BenchError(Exception):
+    pass
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+def _child_setup() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+
+
+def _wait_group_gone(pgid: int, timeout: float) -> None:
+    """Wait until no process is left in process group PGID (killed processes need a moment to close files)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+
+
+def call(
+    args: list[str], timeout: float, capture: bool = True, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """subprocess.run that never leaves its child behind.
+
+    The child runs in its own process group (fio forks its jobs), which is killed on a timeout or an exception.
+    Signals are held while the child is being started, so the KeyboardInterrupt they raise (see main) always
+    finds a child to kill."""
+    pipe = subprocess.PIPE if capture else None
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    try:
+        proc = subprocess.Popen(args, stdout=pipe, stderr=pipe, text=True, cwd=cwd, process_group=0,
+                                preexec_fn=_child_setup)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    with proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except BaseException:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            _wait_group_gone(proc.pid, 5)
+            raise
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def run(
+    cmd: Sequence[str | os.PathLike[str]], timeout: float = 120, check: bool = True, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    args = [str(c) for c in cmd]
+    try:
+        proc = call(args, timeout, cwd=cwd)
+    except subprocess.TimeoutExpired as e:
+        raise BenchError(f"timed out after {timeout:.0f}s: {shlex.join(args)}") from e
+    except OSError as e:
+        raise BenchError(f"cannot run {shlex.join(args)}: {e}") from e
+    if check and proc.returncode != 0:
+        detail = (proc.stderr.strip() or proc.stdout.strip())[-2000:]
+        raise BenchError(f"exit status {proc.returncode}: {shlex.join(args)}\n{detail}")
+    return proc
+
+
+def is_mounted(path: Path) -> bool:
+    target = str(path.resolve())
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                if line.split()[4].replace("\\040", " ") == target:
+                    return True
+    except OSError:
+        return os.path.ismount(path)
+    return False
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if pred():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+def daemon_pids(image: Path) -> list[int]:
+    """Live (non-zombie) processes whose command line names IMAGE: the FUSE daemon serving it."""
+    needle = str(image)
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                args = f.read().decode(errors="replace").split("\0")
+            with open(f"/proc/{entry.name}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if any(needle in a for a in args) and state not in ("Z", "X"):
+            pids.append(int(entry.name))
+    return pids
+
+
+def reap_daemons(image: Path, timeout: float = 60) -> None:
+    """Wait for the daemons serving IMAGE to exit; after TIMEOUT, terminate them."""
+    if wait_until(lambda: not daemon_pids(image), timeout, 0.1):
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in daemon_pids(image):
+            log(f"  daemon {pid} for {image} did not exit, sending {sig.name}")
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        if wait_until(lambda: not daemon_pids(image), 5, 0.1):
+            return
+
+
+def fusermount() -> str | None:
+    return shutil.which("fusermount") or shutil.which("fusermount3")
+
+
+def drop_caches() -> None:
+    os.sync()
+    if os.geteuid() == 0:
+        try:
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("3\n")
+        except OSError:
+            pass
+
+
+class Fs:
+    """One filesystem under test: make the image, mount, unmount."""
+
+    name = ""
+
+    def __init__(self, workdir: Path, params: Params) -> None:
+        self.image = workdir / f"{self.name}.img"
+        self.mnt = workdir / f"{self.name}.mnt"
+        self.params = params
+
+    def missing(self) -> str | None:
+        raise NotImplementedError
+
+    def mkfs(self) -> None:
+        raise NotImplementedError
+
+    def _mount(self) -> None:
+        raise NotImplementedError
+
+    def _umount(self) -> None:
+        raise NotImplementedError
+
+    def mount(self) -> None:
+        self.mnt.mkdir(exist_ok=True)
+        self._mount()
+        if not wait_until(lambda: is_mounted(self.mnt), 30):
+            raise BenchError(f"{self.name}: {self.mnt} is not mounted after the mount command returned")
+
+    def umount(self) -> None:
+        """Unmount and wait for the daemon to exit; falls back to a lazy unmount."""
+        error = None
+        for attempt in range(3):
+            if not is_mounted(self.mnt):
+                break
+            if attempt:
+                time.sleep(1)  # busy: files of a killed job may still be being released
+            try:
+                self._umount()
+                error = None
+            except BenchError as e:
+                error = e
+        if is_mounted(self.mnt):
+            log(f"  {self.name}: unmount failed ({error}); lazy unmount")
+            run([fusermount() or "fusermount3", "-u", "-z", self.mnt], check=False, timeout=30)
+        reap_daemons(self.image)
+        if error is not None:
+            raise error
+
+    def remount(self) -> None:
+        self.umount()
+        drop_caches()
+        self.mount()
+
+
+class Tux3Fs(Fs):
+    name = "tux3fuse"
+
+    def __init__(self, workdir: Path, params: Params, options: str | None) -> None:
+        super().__init__(workdir, params)
+        self.options = options
+
+    def missing(self) -> str | None:
+        for tool in ("mkfs.tux3", "tux3fuse", "tux3"):
+            if not (VENV_BIN / tool).exists():
+                return f"{VENV_BIN / tool} not found (run 'make install')"
+        return None
+
+    def mkfs(self) -> None:
+        run([VENV_BIN / "mkfs.tux3", "-s", self.params.image_size, "-f", self.image])
+
+    def _mount(self) -> None:
+        opts = ["-o", self.options] if self.options else []
+        run([VENV_BIN / "tux3fuse", *opts, self.image, self.mnt], timeout=60)
+
+    def _umount(self) -> None:
+        run([VENV_BIN / "tux3", "umount", self.mnt], timeout=300)
+
+
+class Fuse2Fs(Fs):
+    name = "fuse2fs"
+
+    def missing(self) -> str | None:
+        for tool in ("fuse2fs", "mkfs.ext4"):
+            if not shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin"):
+                return f"{tool} not found (apt-get install fuse2fs e2fsprogs)"
+        if not fusermount():
+            return "neither fusermount nor fusermount3 found"
+        return None
+
+    def mkfs(self) -> None:
+        with open(self.image, "wb") as f:
+            f.truncate(parse_size(self.params.image_size))
+        mkfs = shutil.which("mkfs.ext4", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") or "mkfs.ext4"
+        run([mkfs, "-F", "-q", self.image])
+
+    def _mount(self) -> None:
+        run(["fuse2fs", self.image, self.mnt, "-o", "fakeroot"], timeout=60)
+
+    def _umount(self) -> None:
+        run([fusermount() or "fusermount", "-u", self.mnt], timeout=60)
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def fio_args(job: str, p: Params) -> list[str]:
+    """fio arguments for JOB, without --directory and output options."""
+    common = ["--ioengine=psync", "--numjobs=1", "--group_reporting"]
+    seq = f"--size={p.seq_size_mib}M"
+    rand = f"--size={p.rand_size_mib}M"
+    table = {
+        "seqwrite": ["--name=seqwrite", "--filename=seq.dat", "--rw=write", "--bs=1M", seq, "--end_fsync=1"],
+        "seqread": ["--name=seqread", "--filename=seq.dat", "--rw=read", "--bs=1M", seq],
+        "randwrite": ["--name=randwrite", "--filename=rand.dat", "--rw=randwrite", "--bs=4k", rand,
+                      f"--runtime={p.rand_runtime}", "--time_based"],
+        "randread": ["--name=randread", "--filename=rand.dat", "--rw=randread", "--bs=4k", rand,
+                     f"--runtime={p.rand_runtime}", "--time_based"],
+        "fsync": ["--name=fsync", "--filename=fsync.dat", "--rw=write", "--bs=4k", "--size=64M", "--fsync=1",
+                  f"--runtime={p.fsync_runtime}", "--time_based"],
+    }
+    return table[job] + common
+
+
+def run_fio(fs: Fs, job: str, outdir: Path) -> float:
+    out = outdir / f"fio-{fs.name}-{job}.json"
+    # --directory must come before --filename: fio ignores it for files named earlier on the command line.
+    args = ["fio", f"--directory={fs.mnt}", *fio_args(job, fs.params), "--output-format=json", f"--output={out}"]
+    run(args, timeout=900, cwd=outdir)
+    datafile = next(a.split("=", 1)[1] for a in args if a.startswith("--filename="))
+    if not (fs.mnt / datafile).is_file():
+        raise BenchError(f"fio did not create {datafile} in {fs.mnt}")
+    data = json.loads(out.read_text())
+    j = data["jobs"][0]
+    if j.get("error"):
+        raise BenchError(f"fio job {job} reported error {j['error']}")
+    if job in ("seqwrite", "seqread"):
+        side = "write" if job == "seqwrite" else "read"
+        return j[side]["bw_bytes"] / 1e6
+    if job in ("randwrite", "fsync"):
+        return float(j["write"]["iops"])
+    return float(j["read"]["iops"])
+
+
+def run_create(fs: Fs, count: int) -> float:
+    d = fs.mnt / "create"
+    d.mkdir()
+    payload = os.urandom(4096)
+    start = time.perf_counter()
+    for i in range(count):
+        fd = os.open(d / f"f{i:06d}", os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, payload)
+        finally:
+            os.close(fd)
+    elapsed = time.perf_counter() - start
+    return count / elapsed
+
+
+def bench_fs(fs: Fs, scratch: Path) -> FsResult:
+    result = FsResult()
+    why = fs.missing()
+    if why:
+        log(f"{fs.name}: skipped: {why}")
+        result.skipped = why
+        return result
+    log(f"{fs.name}: mkfs ({fs.params.image_size}) and mount")
+    try:
+        fs.mkfs()
+        fs.mount()
+        for job in JOBS:
+            if job.name in ("seqread", "randread"):
+                fs.remount()
+            if not is_mounted(fs.mnt):
+                raise BenchError(f"{fs.mnt} is no longer mounted")
+            start = time.monotonic()
+            try:
+                if job.name == "create":
+                    value = run_create(fs, fs.params.create_files)
+                else:
+                    value = run_fio(fs, job.name, scratch)
+            except (BenchError, OSError, KeyError, ValueError) as e:
+                result.errors[job.name] = str(e).splitlines()[0] if str(e) else type(e).__name__
+                log(f"  {job.name:10s} FAILED: {e}")
+                continue
+            result.values[job.name] = value
+            log(f"  {job.name:10s} {value:12.1f} {job.unit:8s} ({time.monotonic() - start:.1f}s)")
+    except BenchError as e:
+        result.skipped = str(e).splitlines()[0]
+        log(f"{fs.name}: aborted: {e}")
+    finally:
+        try:
+            fs.umount()
+        except BenchError as e:
+            log(f"{fs.name}: unmount: {e}")
+            result.errors.setdefault("umount", str(e).splitlines()[0])
+        try:
+            fs.image.unlink(missing_ok=True)
+        except OSError:
+            pass
+    return result
+
+
+def fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if value >= 100 else f"{value:,.1f}"
+
+
+def table_rows(results: dict[str, FsResult]) -> list[list[str]]:
+    rows = []
+    for job in JOBS:
+        t = results.get("tux3fuse", FsResult()).values.get(job.name)
+        f = results.get("fuse2fs", FsResult()).values.get(job.name)
+        cells = []
+        for name, v in (("tux3fuse", t), ("fuse2fs", f)):
+            err = results.get(name, FsResult()).errors.get(job.name)
+            cells.append("error" if err and v is None else fmt(v))
+        ratio = f"{t / f:.2f}" if t is not None and f else "-"
+        rows.append([f"{job.name} ({job.unit})", *cells, ratio])
+    return rows
+
+
+def print_table(rows: list[list[str]]) -> None:
+    header = ["job", "tux3fuse", "fuse2fs", "ratio"]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    line = "  ".join(h.ljust(widths[0]) if i == 0 else h.rjust(widths[i]) for i, h in enumerate(header))
+    print()
+    print(line)
+    print("-" * len(line))
+    for r in rows:
+        print("  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)))
+    print("ratio = tux3fuse / fuse2fs; higher is better for every job")
+
+
+def floor_lines(results: dict[str, FsResult], quick: bool) -> list[str]:
+    lines = []
+    t = results.get("tux3fuse")
+    if t is None or t.skipped and not t.values:
+        return ["floors: tux3fuse not measured"]
+    units = {j.name: j.unit for j in JOBS}
+    for job, floor in FLOORS.items():
+        v = t.values.get(job)
+        verdict = "FAIL" if v is None or v < floor else "PASS"
+        got = "no result" if v is None else f"{fmt(v)} {units[job]}"
+        lines.append(f"{verdict}: tux3fuse {job} {got} (floor {floor:,.0f} {units[job]})")
+    if quick:
+        lines.append("(quick run: sizes and runtimes are reduced, floors are indicative only)")
+    return lines
+
+
+def machine_info() -> dict[str, str]:
+    info = {"nproc": str(os.cpu_count()), "kernel": platform.release(), "python": platform.python_version(),
+            "load average (1/5/15 min, at the end)": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                info["memory"] = f"{int(line.split()[1]) // 1024:,} MiB"
+                break
+    except OSError:
+        pass
+    for key, cmd in (("fio", ["fio", "--version"]), ("fuse2fs", ["fuse2fs", "-V"])):
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+            lines = (out.stdout + out.stderr).strip().splitlines()
+            info[key] = next((ln for ln in lines if ln.startswith(key)), lines[0])
+        except (OSError, subprocess.TimeoutExpired, IndexError):
+            pass
+    try:
+        from importlib.metadata import version
+
+        info["tux3fuse"] = version("tux3fuse")
+    except Exception:
+        pass
+    return info
+
+
+def write_markdown(path: Path, results: dict[str, FsResult], rows: list[list[str]], params: Params, quick: bool,
+                   tux3_options: str | None, workdir: Path, chart: str | None) -> None:
+    info = machine_info()
+    now = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    out = ["# Performance", ""]
+    out.append(f"Generated by `scripts/bench.py{' --quick' if quick else ''}` (`make bench`) on {now}.")
+    out.append("")
+    out.append("## Machine")
+    out.append("")
+    for k, v in info.items():
+        out.append(f"- {k}: {v}")
+    out.append(f"- images: {params.image_size} sparse files in {workdir} (local disk)")
+    out.append("")
+    out.append("## Results")
+    out.append("")
+    out.append("| job | tux3fuse | fuse2fs | ratio |")
+    out.append("|---|---:|---:|---:|")
+    for r in rows:
+        out.append("| " + " | ".join(r) + " |")
+    out.append("")
+    out.append("ratio = tux3fuse / fuse2fs; higher is better for every job.")
+    out.append("")
+    notes = []
+    for name in FILESYSTEMS:
+        r = results.get(name)
+        if r is None:
+            continue
+        if r.skipped:
+            notes.append(f"- {name}: {r.skipped}")
+        for job, err in r.errors.items():
+            notes.append(f"- {name} {job} failed: `{err}`")
+    if notes:
+        out += [*notes, ""]
+    out.append("Floors (tux3fuse):")
+    out.append("")
+    for line in floor_lines(results, quick):
+        out.append(f"- {line}")
+    out.append("")
+    if chart:
+        out.append(f"![benchmark chart]({chart})")
+        out.append("")
+    out.append("## Setup")
+    out.append("")
+    out.append(f"- tux3fuse: `mkfs.tux3 -s {params.image_size} IMAGE`; "
+               f"`tux3fuse {'-o ' + tux3_options + ' ' if tux3_options else ''}IMAGE MNT`; `tux3 umount MNT`")
+    out.append(f"- fuse2fs: `truncate -s {params.image_size} IMAGE; mkfs.ext4 -F -q IMAGE`; "
+               "`fuse2fs IMAGE MNT -o fakeroot`; `fusermount -u MNT`")
+    out.append("- seqread and randread run right after an unmount + mount (and drop_caches when root), "
+               "so they start with a cold page cache.")
+    out.append("")
+    out.append("## Jobs")
+    out.append("")
+    for job in JOBS:
+        out.append(f"- **{job.name}** ({job.unit}): {job.description}")
+        if job.name == "create":
+            out.append(f"  - Python loop: `os.open(O_CREAT|O_EXCL)`, write 4 KiB, close; "
+                       f"{params.create_files:,} files; files/s from wall time")
+        else:
+            args = " ".join(fio_args(job.name, params))
+            out.append(f"  - `fio --directory=MNT {args} --output-format=json`")
+    out.append("")
+    path.write_text("\n".join(out))
+
+
+def write_chart(path: Path, results: dict[str, FsResult]) -> str | None:
+    """Bar chart, one panel per job. Returns None (and says why) if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib not installed: skipping the chart (pip install matplotlib)")
+        return None
+    names = [n for n in FILESYSTEMS if n in results and results[n].values]
+    if not names:
+        return None
+    colors = {"tux3fuse": "#1f77b4", "fuse2fs": "#ff7f0e"}
+    fig, axes = plt.subplots(2, 3, figsize=(10, 6.5))
+    for ax, job in zip(axes.flat, JOBS, strict=True):
+        vals = [results[n].values.get(job.name, 0.0) for n in names]
+        bars = ax.bar(names, vals, color=[colors[n] for n in names])
+        ax.set_title(job.name)
+        ax.set_ylabel(job.unit)
+        ax.bar_label(bars, labels=[fmt(v) for v in vals], fontsize=8)
+        ax.margins(y=0.15)
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle("tux3fuse vs fuse2fs (higher is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path.name
+
+
+def default_workdir() -> Path:
+    """A directory on local disk: /var/tmp unless it is missing or tmpfs."""
+    def fstype(p: Path) -> str:
+        best, kind = "", ""
+        try:
+            with open("/proc/self/mounts") as f:
+                for line in f:
+                    parts = line.split()
+                    mp = parts[1]
+                    if (str(p) == mp or str(p).startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best):
+                        best, kind = mp, parts[2]
+        except OSError:
+            pass
+        return kind
+
+    for cand in (Path("/var/tmp"), Path(tempfile.gettempdir())):
+        if cand.is_dir() and fstype(cand.resolve()) not in ("tmpfs", "ramfs"):
+            return cand
+    return Path(tempfile.gettempdir())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes and short runtimes (smoke run)")
+    ap.add_argument("--only", choices=FILESYSTEMS, help="benchmark one filesystem only")
+    ap.add_argument("--outdir", type=Path,
+                    help="where PERFORMANCE.md and bench.png go (default: docs/, or bench-out/ with --quick)")
+    ap.add_argument("--workdir", type=Path, help="parent of the temporary image directory (default: /var/tmp)")
+    ap.add_argument("--tux3-options", metavar="OPTS", help="mount options for tux3fuse (-o OPTS)")
+    args = ap.parse_args(argv)
+
+    if not shutil.which("fio"):
+        print("bench: fio not found (apt-get install fio, or 'make deps')", file=sys.stderr)
+        return 2
+    params = QUICK if args.quick else FULL
+    outdir: Path = args.outdir or (REPO / ("bench-out" if args.quick else "docs"))
+    outdir.mkdir(parents=True, exist_ok=True)
+    parent = (args.workdir or default_workdir()).resolve()
+
+    # Turn SIGTERM/SIGHUP into an exception so the finally clauses unmount.
+    def on_signal(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+
+    names = [args.only] if args.only else list(FILESYSTEMS)
+    results: dict[str, FsResult] = {}
+    workdir = Path(tempfile.mkdtemp(prefix="tux3bench-", dir=parent))
+    log(f"bench: work directory {workdir}{' (quick)' if args.quick else ''}")
+    interrupted = False
+    try:
+        with tempfile.TemporaryDirectory(prefix="fio-json-") as scratch:
+            for name in names:
+                fs: Fs = Tux3Fs(workdir, params, args.tux3_options) if name == "tux3fuse" else Fuse2Fs(workdir, params)
+                results[name] = bench_fs(fs, Path(scratch))
+    except KeyboardInterrupt:
+        interrupted = True
+        log("bench: interrupted; cleaning up")
+    finally:
+        for name in names:
+            mnt = workdir / f"{name}.mnt"
+            if is_mounted(mnt):
+                run([fusermount() or "fusermount3", "-u", "-z", mnt], check=False, timeout=30)
+            reap_daemons(workdir / f"{name}.img", timeout=10)
+        shutil.rmtree(workdir, onerror=lambda _f, path, exc: log(f"bench: cannot remove {path}: {exc[1]}"))
+    if interrupted:
+        return 130
+
+    rows = table_rows(results)
+    print_table(rows)
+    print()
+    for line in floor_lines(results, args.quick) if "tux3fuse" in results else []:
+        print(line)
+    chart = write_chart(outdir / "bench.png", results)
+    md = outdir / "PERFORMANCE.md"
+    write_markdown(md, results, rows, params, args.quick, args.tux3_options, parent, chart)
+    log(f"\nwrote {md}" + (f" and {outdir / chart}" if chart else ""))
+    measured = any(r.values for r in results.values())
+    return 0 if measured else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

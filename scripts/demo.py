@@ -1,0 +1,293 @@
+#!/usr/bin/env python3
+"""End-to-end demo of tux3fuse: make, mount, exercise, unmount and check a 1 GiB image.
+
+Steps: mkfs.tux3 -> tux3fuse (detached) -> fio random write + verify -> fsx -> tux3 stat -> tux3 umount
+-> fsck.tux3 -> mount again -> fio verify of the data written before -> tux3 umount.
+
+Everything happens in a temporary directory that is removed at the end; the filesystem is always unmounted, even
+when a step fails. Exit status 0 when every step passed, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Step:
+    name: str
+    ok: bool
+    seconds: float
+    note: str = ""
+
+
+class StepFailed(Exception):
+    pass
+
+
+_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+def _child_setup() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+
+
+def _wait_group_gone(pgid: int, timeout: float) -> None:
+    """Wait until no process is left in process group PGID (killed processes need a moment to close files)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+
+
+def call(
+    args: list[str], timeout: float, capture: bool = True, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """subprocess.run that never leaves its child behind.
+
+    The child runs in its own process group (fio forks its jobs), which is killed on a timeout or an exception.
+    Signals are held while the child is being started, so the KeyboardInterrupt they raise (see main) always
+    finds a child to kill."""
+    pipe = subprocess.PIPE if capture else None
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    try:
+        proc = subprocess.Popen(args, stdout=pipe, stderr=pipe, text=True, cwd=cwd, process_group=0,
+                                preexec_fn=_child_setup)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    with proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except BaseException:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            _wait_group_gone(proc.pid, 5)
+            raise
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def run(
+    cmd: Sequence[str | os.PathLike[str]], timeout: float, capture: bool = True, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    args = [str(c) for c in cmd]
+    print(f"$ {shlex.join(args)}", flush=True)
+    try:
+        proc = call(args, timeout, capture=capture, cwd=cwd)
+    except subprocess.TimeoutExpired as e:
+        raise StepFailed(f"timed out after {timeout:.0f}s") from e
+    except OSError as e:
+        raise StepFailed(f"cannot run {args[0]}: {e}") from e
+    if proc.returncode != 0:
+        detail = ((proc.stderr or "") + (proc.stdout or "")).strip() if capture else ""
+        raise StepFailed(f"exit status {proc.returncode}" + (f": {detail[-1500:]}" if detail else ""))
+    return proc
+
+
+def is_mounted(path: Path) -> bool:
+    target = str(path)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            return any(line.split()[4].replace("\\040", " ") == target for line in f)
+    except OSError:
+        return os.path.ismount(path)
+
+
+def wait_until(pred: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def daemon_pids(image: Path) -> list[int]:
+    """Live processes whose command line names IMAGE (the daemon this demo started)."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                args = f.read().decode(errors="replace").split("\0")
+            with open(f"/proc/{entry.name}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if str(image) in args and state not in ("Z", "X"):
+            pids.append(int(entry.name))
+    return pids
+
+
+def force_cleanup(mnt: Path, image: Path) -> None:
+    """Unmount if still mounted (tux3 umount, else a lazy unmount); stop the daemon serving IMAGE if it lingers."""
+    if is_mounted(mnt):
+        print(f"cleanup: tux3 umount {mnt}", flush=True)
+        try:
+            subprocess.run([str(VENV_BIN / "tux3"), "umount", str(mnt)], check=False, timeout=120)
+        except subprocess.TimeoutExpired:
+            print("cleanup: tux3 umount timed out", flush=True)
+    if is_mounted(mnt):
+        fm = shutil.which("fusermount3") or shutil.which("fusermount") or "fusermount3"
+        print(f"cleanup: {fm} -u -z {mnt}", flush=True)
+        subprocess.run([fm, "-u", "-z", str(mnt)], check=False, timeout=30)
+    if wait_until(lambda: not daemon_pids(image), 30):
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in daemon_pids(image):
+            print(f"cleanup: daemon {pid} still running, sending {sig.name}", flush=True)
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        if wait_until(lambda: not daemon_pids(image), 10):
+            return
+
+
+def fio_summary(path: Path) -> str:
+    data = json.loads(path.read_text())
+    job = data["jobs"][0]
+    parts = []
+    for side, label in (("write", "write"), ("read", "verify read")):
+        io = job[side]
+        if io["io_bytes"] and io["bw_bytes"]:
+            parts.append(f"{label} {io['bw_bytes'] / 1e6:.0f} MB/s ({io['io_bytes'] / (1 << 20):.0f} MiB)")
+    return ", ".join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="256M", help="fio data size (default 256M)")
+    ap.add_argument("--fsx-ops", type=int, default=20000, help="fsx operations (default 20000)")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory (image and logs)")
+    ap.add_argument("-o", dest="options", help="tux3fuse mount options")
+    args = ap.parse_args(argv)
+
+    for tool in ("mkfs.tux3", "tux3fuse", "tux3", "fsck.tux3"):
+        if not (VENV_BIN / tool).exists():
+            print(f"demo: {VENV_BIN / tool} not found; run 'make install'", file=sys.stderr)
+            return 2
+    if not shutil.which("fio"):
+        print("demo: fio not found; run 'make deps'", file=sys.stderr)
+        return 2
+
+    def on_signal(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+
+    tmp = Path(tempfile.mkdtemp(prefix="tux3demo-")).resolve()
+    image = tmp / "fs.img"
+    mnt = tmp / "mnt"
+    mnt.mkdir()
+    mount_opts = ["-o", args.options] if args.options else []
+    fio_base = ["fio", "--name=demo", f"--directory={mnt}", "--rw=randwrite", "--bsrange=4k-1m", f"--size={args.size}",
+                "--verify=crc32c", "--verify_fatal=1", "--ioengine=psync", "--end_fsync=1", "--output-format=json"]
+    steps: list[Step] = []
+
+    def step(name: str, fn: Callable[[], str | None]) -> bool:
+        print(f"\n== {name}", flush=True)
+        start = time.monotonic()
+        try:
+            note = fn() or ""
+            ok = True
+        except (StepFailed, OSError, ValueError, KeyError, subprocess.SubprocessError) as e:
+            note, ok = str(e), False
+        elapsed = time.monotonic() - start
+        steps.append(Step(name, ok, elapsed, note))
+        print(f"-- {name}: {'ok' if ok else 'FAIL'} ({elapsed:.1f}s){': ' + note if note else ''}", flush=True)
+        return ok
+
+    def mkfs() -> None:
+        run([VENV_BIN / "mkfs.tux3", "-s", "1G", "-L", "demo", image], timeout=60, capture=False)
+
+    def mount() -> None:
+        run([VENV_BIN / "tux3fuse", *mount_opts, image, mnt], timeout=60)
+        if not wait_until(lambda: is_mounted(mnt), 10):
+            raise StepFailed(f"tux3fuse returned but {mnt} is not mounted")
+
+    def fio_write() -> str:
+        out = tmp / "fio-write.json"
+        run([*fio_base, f"--output={out}"], timeout=900, cwd=tmp)  # fio leaves a verify state file in cwd
+        return fio_summary(out)
+
+    def fsx() -> None:
+        run([sys.executable, REPO / "scripts" / "fsx.py", "-N", str(args.fsx_ops), "-S", "1", "-q", mnt / "fsxfile"],
+            timeout=1800, capture=False)
+
+    def stat() -> None:
+        run([VENV_BIN / "tux3", "stat", mnt], timeout=30, capture=False)
+
+    def umount() -> None:
+        run([VENV_BIN / "tux3", "umount", mnt], timeout=300)
+        if is_mounted(mnt):
+            raise StepFailed(f"{mnt} is still mounted")
+
+    def fsck() -> str:
+        proc = call([str(VENV_BIN / "fsck.tux3"), str(image)], timeout=600)
+        print(proc.stdout + proc.stderr, end="", flush=True)
+        meaning = {0: "clean", 1: "errors corrected", 4: "errors left uncorrected", 8: "operational error"}
+        verdict = meaning.get(proc.returncode, f"exit status {proc.returncode}")
+        if proc.returncode != 0:
+            raise StepFailed(verdict)
+        return verdict
+
+    def fio_reverify() -> str:
+        out = tmp / "fio-verify.json"
+        run([*fio_base, "--verify_only", f"--output={out}"], timeout=900, cwd=tmp)
+        return fio_summary(out)
+
+    try:
+        if step("mkfs.tux3 (1 GiB sparse image)", mkfs) and step("mount (tux3fuse, detached)", mount):
+            step(f"fio randwrite {args.size} + crc32c verify", fio_write)
+            step(f"fsx {args.fsx_ops} ops", fsx)
+            step("tux3 stat", stat)
+            if step("tux3 umount", umount):
+                step("fsck.tux3", fsck)
+                if step("mount again", mount):
+                    step("fio verify after remount", fio_reverify)
+                    step("tux3 umount", umount)
+    except KeyboardInterrupt:
+        print("\ndemo: interrupted", file=sys.stderr)
+        steps.append(Step("interrupted", False, 0.0))
+    finally:
+        force_cleanup(mnt, image)
+        if args.keep:
+            print(f"\nkept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    failed = any(not s.ok for s in steps)
+    width = max(len(s.name) for s in steps)
+    print("\nSummary")
+    for s in steps:
+        note = f"  {s.note.splitlines()[0]}" if s.note else ""
+        print(f"  {'ok  ' if s.ok else 'FAIL'}  {s.name.ljust(width)}  {s.seconds:7.1f}s{note}")
+    print("demo: " + ("FAILED" if failed else "all steps passed"))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
