@@ -89,7 +89,8 @@ IGNORED = {"defaults", "auto", "noauto", "user", "nouser", "users", "nofail", "_
 
 def parse_mount_options(text: str) -> dict:
     """-o string -> settings; raises UsageError on anything unknown."""
-    out = {"ro": False, "writeback": True, "xattr": False, "commit": 5.0, "cache": None, "fuse": set()}
+    out = {"ro": False, "writeback": True, "xattr": False, "commit": 5.0, "cache": None, "stable": "fork",
+           "fuse": set()}
     for opt in filter(None, (text or "").split(",")):
         key, _, value = opt.partition("=")
         if key == "ro":
@@ -105,6 +106,10 @@ def parse_mount_options(text: str) -> dict:
                     raise ValueError
             except ValueError:
                 raise UsageError(f"commit= takes a number of seconds, not {value!r}") from None
+        elif key == "stable":
+            if value not in ("fork", "wait", "none"):
+                raise UsageError(f"stable= takes fork, wait or none, not {value!r}")
+            out["stable"] = value
         elif key == "cache":
             from .mkfs import parse_size
             try:
@@ -123,7 +128,8 @@ def parse_mount_options(text: str) -> dict:
 def mount_cmd(argv: list[str], prog: str = PROG_MOUNT) -> int:
     p = _Parser(prog=prog, description="Mount a tux3fuse image.")
     p.add_argument("-o", dest="options", action="append", default=[], help="mount options, comma separated: ro, "
-                   "allow_other, writeback|nowriteback, xattr, commit=SECONDS, cache=SIZE, auto_unmount")
+                   "allow_other, writeback|nowriteback, xattr, commit=SECONDS, cache=SIZE, stable=fork|wait|none, "
+                   "auto_unmount")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     p.add_argument("--debug", action="store_true", help="log every request (implies --foreground)")
     p.add_argument("image")
@@ -149,7 +155,7 @@ def mount_cmd(argv: list[str], prog: str = PROG_MOUNT) -> int:
 
     foreground = a.foreground or a.debug
     setup_logging(a.debug, True)
-    options = Options(readonly=opts["ro"])
+    options = Options(readonly=opts["ro"], stable=opts["stable"])
     if opts["cache"]:
         options.cache_bytes = opts["cache"]
     vol = Volume(image, options)

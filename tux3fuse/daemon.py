@@ -90,7 +90,7 @@ class Daemon:
             try:
                 request = (await conn.recv(256)).decode().strip()
                 if request == "sync" and self.vol.failed is None and not self.vol.readonly:
-                    self.vol.commit()
+                    await self.vol.sync()
                 reply = {"stat": self.vol.stats(), "error": self.vol.failed} if request in ("stat", "sync") else {
                     "error": f"unknown request {request!r}"}
                 data = memoryview(json.dumps(reply).encode())

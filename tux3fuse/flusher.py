@@ -25,6 +25,6 @@ async def run_periodic(vol: Volume, interval: float) -> None:
         await trio.sleep(interval)
         if vol.failed is None and not vol.readonly and has_changes(vol):
             try:
-                vol.commit()
+                await vol.commit_async()
             except VolumeError:
                 log.error("periodic commit failed; the volume is read-only now")

@@ -25,9 +25,11 @@ from . import format as fmt
 from .alloc import NoSpace
 from .backend import extents
 from .backend.btree import BTree
-from .backend.commit import commit_delta
+from .backend.commit import CommitJob, commit_delta
 from .backend.log import load_bitmap, read_chain, replay
 from .cache import AddressSpace, Page, PageCache
+from .cache.fork import FORK, MODES, WAIT, Action, ForkRegistry, clone_page, need_fork
+from .cache.mmap import SharedMapping
 from .delta import Deltas
 from .device import Device, OutOfRange, image_size
 from .dir import CorruptDir, DirIndex
@@ -45,6 +47,15 @@ RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 
 class VolumeError(Exception):
     """The volume cannot be used (bad image, or it failed while mounted)."""
+
+
+class WaitFor(Exception):
+    """The operation must wait for a commit in flight (stable=wait, or space held by that commit); nothing was
+    changed. Await ``Volume.wait_job(job)`` and try again (``Volume.call`` does both)."""
+
+    def __init__(self, job: CommitJob) -> None:
+        super().__init__(f"waiting for the commit of delta {job.delta}")
+        self.job = job
 
 
 @dataclass
@@ -70,6 +81,7 @@ def _err(code: int, what: str = "") -> OSError:
 @dataclass
 class Options:
     readonly: bool = False
+    stable: str = FORK  # what a write to a page under writeback does: fork, wait or none
     cache_bytes: int = 256 << 20
     unify_deltas: int = 8
     unify_log_blocks: int = 64
@@ -83,8 +95,13 @@ class Volume:
 
     def __init__(self, path: str, options: Options | None = None) -> None:
         self.options = opts = options or Options()
+        if opts.stable not in MODES:
+            raise VolumeError(f"stable= takes one of {', '.join(MODES)}, not {opts.stable!r}")
         self.path = path
         self.readonly = opts.readonly
+        self.stable = opts.stable
+        self.forks = ForkRegistry()
+        self.job: CommitJob | None = None  # the commit in flight
         self.failed: str | None = None
         try:
             fd = os.open(path, os.O_RDONLY if self.readonly else os.O_RDWR)
@@ -108,7 +125,8 @@ class Volume:
         self.blocksize = bs = sb.blocksize
         self.dev = Device(self.path, bs, sb.volblocks, self.readonly)
         self.counters: Counter[str] = Counter()
-        for key in ("forks", "waits", "commits", "blocks_written", "flushes", "unifies"):
+        for key in ("forks", "data_forks", "dir_forks", "attr_forks", "waits", "commits", "blocks_written",
+                    "flushes", "unifies", "bytes_copied", "pinned_copies"):
             self.counters[key] = 0
         self.writes: list[tuple[int, bytes | bytearray]] = []
         try:
@@ -184,6 +202,8 @@ class Volume:
         if self.readonly:
             return False
         self.check_writable()
+        if self.job is not None:
+            raise AssertionError("synchronous commit while a commit is in flight")
         delta = self.deltas.transition()
         try:
             written = commit_delta(self, delta, unify=unify, state=state)
@@ -192,6 +212,76 @@ class Volume:
             raise VolumeError(self.failed) from e
         self.counters["flushes"] = self.dev.stats.flushes
         return written
+
+    def start_commit(self, *, unify: bool = False, state: int | None = None) -> CommitJob:
+        """Transition and prepare a commit of the current delta (stage 1); the caller writes and completes it."""
+        self.check_writable()
+        if self.job is not None:
+            raise AssertionError("a commit is already in flight")
+        delta = self.deltas.transition()
+        job = self.job = CommitJob(self, delta, unify=unify, state=state)
+        try:
+            job.prepare()
+        except Exception as e:
+            self.fail(f"commit of delta {delta} failed: {e}")
+            raise VolumeError(self.failed) from e
+        return job
+
+    async def commit_async(self, *, unify: bool = False, state: int | None = None) -> int:
+        """Commit the current delta with its I/O in a worker thread; the frontend keeps running meanwhile.
+        Returns the delta committed. Waits for a commit already in flight first."""
+        import trio
+
+        while self.job is not None:
+            await self.wait_job(self.job)
+        job = self.start_commit(unify=unify, state=state)
+        with trio.CancelScope(shield=True):  # a commit once started always ends
+            try:
+                await trio.to_thread.run_sync(job.write)
+            except Exception as e:
+                self.fail(f"commit of delta {job.delta} failed: {e}")
+                self.job = None
+                for event in job.waiters:
+                    event.set()
+                raise VolumeError(self.failed) from e
+            job.complete()
+            self.counters["flushes"] = self.dev.stats.flushes
+        return job.delta
+
+    async def wait_job(self, job: CommitJob) -> None:
+        import trio
+
+        if self.job is job:
+            event = trio.Event()
+            job.waiters.append(event)
+            await event.wait()
+
+    async def sync(self) -> None:
+        """Return once everything changed before the call is durable (fsync, syncfs). Callers that arrive while a
+        commit is in flight share the next one."""
+        target = self.deltas.current
+        while self.deltas.committed < target:
+            self.check_writable()
+            if self.job is not None:
+                await self.wait_job(self.job)
+                continue
+            if not (self.dirty_inodes.get(self.deltas.current) or self.alloc.records):
+                if self.deltas.committed >= target - 1:
+                    return  # nothing was changed in the delta we would commit
+            await self.commit_async()
+
+    async def call(self, fn, *args, **kwargs):
+        """Run an embedded-API operation, waiting and retrying while it must wait for a commit (WaitFor)."""
+        import time as _time
+
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except WaitFor as w:
+                started = _time.perf_counter()
+                await self.wait_job(w.job)
+                self.counters["waits"] += 1
+                self.counters["wait_seconds"] += _time.perf_counter() - started
 
     def fail(self, reason: str) -> None:
         """Turn the volume read-only after an error it cannot recover from; the image keeps its last commit."""
@@ -255,8 +345,13 @@ class Volume:
             inode.dtree = BTree(self, fmt.KIND_DLEAF, inode.rec.dtree_root)
         return inode.dtree
 
+    def dirty_inode_for(self, inode: Inode, delta: int) -> InodeRecord:
+        return self._dirty_inode(inode, delta)
+
     def _dirty_inode(self, inode: Inode, delta: int) -> InodeRecord:
-        rec = inode.attr_dirty(delta)
+        if inode.attr_dirty(delta):
+            self.counters["attr_forks"] += 1
+        rec = inode.rec
         inode.dirty_deltas.add(delta)
         self.dirty_inodes.setdefault(delta, {})[inode.ino] = inode
         return rec
@@ -324,6 +419,8 @@ class Volume:
             if need + self._slack() <= self.alloc.free:
                 return
             if attempt == 0 and (self.alloc.pending or self.cache.dirty_pages):
+                if self.job is not None:  # the commit in flight holds the space: wait for it
+                    raise WaitFor(self.job)
                 self.commit()
         raise _err(errno.ENOSPC)
 
@@ -381,16 +478,81 @@ class Volume:
         return self._read_pages(inode, index, 1)[0]
 
     def _write_page(self, inode: Inode, index: int, delta: int, fill: bool = True) -> Page:
-        """The page at ``index``, dirty for ``delta`` (read first when ``fill``)."""
+        """The page at ``index`` made ready to change in ``delta`` (read first when ``fill``), by the decision
+        table of cache/fork.py: dirtied, forked, or (stable=none) left under writeback to change in place."""
         mapping = inode.mapping
         page = mapping.get(index)
         if page is None:
             page = self._page(inode, index) if fill else Page(index, bytearray(self.blocksize))
             if not fill:
                 mapping.insert(page)
-        mapping.mark_dirty(page, delta)
+        action = need_fork(page, delta, self.stable)
+        if action is Action.CAN_DIRTY:
+            mapping.mark_dirty(page, delta)
+        elif action is Action.NEED_FORK:
+            page = self._fork(inode, page, delta)
+        elif action is Action.IN_PLACE:
+            page.redirty = delta
+            self.counters["in_place_writes"] += 1
+        elif action is Action.WAIT:  # callers check first (_must_wait); a miss here is a bug
+            raise AssertionError(f"{page} of inode {inode.ino} needs a wait that was not checked for")
+        elif action is Action.FORKED:
+            raise AssertionError(f"forked {page} is still in the index of inode {inode.ino}")
         page.mutable()
         return page
+
+    def _fork(self, inode: Inode, page: Page, delta: int) -> Page:
+        """Copy a page the backend owns; the copy takes its place in the index and in every mapping."""
+        new = clone_page(page)
+        mapping = inode.mapping
+        mapping.replace(page, new)
+        self.forks.add(page)
+        mapping.rmap_cow(page, new)
+        mapping.mark_dirty(new, delta)
+        c = self.counters
+        c["forks"] += 1
+        c["dir_forks" if inode.is_dir else "data_forks"] += 1
+        c["bytes_copied"] += self.blocksize
+        return new
+
+    def _must_wait(self, inode: Inode, first: int = 0, last: int | None = None) -> None:
+        """stable=wait: raise WaitFor before changing anything if a page in [first, last] is the backend's."""
+        if self.stable != WAIT or self.job is None:
+            return
+        pages = inode.mapping.pages
+        if last is None or last - first > len(pages):
+            busy = any(p.writeback for i, p in pages.items() if i >= first and (last is None or i <= last))
+        else:
+            busy = any((p := pages.get(i)) is not None and p.writeback for i in range(first, last + 1))
+        if busy:
+            raise WaitFor(self.job)
+
+    def page_for_mapping(self, inode: Inode, index: int) -> Page:
+        """Read fault of a shared mapping: the page the index holds."""
+        return self._page(inode, index)
+
+    def page_mkwrite(self, smap: SharedMapping, index: int) -> list:
+        """Write fault of a shared mapping: make the page writable for the current delta (forking it if the
+        backend owns it) and map it writable in ``smap``; returns the page-table entry."""
+        self.check_writable()
+        inode = smap.inode
+        self._must_wait(inode, index, index)
+        page = inode.mapping.get(index)
+        if page is None or page.delta != self.deltas.current:
+            self.reserve(1)
+        with self.deltas.change() as delta:
+            page = self._write_page(inode, index, delta)
+            rec = self._dirty_inode(inode, delta)
+            rec.mtime_ns = rec.ctime_ns = time.time_ns()
+        pte = smap.ptes[index] = [page, True]
+        return pte
+
+    def mmap(self, ino: int) -> SharedMapping:
+        """Map a regular file shared and writable (the embedded API's mmap)."""
+        inode = self.iget(ino)
+        if not inode.is_reg:
+            raise _err(errno.ENODEV)
+        return SharedMapping(self, inode)
 
     # ---------------------------------------------------------------------------------------------------------------
     # data
@@ -425,6 +587,7 @@ class Volume:
         bs = self.blocksize
         first, last = offset // bs, (offset + len(data) - 1) // bs
         mapping = inode.mapping
+        self._must_wait(inode, first, last)
         mine = mapping.dirty.get(self.deltas.current)
         npages = last - first + 1
         self.reserve(npages if not mine else npages - sum(1 for i in range(first, last + 1) if i in mine))
@@ -441,7 +604,8 @@ class Volume:
                 index, pos = first + 1, n
             whole_end = (end // bs) if end % bs else last + 1  # pages fully covered by the write
             if index < whole_end:
-                mapping.write_pages(index, mv[pos: pos + (whole_end - index) * bs], delta)
+                mapping.write_pages(index, mv[pos: pos + (whole_end - index) * bs], delta,
+                                    lambda i: self._write_page(inode, i, delta, fill=False))
                 pos += (whole_end - index) * bs
                 index = whole_end
             if index <= last:  # a partial last page
@@ -462,7 +626,8 @@ class Volume:
         bs = self.blocksize
         if size < rec.size:
             keep = -(-size // bs)
-            inode.mapping.truncate(keep)
+            for page in inode.mapping.truncate(keep):  # under writeback: deleted for writeout, no copy, no wait
+                self.forks.add(page)
             old = inode.hole_from.get(delta)
             inode.hole_from[delta] = keep if old is None else min(old, keep)
             if size % bs:
@@ -482,6 +647,8 @@ class Volume:
                 raise _err(errno.EFBIG)
             if size > inode.rec.size and size % self.blocksize:
                 self.reserve(1)
+            if size < inode.rec.size:
+                self._must_wait(inode, size // self.blocksize)
         with self.deltas.change() as delta:
             rec = self._dirty_inode(inode, delta)
             now = time.time_ns()
@@ -554,6 +721,7 @@ class Volume:
             raise _err(errno.ENOENT)
         if index.get(name) is not None:
             raise _err(errno.EEXIST)
+        self._must_wait(dirnode)
         self.reserve(2)
         with self.deltas.change() as delta:
             now = time.time_ns()
@@ -631,6 +799,7 @@ class Volume:
             raise _err(errno.EEXIST)
         if inode.rec.nlink >= 65000:
             raise _err(errno.EMLINK)
+        self._must_wait(dirnode)
         self.reserve(1)
         with self.deltas.change() as delta:
             self._add_entry(dirnode, name, inode, delta)
@@ -669,6 +838,7 @@ class Volume:
             raise _err(errno.EISDIR)
         if is_dir and len(self._dir(inode)):
             raise _err(errno.ENOTEMPTY)
+        self._must_wait(dirnode)
         with self.deltas.change() as delta:
             now = time.time_ns()
             index.remove(name, self._dir_writer(dirnode, delta))
@@ -707,6 +877,8 @@ class Volume:
         dst = self.iget(dentry[0]) if dentry is not None else None
         if flags & RENAME_NOREPLACE and dst is not None:
             raise _err(errno.EEXIST)
+        self._must_wait(sdir)
+        self._must_wait(ddir)
         if flags & RENAME_EXCHANGE:
             if dst is None:
                 raise _err(errno.ENOENT)
@@ -828,8 +1000,9 @@ class Volume:
         out: dict[str, float] = dict(self.counters)
         out.update(dirty_pages=self.cache.dirty_pages, cached_pages=len(self.cache.clean) + self.cache.dirty_pages,
                    delta=self.deltas.current, committed=self.deltas.committed, free_blocks=self.alloc.free,
-                   flushes=self.dev.stats.flushes, forked_pages_live=0, forked_pages_peak=0,
-                   wait_seconds=0.0, read_only=int(self.failed is not None or self.readonly))
+                   flushes=self.dev.stats.flushes, forked_pages_live=self.forks.live,
+                   forked_pages_peak=self.forks.peak, wait_seconds=float(self.counters["wait_seconds"]),
+                   stable=self.stable, read_only=int(self.failed is not None or self.readonly))
         return out
 
 

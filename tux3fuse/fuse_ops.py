@@ -105,7 +105,7 @@ class Operations(pyfuse3.Operations):
             kw["mtime_ns"] = attr.st_mtime_ns
         if getattr(fields, "update_ctime", False):
             kw["ctime_ns"] = attr.st_ctime_ns
-        return self.entry(self.vol.setattr(inode, **kw))
+        return self.entry(await self.vol.call(self.vol.setattr, inode, **kw))
 
     @_translate
     async def readlink(self, inode, ctx):
@@ -113,37 +113,38 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        return self.entry(self.vol.mknod(parent_inode, name, mode & ~ctx.umask, rdev, ctx.uid, ctx.gid))
+        return self.entry(await self.vol.call(self.vol.mknod, parent_inode, name, mode & ~ctx.umask, rdev, ctx.uid,
+                                              ctx.gid))
 
     @_translate
     async def mkdir(self, parent_inode, name, mode, ctx):
-        return self.entry(self.vol.mkdir(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid))
+        return self.entry(await self.vol.call(self.vol.mkdir, parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid))
 
     @_translate
     async def unlink(self, parent_inode, name, ctx):
-        self.vol.unlink(parent_inode, name)
+        await self.vol.call(self.vol.unlink, parent_inode, name)
 
     @_translate
     async def rmdir(self, parent_inode, name, ctx):
-        self.vol.rmdir(parent_inode, name)
+        await self.vol.call(self.vol.rmdir, parent_inode, name)
 
     @_translate
     async def symlink(self, parent_inode, name, target, ctx):
-        return self.entry(self.vol.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
+        return self.entry(await self.vol.call(self.vol.symlink, parent_inode, name, target, ctx.uid, ctx.gid))
 
     @_translate
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        self.vol.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+        await self.vol.call(self.vol.rename, parent_inode_old, name_old, parent_inode_new, name_new, flags)
 
     @_translate
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        return self.entry(self.vol.link(inode, new_parent_inode, new_name))
+        return self.entry(await self.vol.call(self.vol.link, inode, new_parent_inode, new_name))
 
     # -- files -----------------------------------------------------------------------------------------------------
 
     @_translate
     async def open(self, inode, flags, ctx):
-        attr = self.vol.open(inode, truncate=bool(flags & os.O_TRUNC))
+        attr = await self.vol.call(self.vol.open, inode, truncate=bool(flags & os.O_TRUNC))
         if stat.S_ISDIR(attr.mode):
             self.vol.release(inode)
             raise pyfuse3.FUSEError(errno.EISDIR)
@@ -151,7 +152,7 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def create(self, parent_inode, name, mode, flags, ctx):
-        attr = self.vol.create(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid)
+        attr = await self.vol.call(self.vol.create, parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid)
         return pyfuse3.FileInfo(fh=attr.ino, keep_cache=True), self.entry(attr)
 
     @_translate
@@ -160,7 +161,7 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def write(self, fh, off, buf):
-        return self.vol.write(fh, off, buf)
+        return await self.vol.call(self.vol.write, fh, off, buf)
 
     async def flush(self, fh):
         return None  # data reaches the image by commits; fsync and umount report their errors
@@ -181,7 +182,7 @@ class Operations(pyfuse3.Operations):
         if self.vol.failed is not None:
             raise pyfuse3.FUSEError(errno.EIO)
         if not self.vol.readonly:
-            self.vol.commit()
+            await self.vol.sync()
 
     # -- directories -----------------------------------------------------------------------------------------------
 
@@ -225,7 +226,7 @@ class Operations(pyfuse3.Operations):
     @_translate
     async def setxattr(self, inode, name, value, ctx):
         self._xattr_on()
-        self.vol.setxattr(inode, name, value)
+        await self.vol.call(self.vol.setxattr, inode, name, value)
 
     @_translate
     async def listxattr(self, inode, ctx):
@@ -235,4 +236,4 @@ class Operations(pyfuse3.Operations):
     @_translate
     async def removexattr(self, inode, name, ctx):
         self._xattr_on()
-        self.vol.removexattr(inode, name)
+        await self.vol.call(self.vol.removexattr, inode, name)

@@ -41,13 +41,16 @@ class Inode:
     def is_reg(self) -> bool:
         return stat.S_ISREG(self.rec.mode)
 
-    def attr_dirty(self, delta: int) -> InodeRecord:
-        """Prepare to change attributes in ``delta``; returns the live record to change."""
+    def attr_dirty(self, delta: int) -> bool:
+        """Prepare to change attributes in ``delta`` (then change ``rec``); True when this forked the attributes
+        of an older delta that is still to be committed."""
+        forked = False
         if self.attr_delta != delta:
             if self.attr_delta >= 0 and self.attr_delta in self.dirty_deltas:
                 self.snapshots[self.attr_delta] = replace(self.rec, xattrs=dict(self.rec.xattrs))
+                forked = True
             self.attr_delta = delta
-        return self.rec
+        return forked
 
     def attrs_for(self, delta: int) -> InodeRecord:
         """Attributes as of the end of ``delta`` (the backend's view)."""

@@ -1,11 +1,20 @@
-"""Committing a delta: delayed allocation, extent and inode-table updates, the log or a unify, the superblock.
+"""Committing a delta: delayed allocation, tree updates, the log or a unify, the superblock — beside the frontend.
+
+A commit is a ``CommitJob`` in three stages:
+1. ``prepare`` (on the event loop, never waiting): reads the delta's attribute snapshots and dirty pages, allocates
+   blocks, updates the trees, packs every metadata block, write-protects the delta's pages in every shared mapping
+   and marks them under writeback. After it the frontend may change anything again: a page under writeback is
+   forked (or waited on, or changed in place, by the stable-page mode).
+2. ``write`` (in a worker thread, or step by step in tests): writes the blocks, flushes, writes the superblock
+   copy, flushes again.
+3. ``complete`` (on the event loop): ends writeback, frees what the delta freed, releases forked pages.
 
 Guarantees:
-- The superblock copy naming delta N is written only after every other block of delta N is durable (flush,
-  superblock write, flush), so after a crash the volume is at delta N or at the delta before it.
-- Nothing a committed state references is overwritten: data, tree nodes and log blocks go to blocks that were
-  free in the last committed state, and blocks freed by delta N are reusable only after N is durable.
-- The backend reads the attributes of its own delta (``Inode.attrs_for``) and writes only that delta's pages.
+- The superblock copy naming delta N is written only after every other block of delta N is durable, so after a
+  crash the volume is at delta N or at the delta before it.
+- Nothing a committed state references is overwritten: data, tree nodes and log blocks go to blocks that were free
+  in the last committed state, and blocks freed by delta N are reusable only after N is durable.
+- The backend writes exactly the pages dirty for its delta and the attributes as of the end of its delta.
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .. import format as fmt
-from ..cache.page import Page
+from ..cache.page import CLEAN, Page
 from ..format import checksum
 from . import extents
 from .log import bitmap_block, write_log
@@ -24,136 +33,240 @@ if TYPE_CHECKING:
     from ..inode import Inode
 
 
-def commit_delta(vol: Volume, delta: int, *, unify: bool = False, state: int | None = None) -> bool:
-    """Write delta ``delta`` (already transitioned). Returns False when there was nothing to write."""
-    started = time.perf_counter()
-    dirty = vol.dirty_inodes.pop(delta, {})
-    if not dirty and not unify and state is None and not vol.alloc.records:
-        vol.deltas.committed_to(delta)
-        return False
-    writes = vol.writes = []
-    blocks_before = vol.dev.stats.blocks_written
-    for ino in sorted(dirty):
-        _flush_inode(vol, dirty[ino], delta)
-    sb = vol.sb
-    sb.itree_root = vol.itable.flush(delta)
-    sb.otree_root = vol.otree.flush(delta)
+class CommitJob:
+    def __init__(self, vol: Volume, delta: int, *, unify: bool = False, state: int | None = None) -> None:
+        self.vol = vol
+        self.delta = delta
+        self.unify = unify
+        self.state = state
+        self.writes: list[tuple[int, bytes | bytearray | memoryview]] = []
+        self.pages: list[tuple[Inode, Page]] = []  # pages under writeback for this delta
+        self.inodes: list[Inode] = []
+        self.super_bytes = b""
+        self.cursor = 0  # writes done so far
+        self.empty = False
+        self.waiters: list = []  # trio.Events set when the job completes
+        self.started = time.perf_counter()
 
-    vol.deltas_since_unify += 1
-    est_log = -(-len(vol.alloc.records) // fmt.log_capacity(vol.blocksize))
-    if (unify or vol.deltas_since_unify >= vol.unify_deltas
-            or sb.log_count + est_log > vol.unify_log_blocks):
-        _unify(vol, delta)
-    else:
-        head, blocks = write_log(vol.alloc.take_records(), vol.blocksize, sb.log_head, delta,
-                                 vol.alloc_log_block, vol.write_meta)
-        sb.log_head = head
-        sb.log_count += len(blocks)
-        vol.log_blocks.extend(blocks)
+    # -- stage 1 ---------------------------------------------------------------------------------------------------
 
-    sb.seq = delta
-    sb.free_blocks = vol.alloc.free + vol.alloc.pending_count()
-    sb.used_inodes = vol.used_inodes
-    sb.next_inum = vol.next_inum
-    if state is not None:
-        sb.state = state
-    dev = vol.dev
-    dev.write_blocks(writes)
-    dev.flush()
-    dev.write_at(fmt.SUPER_OFFSETS[delta % 2], sb.pack())
-    dev.flush()
-    vol.writes = []
-    vol.alloc.release_pending()
-    vol.deltas.committed_to(delta)
-    for inode in dirty.values():
-        inode.committed(delta)
-    c = vol.counters
-    c["commits"] += 1
-    c["blocks_written"] += dev.stats.blocks_written - blocks_before
-    c["commit_seconds"] += time.perf_counter() - started
-    return True
+    def prepare(self) -> None:
+        vol, delta = self.vol, self.delta
+        dirty = vol.dirty_inodes.pop(delta, {})
+        self.inodes = list(dirty.values())
+        if not dirty and not self.unify and self.state is None and not vol.alloc.records:
+            self.empty = True
+            return
+        vol.writes = self.writes
+        for ino in sorted(dirty):
+            self._flush_inode(dirty[ino])
+        sb = vol.sb
+        sb.itree_root = vol.itable.flush(delta)
+        sb.otree_root = vol.otree.flush(delta)
+        vol.deltas_since_unify += 1
+        est_log = -(-len(vol.alloc.records) // fmt.log_capacity(vol.blocksize))
+        if (self.unify or vol.deltas_since_unify >= vol.unify_deltas
+                or sb.log_count + est_log > vol.unify_log_blocks):
+            self._unify()
+        else:
+            head, blocks = write_log(vol.alloc.take_records(), vol.blocksize, sb.log_head, delta,
+                                     vol.alloc_log_block, vol.write_meta)
+            sb.log_head = head
+            sb.log_count += len(blocks)
+            vol.log_blocks.extend(blocks)
+        sb.seq = delta
+        sb.free_blocks = vol.alloc.free + vol.alloc.pending_count()
+        sb.used_inodes = vol.used_inodes
+        sb.next_inum = vol.next_inum
+        if self.state is not None:
+            sb.state = self.state
+        self.super_bytes = sb.pack()
+        vol.writes = []
+        self.writes.sort(key=lambda w: w[0])
 
+    def _unify(self) -> None:
+        """Fold the log into the bitmap: write the stale bitmap blocks to the other region and start a new log."""
+        vol, sb, alloc = self.vol, self.vol.sb, self.vol.alloc
+        for block in vol.log_blocks:
+            alloc.free_later(block, 1)
+        vol.log_blocks = []
+        alloc.take_records()
+        region = 1 - sb.bitmap_cur
+        base = sb.bitmap_start[region]
+        for index in sorted(alloc.stale[region]):
+            self.writes.append((base + index, bitmap_block(alloc, index, base + index, vol.blocksize, self.delta)))
+        alloc.stale[region].clear()
+        sb.bitmap_cur = region
+        sb.log_head = 0
+        sb.log_count = 0
+        sb.unify_seq = self.delta
+        vol.deltas_since_unify = 0
+        vol.counters["unifies"] += 1
 
-def _unify(vol: Volume, delta: int) -> None:
-    """Fold the log into the bitmap: write the stale bitmap blocks to the other region and start a new log."""
-    sb, alloc = vol.sb, vol.alloc
-    for block in vol.log_blocks:
-        alloc.free_later(block, 1)
-    vol.log_blocks = []
-    alloc.take_records()
-    region = 1 - sb.bitmap_cur
-    base = sb.bitmap_start[region]
-    for index in sorted(alloc.stale[region]):
-        vol.writes.append((base + index, bitmap_block(alloc, index, base + index, vol.blocksize, delta)))
-    alloc.stale[region].clear()
-    sb.bitmap_cur = region
-    sb.log_head = 0
-    sb.log_count = 0
-    sb.unify_seq = delta
-    vol.deltas_since_unify = 0
-    vol.counters["unifies"] += 1
-
-
-def _flush_inode(vol: Volume, inode: Inode, delta: int) -> None:
-    if inode.dead:
-        _destroy(vol, inode)
-        return
-    rec = inode.attrs_for(delta)
-    pages = inode.mapping.take_dirty(delta)
-    hole = inode.hole_from.get(delta)
-    tree = vol.dtree(inode)
-    free = vol.alloc.free_later
-    if hole is not None:
-        rec.blocks -= extents.unmap(tree, hole, None, free)
-    bs = vol.blocksize
-    end = -(-rec.size // bs)
-    run: list[Page] = []
-    for index in sorted(pages):
-        page = pages[index]
-        if index >= end:  # past the size of this delta: nothing to write
-            inode.mapping.mark_clean(page)
-            continue
-        if run and index != run[-1].index + 1:
-            _write_run(vol, inode, rec, tree, run, delta)
-            run = []
-        run.append(page)
-    if run:
-        _write_run(vol, inode, rec, tree, run, delta)
-    rec.dtree_root = tree.flush(delta)
-    vol.itable.insert(inode.ino, rec.pack())
-    inode.on_disk = True
-    if rec.nlink == 0:
-        if vol.otree.lookup(inode.ino) is None:
+    def _flush_inode(self, inode: Inode) -> None:
+        vol, delta = self.vol, self.delta
+        rec = inode.attrs_for(delta)
+        if rec.nlink == 0 and inode.lookups <= 0 and inode.opens <= 0:
+            self._destroy(inode)
+            return
+        pages = inode.mapping.take_dirty(delta)
+        hole = inode.hole_from.pop(delta, None)
+        tree = vol.dtree(inode)
+        free = vol.alloc.free_later
+        blocks = inode.rec.blocks
+        if hole is not None:
+            blocks -= extents.unmap(tree, hole, None, free)
+        end = -(-rec.size // vol.blocksize)
+        run: list[Page] = []
+        for index in sorted(pages):
+            page = pages[index]
+            if index >= end:  # past the size of this delta: nothing to write
+                self._finish_page(inode, page)
+                continue
+            if page.pins:  # never fork a pinned page: write a private copy, the page stays dirty for the next
+                page = self._copy_pinned(inode, page)
+            if run and index != run[-1].index + 1:
+                blocks += self._write_run(inode, rec, tree, run)
+                run = []
+            run.append(page)
+        if run:
+            blocks += self._write_run(inode, rec, tree, run)
+        root = tree.flush(delta)
+        for r in {id(rec): rec, id(inode.rec): inode.rec}.values():  # backend-owned fields, in every view
+            r.dtree_root, r.blocks = root, blocks
+        vol.itable.insert(inode.ino, rec.pack())
+        inode.on_disk = True
+        if rec.nlink == 0 and vol.otree.lookup(inode.ino) is None:
             vol.otree.insert(inode.ino, b"")
-    vol.counters["inodes_written"] += 1
+        vol.counters["inodes_written"] += 1
+
+    def _copy_pinned(self, inode: Inode, page: Page) -> Page:
+        """The reverse fork of a pinned page: the backend takes a copy, the pinned page moves to the new delta."""
+        vol = self.vol
+        copy = Page(page.index, bytes(page.data), inode.mapping)
+        copy.delta = self.delta
+        copy.forked = True
+        inode.mapping.cache.dirty_pages += 1
+        inode.mapping.page_mkclean(page)
+        current = vol.deltas.current
+        page.delta = current
+        inode.mapping.dirty.setdefault(current, {})[page.index] = page
+        vol.dirty_inode_for(inode, current)
+        vol.counters["pinned_copies"] += 1
+        vol.counters["bytes_copied"] += vol.blocksize
+        return copy
+
+    def _write_run(self, inode: Inode, rec: fmt.InodeRecord, tree, run: list[Page]) -> int:
+        vol = self.vol
+        bs = vol.blocksize
+        last = run[-1]
+        tail = rec.size - last.index * bs
+        if 0 < tail < bs and any(last.data[tail:]):  # zero what lies past the size of this delta
+            last.mutable()[tail:] = bytes(bs - tail)
+        none_mode = vol.stable == "none"
+        mapping = inode.mapping
+        added = 0
+        done = 0
+        while done < len(run):
+            physical, count = vol.alloc.alloc_run(len(run) - done)
+            pages = run[done: done + count]
+            for page in pages:
+                if none_mode:
+                    page.mutable()  # in-place changes during I/O must reach the very buffer being written
+                page.writeback = True
+                mapping.page_mkclean(page)
+                self.pages.append((inode, page))
+            csums = [checksum(p.data) for p in pages]
+            self.writes.extend(zip(range(physical, physical + count), (p.data for p in pages), strict=True))
+            dropped = extents.map_run(tree, pages[0].index, physical, csums, vol.alloc.free_later, bs)
+            added += count - dropped
+            done += count
+        vol.counters["data_blocks_written"] += len(run)
+        return added
+
+    def _finish_page(self, inode: Inode, page: Page) -> None:
+        if not page.forked:
+            inode.mapping.mark_clean(page)
+        else:
+            page.delta = CLEAN
+
+    def _destroy(self, inode: Inode) -> None:
+        """Reclaim an inode that has no name and no user: its blocks, its table entry, its orphan entry."""
+        vol = self.vol
+        tree = vol.dtree(inode)
+        extents.unmap(tree, 0, None, vol.alloc.free_later)
+        tree.free_all()
+        vol.itable.delete(inode.ino)
+        vol.used_inodes -= 1
+        vol.otree.delete(inode.ino)
+        vol.forget_inode(inode)
+        vol.counters["inodes_destroyed"] += 1
+
+    # -- stage 2 ---------------------------------------------------------------------------------------------------
+
+    def write_some(self, n: int) -> bool:
+        """Write the next n blocks; True when every block is written (tests drive I/O with this)."""
+        end = min(len(self.writes), self.cursor + n)
+        if end > self.cursor:
+            self.vol.dev.write_blocks(self.writes[self.cursor: end])
+        self.cursor = end
+        return self.cursor >= len(self.writes)
+
+    def write_super(self) -> None:
+        """Flush the delta's blocks, write its superblock copy, flush again: the commit point."""
+        dev = self.vol.dev
+        dev.flush()
+        dev.write_at(fmt.SUPER_OFFSETS[self.delta % 2], self.super_bytes)
+        dev.flush()
+
+    def write(self) -> None:
+        """All of stage 2 (blocking: run it in a worker thread)."""
+        if self.empty:
+            return
+        self.write_some(len(self.writes))
+        self.write_super()
+
+    # -- stage 3 ---------------------------------------------------------------------------------------------------
+
+    def complete(self) -> None:
+        vol = self.vol
+        if not self.empty:
+            vol.alloc.release_pending()
+        done: dict[int, tuple[Inode, list[Page]]] = {}
+        for inode, page in self.pages:
+            page.writeback = False
+            if page.redirty != CLEAN:  # stable=none: changed during I/O, so dirty for that later delta
+                target, page.redirty = page.redirty, CLEAN
+                page.delta = target
+                if not page.forked:
+                    inode.mapping.dirty.setdefault(target, {})[page.index] = page
+                continue
+            done.setdefault(inode.ino, (inode, []))[1].append(page)
+        for inode, pages in done.values():
+            inode.mapping.mark_clean_many(pages)
+        for inode in self.inodes:
+            inode.committed(self.delta)
+        vol.deltas.committed_to(self.delta)
+        vol.forks.poll()
+        c = vol.counters
+        if not self.empty:
+            c["commits"] += 1
+            c["blocks_written"] += len(self.writes)
+            c["commit_seconds"] += time.perf_counter() - self.started
+        vol.job = None
+        for event in self.waiters:
+            event.set()
 
 
-def _write_run(vol: Volume, inode: Inode, rec: fmt.InodeRecord, tree, run: list[Page], delta: int) -> None:
-    bs = vol.blocksize
-    last = run[-1]
-    tail = rec.size - last.index * bs
-    if 0 < tail < bs and any(last.data[tail:]):  # zero what lies past the size of this delta
-        last.mutable()[tail:] = bytes(bs - tail)
-    done = 0
-    while done < len(run):
-        physical, count = vol.alloc.alloc_run(len(run) - done)
-        pages = run[done: done + count]
-        csums = [checksum(p.data) for p in pages]
-        vol.writes.extend(zip(range(physical, physical + count), (p.data for p in pages), strict=True))
-        inode.mapping.mark_clean_many(pages)
-        dropped = extents.map_run(tree, pages[0].index, physical, csums, vol.alloc.free_later, bs)
-        rec.blocks += count - dropped
-        done += count
-    vol.counters["data_blocks_written"] += len(run)
-
-
-def _destroy(vol: Volume, inode: Inode) -> None:
-    """Reclaim an inode that has no name and no user: its blocks, its table entry, its orphan entry."""
-    tree = vol.dtree(inode)
-    extents.unmap(tree, 0, None, vol.alloc.free_later)
-    tree.free_all()
-    vol.itable.delete(inode.ino)
-    vol.used_inodes -= 1
-    vol.otree.delete(inode.ino)
-    vol.forget_inode(inode)
-    vol.counters["inodes_destroyed"] += 1
+def commit_delta(vol: Volume, delta: int, *, unify: bool = False, state: int | None = None) -> bool:
+    """Commit an already transitioned delta synchronously. Returns False when there was nothing to write."""
+    job = CommitJob(vol, delta, unify=unify, state=state)
+    vol.job = job
+    try:
+        job.prepare()
+        job.write()
+    except BaseException:
+        vol.job = None
+        raise
+    job.complete()
+    return not job.empty

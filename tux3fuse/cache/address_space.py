@@ -1,9 +1,12 @@
-"""Per-file page index and per-delta dirty lists; a global LRU that bounds clean pages.
+"""Per-file page index, per-delta dirty lists, shared mappings (rmap); a global LRU that bounds clean pages.
 
 Guarantees:
 - A dirty page is on the dirty list of exactly the delta it is tagged with, and stays in memory until the backend
-  has written it (dirty pages are never evicted).
-- Clean pages are evicted in least-recently-used order once their total size passes the cache limit.
+  has written it (dirty pages and pages under writeback are never evicted).
+- ``replace`` swaps a page for its fork in the index atomically, and ``rmap_cow`` points every shared mapping
+  that mapped the old page at the new one, read-only, so that its next write faults.
+- Clean pages are evicted in least-recently-used order once their total size passes the cache limit; an evicted
+  page is unmapped from every shared mapping first.
 """
 
 from __future__ import annotations
@@ -37,8 +40,10 @@ class PageCache:
         while len(self.clean) > self.limit_pages:
             (ino, index), page = self.clean.popitem(last=False)
             mapping = registry.get(ino)
-            if mapping is not None and mapping.pages.get(index) is page and page.delta == CLEAN:
+            if mapping is not None and mapping.pages.get(index) is page and page.delta == CLEAN and not (
+                    page.writeback or page.pins):
                 del mapping.pages[index]
+                mapping.unmap_page(page)
                 self.evictions += 1
 
     def forget(self, ino: int, index: int) -> None:
@@ -54,6 +59,35 @@ class AddressSpace:
         self.registry = registry
         self.pages: dict[int, Page] = {}
         self.dirty: dict[int, dict[int, Page]] = {}
+        self.mmaps: list = []  # shared mappings of this file (the rmap)
+
+    # -- shared mappings -------------------------------------------------------------------------------------------
+
+    def rmap_cow(self, old: Page, new: Page) -> None:
+        """page_cow_file: every mapping that maps ``old`` now maps ``new``, read-only."""
+        for m in self.mmaps:
+            pte = m.ptes.get(old.index)
+            if pte is not None and pte[0] is old:
+                pte[0], pte[1] = new, False
+
+    def page_mkclean(self, page: Page) -> None:
+        """Write-protect the page in every mapping: the next store through a mapping faults."""
+        for m in self.mmaps:
+            pte = m.ptes.get(page.index)
+            if pte is not None and pte[0] is page:
+                pte[1] = False
+
+    def unmap_page(self, page: Page) -> None:
+        for m in self.mmaps:
+            pte = m.ptes.get(page.index)
+            if pte is not None and pte[0] is page:
+                del m.ptes[page.index]
+
+    def replace(self, old: Page, new: Page) -> None:
+        """Swap ``old`` for ``new`` in the index; old keeps its delta tag and its place on that delta's list."""
+        new.mapping = self
+        self.pages[old.index] = new
+        self.cache.forget(self.ino, old.index)
 
     def get(self, index: int) -> Page | None:
         return self.pages.get(index)
@@ -73,8 +107,9 @@ class AddressSpace:
         self.cache.dirty_pages += 1
         self.cache.touch(self, page)
 
-    def write_pages(self, first: int, data: memoryview, delta: int) -> None:
-        """Overwrite whole pages from ``first`` with ``data`` (a multiple of the page size), dirty for delta."""
+    def write_pages(self, first: int, data: memoryview, delta: int, slow) -> None:
+        """Overwrite whole pages from ``first`` with ``data`` (a multiple of the page size), dirty for delta.
+        Pages the backend owns go through ``slow(index)``, which forks (or waits, or allows in-place change)."""
         size = self.cache.pagesize
         pages = self.pages
         dirty = self.dirty.setdefault(delta, {})
@@ -87,9 +122,14 @@ class AddressSpace:
             if page is None:
                 page = Page(index, chunk, self)
                 pages[index] = page
+            elif page.writeback or page.delta not in (delta, CLEAN):
+                page = slow(index)
+                if page.writeback:  # stable=none: change the very buffer under I/O
+                    page.mutable()[:] = chunk
+                else:
+                    page.data = chunk
+                continue
             else:
-                if page.delta != delta and page.delta != CLEAN:
-                    raise AssertionError(f"{page} would hold data of two deltas")
                 page.data = chunk
                 if page.delta == delta:
                     continue
@@ -128,16 +168,25 @@ class AddressSpace:
             cache._evict(self.registry)
 
     def truncate(self, first: int) -> list[Page]:
-        """Drop every page at index >= first from the index and the dirty lists; return the dropped pages."""
+        """Drop every page at index >= first from the index and unmap it. A page under writeback is deleted for
+        writeout (the backend still writes it, unchanged; no copy, no wait); any other page also leaves its dirty
+        list. Returns the pages deleted for writeout."""
         gone = [p for i, p in self.pages.items() if i >= first]
+        kept = []
         for page in gone:
             del self.pages[page.index]
             self.cache.forget(self.ino, page.index)
-            if page.delta != CLEAN:
+            self.unmap_page(page)
+            if page.writeback:
+                kept.append(page)
+            elif page.delta != CLEAN:
                 self.dirty.get(page.delta, {}).pop(page.index, None)
                 page.delta = CLEAN
                 self.cache.dirty_pages -= 1
-        return gone
+        for m in self.mmaps:  # pages past the end are gone from every mapping
+            for index in [i for i in m.ptes if i >= first]:
+                del m.ptes[index]
+        return kept
 
     def drop_all(self) -> None:
         self.truncate(0)

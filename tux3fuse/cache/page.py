@@ -2,7 +2,8 @@
 
 Guarantee: a page is in exactly one state — clean (``delta == CLEAN``) or dirty for one delta — so a page never
 holds data of two deltas. ``writeback`` marks a page whose data the backend is writing; ``forked`` marks a page
-that has been replaced in its address space by a copy and must never be modified again.
+that has been replaced in its address space by a copy and must never be modified again. ``pins`` counts pins
+(the get_user_pages analogue): a pinned page may be written at any moment through its pin.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ CLEAN = -1
 
 
 class Page:
-    __slots__ = ("index", "data", "delta", "writeback", "forked", "mapping")
+    __slots__ = ("index", "data", "delta", "writeback", "forked", "mapping", "pins", "redirty")
 
     def __init__(self, index: int, data: bytearray | memoryview, mapping: object = None) -> None:
         self.index = index
@@ -20,6 +21,8 @@ class Page:
         self.writeback = False
         self.forked = False
         self.mapping = mapping
+        self.pins = 0  # get_user_pages-style references that may write the page at any time
+        self.redirty = CLEAN  # stable=none: changed in place during writeback for this delta
 
     def mutable(self) -> bytearray:
         """The page's data as a bytearray. Pages filled by whole-page writes or reads share the request's or the
