@@ -68,6 +68,7 @@ demo: install
 
 bench: install
 	$(PY) scripts/bench.py $(BENCH_ARGS)
+	$(PY) scripts/bench_fork.py $(BENCH_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .hypothesis bench-out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -48,6 +49,13 @@ class Device:
         self.blocksize = blocksize
         self.volblocks = volblocks
         self.stats = IOStats()
+        self.holds: dict[int, tuple[threading.Event, threading.Event]] = {}
+
+    def hold(self, block: int) -> tuple[threading.Event, threading.Event]:
+        """Make the next write of ``block`` stop before it is issued (tests): returns (reached, release)."""
+        events = (threading.Event(), threading.Event())
+        self.holds[block] = events
+        return events
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -80,6 +88,13 @@ class Device:
         run_start, run = -1, []
         for block, data in sorted(writes, key=lambda w: w[0]):
             self._check(block)
+            if self.holds and block in self.holds:  # a test holds this block in flight
+                if run:
+                    self._pwritev(run_start, run)
+                    run = []
+                reached, release = self.holds.pop(block)
+                reached.set()
+                release.wait()
             if run and (block != run_start + len(run) or len(run) >= IOV_MAX):
                 self._pwritev(run_start, run)
                 run = []

@@ -85,6 +85,7 @@ class Options:
     cache_bytes: int = 256 << 20
     unify_deltas: int = 8
     unify_log_blocks: int = 64
+    lock: bool = True  # take the image lock (tests reading a committed state beside a live volume pass False)
 
 
 class Volume:
@@ -108,7 +109,8 @@ class Volume:
         except OSError as e:
             raise VolumeError(f"cannot open {path}: {e.strerror}") from None
         try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if self.readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            if opts.lock or not opts.readonly:
+                fcntl.flock(fd, (fcntl.LOCK_SH if self.readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
             raise VolumeError(f"{path} is in use (mounted, or being checked)") from None
@@ -996,8 +998,8 @@ class Volume:
 
     # ---------------------------------------------------------------------------------------------------------------
 
-    def stats(self) -> dict[str, float]:
-        out: dict[str, float] = dict(self.counters)
+    def stats(self) -> dict[str, object]:
+        out: dict[str, object] = dict(self.counters)
         out.update(dirty_pages=self.cache.dirty_pages, cached_pages=len(self.cache.clean) + self.cache.dirty_pages,
                    delta=self.deltas.current, committed=self.deltas.committed, free_blocks=self.alloc.free,
                    flushes=self.dev.stats.flushes, forked_pages_live=self.forks.live,

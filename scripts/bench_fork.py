@@ -1,0 +1,801 @@
+#!/usr/bin/env python3
+"""Page forking benchmark: write latency while commits run, for stable=fork, wait and none.
+
+A writer rewrites random pages of a small hot set (default 256 pages of 4 KiB) while commits run all the time.
+Whenever a commit is writing a hot page, the stable-page mode decides what the writer's next write to that page
+does: with fork the page is copied and the write goes on at once, with wait the write waits for the commit in
+flight, and with none the page is changed while it is being written (no stable pages at all, the baseline).
+
+Two paths, each on a fresh 1 GiB sparse image in a temporary directory (default /var/tmp, not tmpfs):
+
+  embedded  the embedded API in one trio run: ``Volume(image, Options(stable=MODE))``, then two tasks for
+            --seconds: a committer calling ``await vol.commit_async()`` back to back (its I/O runs in a worker
+            thread, so the frontend keeps running), and a writer calling ``await vol.call(vol.write, ...)`` for
+            random 4 KiB hot pages, timing each call, with ``await trio.sleep(0)`` between writes so the
+            committer gets to run. The latency is that of the write call alone: the committer's prepare and
+            complete stages (and garbage collections) run on the same event loop between writes: they show up as the
+            "max gap" column of the commit-load table.
+  mounted   ``tux3fuse -f -o nowriteback,stable=MODE,commit=0.01 IMAGE MNT`` in a subprocess. With the kernel's
+            writeback cache off every pwrite() is a request to the daemon, so the latency the writer sees is the
+            daemon's. The daemon's flusher commits every 10 ms; the script times os.pwrite() of random 4 KiB hot
+            pages for --seconds.
+
+Background stream (--stream MB/s, default 32; 0 turns it off): beside the writer, a second task (embedded) or
+thread (mounted) appends 128 KiB chunks to a second file at that rate, so that every commit carries some data
+besides the hot pages and takes real time (a commit of a few hot pages is little more than two fdatasyncs).
+Commits run back to back on the embedded path, so each one carries what was streamed while the previous one was
+being written; on the mount each 10 ms commit carries about rate x 10 ms. The stream wraps at 512 MiB.
+Its writes are not timed.
+
+Per run the script records the write count, the latencies (p50, p99, max) and the volume's counters over the
+timed phase (forks, waits, wait_seconds, forked_pages_peak, commits, blocks written, commit time). On the
+embedded path it also records the dirty pages of each delta as its commit starts, and checks, for every commit
+during which forked_pages_peak rose, that the new peak is at most that delta's dirty pages (one copy per dirty
+page at most). After each run the image is unmounted and opened again read-only to check that every hot page
+holds the data last written to it.
+
+Goal lines (printed as PASS/FAIL; they do not change the exit status):
+- latency: fork p99 <= 0.1 x wait p99, at equal or higher throughput (writes/s), per path;
+- memory: forked_pages_peak never exceeds the dirty pages of the committing delta; reported with the hot set
+  size, which bounds it (only hot pages are ever rewritten).
+
+Output: a table on stdout, latency CDFs in OUTDIR/bench_fork.png (matplotlib, log x axis), and a section
+"## Page forking" in OUTDIR/PERFORMANCE.md (replaced if present, the rest of the file is kept). OUTDIR is docs/,
+or bench-out/ with --quick. Exit status: 0 if every run finished, 1 if one failed (a tux3fuse error), 130 if
+interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import math
+import os
+import platform
+import random
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+PATHS = ("embedded", "mounted")
+MODES = ("fork", "wait", "none")
+BLOCK = 4096
+IMAGE_SIZE = 1 << 30
+STREAM_CHUNK = 128 << 10
+STREAM_WRAP = 512 << 20
+PAYLOADS = 16  # distinct 4 KiB payloads; each write also stamps the page with a sequence number
+COUNTERS = ("forks", "waits", "wait_seconds", "commits", "blocks_written", "commit_seconds", "in_place_writes")
+GOAL_RATIO = 0.1
+SECTION = "## Page forking"
+
+
+@dataclass
+class Config:
+    seconds: float
+    hot_pages: int
+    stream_mbps: float
+    commit_interval: float
+    seed: int
+    workdir: Path
+
+
+@dataclass
+class Result:
+    path: str
+    mode: str
+    latencies: list[float] = field(default_factory=list)  # seconds, in order
+    elapsed: float = 0.0
+    stats: dict[str, float] = field(default_factory=dict)  # counters over the timed phase, and forked_pages_peak
+    stream_bytes: int = 0
+    max_gap: float | None = None  # embedded: longest time between two writes of the writer (event loop stalls)
+    max_delta_dirty: int | None = None  # embedded: most dirty pages of a delta as its commit started
+    peak_violations: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # oddities worth a look that do not fail a goal
+    error: str | None = None
+
+    @property
+    def writes(self) -> int:
+        return len(self.latencies)
+
+    @property
+    def rate(self) -> float:
+        return self.writes / self.elapsed if self.elapsed > 0 else 0.0
+
+    def percentile(self, p: float) -> float:
+        """Nearest-rank percentile in seconds (p in 0..100)."""
+        data = sorted(self.latencies)
+        if not data:
+            return math.nan
+        return data[max(0, math.ceil(p / 100 * len(data)) - 1)]
+
+
+class BenchError(Exception):
+    pass
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def page_data(payloads: list[bytes], seq: int) -> bytes:
+    """A 4 KiB payload stamped with its sequence number (so the final contents can be checked)."""
+    base = payloads[seq % len(payloads)]
+    return seq.to_bytes(8, "little") + base[8:]
+
+
+def make_payloads(rnd: random.Random) -> list[bytes]:
+    return [rnd.randbytes(BLOCK) for _ in range(PAYLOADS)]
+
+
+def stat_delta(before: dict, after: dict) -> dict[str, float]:
+    out = {k: float(after.get(k, 0)) - float(before.get(k, 0)) for k in COUNTERS}
+    out["forked_pages_peak"] = float(after.get("forked_pages_peak", 0))
+    return out
+
+
+def verify_image(image: Path, expected: list[bytes]) -> None:
+    """Open the unmounted image read-only and compare the hot file with what was written last."""
+    from tux3fuse.format import ROOT_INO
+    from tux3fuse.fs import Options, Volume
+
+    vol = Volume(str(image), Options(readonly=True))
+    try:
+        ino = vol.lookup(ROOT_INO, b"hot").ino
+        data = vol.read(ino, 0, len(expected) * BLOCK)
+    finally:
+        vol.unmount()
+    if len(data) != len(expected) * BLOCK:
+        raise BenchError(f"hot file is {len(data)} bytes after unmount, expected {len(expected) * BLOCK}")
+    bad = [i for i, want in enumerate(expected) if data[i * BLOCK: (i + 1) * BLOCK] != want]
+    if bad:
+        got = int.from_bytes(data[bad[0] * BLOCK: bad[0] * BLOCK + 8], "little")
+        want = int.from_bytes(expected[bad[0]][:8], "little")
+        raise BenchError(f"wrong data after unmount: {len(bad)} of {len(expected)} hot pages differ from the last "
+                         f"write (page {bad[0]}: holds write #{got}, expected write #{want})")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# embedded
+
+
+def run_embedded(mode: str, cfg: Config, image: Path) -> Result:
+    import trio
+
+    from tux3fuse.mkfs import mkfs
+
+    mkfs(str(image), BLOCK, IMAGE_SIZE, force=True)
+    result = Result("embedded", mode)
+    expected = trio.run(_embedded, mode, cfg, image, result)
+    verify_image(image, expected)
+    return result
+
+
+async def _embedded(mode: str, cfg: Config, image: Path, result: Result) -> list[bytes]:
+    import trio
+
+    from tux3fuse.format import ROOT_INO
+    from tux3fuse.fs import Options, Volume
+
+    rnd = random.Random(cfg.seed)
+    payloads = make_payloads(rnd)
+    vol = Volume(str(image), Options(stable=mode))
+    try:
+        vol.mount()
+        uid, gid = os.getuid(), os.getgid()
+        hot = vol.create(ROOT_INO, b"hot", 0o644, uid, gid).ino
+        stream = vol.create(ROOT_INO, b"stream", 0o644, uid, gid).ino
+        seq = 0
+        last: list[bytes] = []
+        for index in range(cfg.hot_pages):
+            last.append(page_data(payloads, seq))
+            vol.write(hot, index * BLOCK, last[-1])
+            seq += 1
+        await vol.commit_async()  # the hot set starts clean, on disk
+        gc.collect()  # garbage of earlier runs is not collected during this one
+        before = vol.stats()
+        chunk = rnd.randbytes(STREAM_CHUNK)
+        stop = False
+        max_dirty = 0
+        violations: list[str] = []
+
+        async def committer() -> None:
+            nonlocal max_dirty
+            hot_mapping = vol.inodes[hot].mapping
+            while not stop:
+                st = vol.stats()
+                dirty, peak = int(st["dirty_pages"]), int(st["forked_pages_peak"])
+                hot_dirty = len(hot_mapping.dirty.get(vol.deltas.current, ()))
+                max_dirty = max(max_dirty, dirty)
+                delta = await vol.commit_async()
+                new_peak = int(vol.stats()["forked_pages_peak"])
+                if new_peak > peak and new_peak > dirty:
+                    violations.append(f"delta {delta}: forked_pages_peak rose to {new_peak} during its commit, "
+                                      f"which had {dirty} dirty pages")
+                elif new_peak > peak and new_peak > hot_dirty:
+                    result.notes.append(f"delta {delta}: forked_pages_peak rose to {new_peak} during its commit, "
+                                        f"which had only {hot_dirty} dirty hot pages")
+                await trio.sleep(0)  # writers woken by this commit's end run before the next commit starts
+
+        async def streamer() -> None:
+            if cfg.stream_mbps <= 0:
+                return
+            period = STREAM_CHUNK / (cfg.stream_mbps * 1e6)
+            offset = 0
+            due = time.perf_counter()
+            while not stop:
+                await vol.call(vol.write, stream, offset, chunk)
+                result.stream_bytes += STREAM_CHUNK
+                offset = (offset + STREAM_CHUNK) % STREAM_WRAP
+                due += period
+                await trio.sleep(max(0.0, due - time.perf_counter()))
+
+        async def writer() -> None:
+            nonlocal stop, seq
+            lat = result.latencies
+            gap = 0.0
+            clock = time.perf_counter
+            try:
+                start = prev = clock()
+                end = start + cfg.seconds
+                while prev < end:
+                    index = rnd.randrange(cfg.hot_pages)
+                    data = page_data(payloads, seq)
+                    seq += 1
+                    t0 = clock()
+                    gap = max(gap, t0 - prev)
+                    await vol.call(vol.write, hot, index * BLOCK, data)
+                    prev = clock()
+                    lat.append(prev - t0)
+                    last[index] = data
+                    await trio.sleep(0)
+                result.elapsed = prev - start
+                result.max_gap = gap
+            finally:
+                stop = True
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(committer)
+            nursery.start_soon(streamer)
+            nursery.start_soon(writer)
+        result.stats = stat_delta(before, vol.stats())
+        result.max_delta_dirty = max_dirty
+        result.peak_violations = violations
+        if vol.failed:
+            raise BenchError(f"the volume failed: {vol.failed}")
+        return last
+    finally:
+        vol.unmount()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# mounted
+
+
+def is_mounted(path: Path) -> bool:
+    target = str(path.resolve())
+    try:
+        with open("/proc/self/mounts") as f:
+            return any(line.split()[1].replace("\\040", " ") == target for line in f)
+    except OSError:
+        return os.path.ismount(path)
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+def tux3_stat(mnt: Path) -> dict:
+    r = subprocess.run([str(VENV_BIN / "tux3"), "stat", "--json", str(mnt)], capture_output=True, text=True,
+                       timeout=60)
+    if r.returncode not in (0, 1) or not r.stdout.strip():
+        raise BenchError(f"tux3 stat --json {mnt}: exit status {r.returncode}: {r.stderr.strip()}")
+    return json.loads(r.stdout)
+
+
+class Daemon:
+    """tux3fuse in the foreground as a child process; ``stop`` always leaves nothing mounted or running."""
+
+    def __init__(self, image: Path, mnt: Path, options: str) -> None:
+        self.image, self.mnt, self.options = image, mnt, options
+        self.logpath = image.with_suffix(".log")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.logpath.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def start(self) -> None:
+        self.mnt.mkdir(exist_ok=True)
+        args = [str(VENV_BIN / "tux3fuse"), "-f", "-o", self.options, str(self.image), str(self.mnt)]
+        with open(self.logpath, "ab") as logfile:
+            self.proc = subprocess.Popen(args, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+        proc = self.proc
+        if not wait_until(lambda: is_mounted(self.mnt) or proc.poll() is not None, 30):
+            raise BenchError(f"{shlex.join(args)}: no mount after 30 s\n{self.log_tail()}")
+        if not is_mounted(self.mnt):
+            raise BenchError(f"{shlex.join(args)}: exit status {proc.returncode}\n{self.log_tail()}")
+
+    def umount(self) -> None:
+        """tux3 umount (returns after the daemon's last commit), then the daemon's exit status."""
+        r = subprocess.run([str(VENV_BIN / "tux3"), "umount", str(self.mnt)], capture_output=True, text=True,
+                           timeout=300)
+        if r.returncode:
+            raise BenchError(f"tux3 umount {self.mnt}: exit status {r.returncode}: {r.stderr.strip()}\n"
+                             f"{self.log_tail()}")
+        assert self.proc is not None
+        code = self.proc.wait(timeout=60)
+        self.proc = None
+        if code:
+            raise BenchError(f"tux3fuse exited with status {code}\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        """Cleanup after a failure: lazy unmount, then wait for the daemon, then terminate it."""
+        if is_mounted(self.mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True, timeout=60)
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        for sig in (None, signal.SIGTERM, signal.SIGKILL):
+            if sig is not None:
+                log(f"  tux3fuse ({proc.pid}) did not exit; sending {sig.name}")
+                proc.send_signal(sig)
+            try:
+                proc.wait(timeout=30)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def run_mounted(mode: str, cfg: Config, image: Path) -> Result:
+    from tux3fuse.mkfs import mkfs
+
+    mkfs(str(image), BLOCK, IMAGE_SIZE, force=True)
+    mnt = image.with_suffix(".mnt")
+    result = Result("mounted", mode)
+    options = f"nowriteback,stable={mode},commit={cfg.commit_interval:g}"
+    daemon = Daemon(image, mnt, options)
+    rnd = random.Random(cfg.seed)
+    payloads = make_payloads(rnd)
+    expected: list[bytes] = []
+    try:
+        daemon.start()
+        fd = os.open(mnt / "hot", os.O_CREAT | os.O_RDWR, 0o644)
+        sfd = os.open(mnt / "stream", os.O_CREAT | os.O_WRONLY, 0o644)
+        try:
+            seq = 0
+            for index in range(cfg.hot_pages):
+                expected.append(page_data(payloads, seq))
+                os.pwrite(fd, expected[-1], index * BLOCK)
+                seq += 1
+            os.fsync(fd)  # the hot set starts clean, on disk
+            before = tux3_stat(mnt)
+            gc.collect()
+            stop = threading.Event()
+            stream_error: list[BaseException] = []
+            chunk = rnd.randbytes(STREAM_CHUNK)
+
+            def streamer() -> None:
+                period = STREAM_CHUNK / (cfg.stream_mbps * 1e6)
+                offset = 0
+                due = time.perf_counter()
+                try:
+                    while not stop.is_set():
+                        os.pwrite(sfd, chunk, offset)
+                        result.stream_bytes += STREAM_CHUNK
+                        offset = (offset + STREAM_CHUNK) % STREAM_WRAP
+                        due += period
+                        stop.wait(max(0.0, due - time.perf_counter()))
+                except BaseException as e:
+                    stream_error.append(e)
+
+            thread = threading.Thread(target=streamer, name="stream", daemon=True)
+            if cfg.stream_mbps > 0:
+                thread.start()
+            lat = result.latencies
+            clock = time.perf_counter
+            pwrite = os.pwrite
+            try:
+                start = now = clock()
+                end = start + cfg.seconds
+                while now < end:
+                    index = rnd.randrange(cfg.hot_pages)
+                    data = page_data(payloads, seq)
+                    seq += 1
+                    t0 = clock()
+                    pwrite(fd, data, index * BLOCK)
+                    now = clock()
+                    lat.append(now - t0)
+                    expected[index] = data
+                result.elapsed = now - start
+            finally:
+                stop.set()
+                if thread.is_alive():
+                    thread.join(timeout=120)
+            if stream_error:
+                raise BenchError(f"background stream: {stream_error[0]!r}")
+            after = tux3_stat(mnt)
+            result.stats = stat_delta(before, after)
+            if after.get("read_only"):
+                raise BenchError(f"the volume went read-only during the run\n{daemon.log_tail()}")
+        finally:
+            os.close(fd)
+            os.close(sfd)
+        daemon.umount()
+    finally:
+        daemon.stop()
+    verify_image(image, expected)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reporting
+
+
+def us(seconds: float) -> str:
+    if math.isnan(seconds):
+        return "-"
+    v = seconds * 1e6
+    return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
+
+
+def num(v: float) -> str:
+    return f"{v:,.0f}"
+
+
+TABLE_HEADER = ["path", "mode", "writes/s", "p50 µs", "p99 µs", "max µs", "forks", "waits", "forked_pages_peak",
+                "commits"]
+LOAD_HEADER = ["path", "mode", "commits/s", "MiB/commit", "ms/commit", "stream MB/s", "wait s", "max gap µs"]
+
+
+def table_rows(results: list[Result]) -> list[list[str]]:
+    rows = []
+    for r in results:
+        if r.error:
+            rows.append([r.path, r.mode, "error", *["-"] * (len(TABLE_HEADER) - 3)])
+            continue
+        s = r.stats
+        rows.append([r.path, r.mode, num(r.rate), us(r.percentile(50)), us(r.percentile(99)), us(r.percentile(100)),
+                     num(s["forks"]), num(s["waits"]), num(s["forked_pages_peak"]), num(s["commits"])])
+    return rows
+
+
+def load_rows(results: list[Result]) -> list[list[str]]:
+    rows = []
+    for r in results:
+        if r.error:
+            continue
+        s = r.stats
+        commits = s["commits"] or math.nan
+        rows.append([r.path, r.mode, f"{s['commits'] / r.elapsed:,.0f}" if r.elapsed else "-",
+                     f"{s['blocks_written'] * BLOCK / 2**20 / commits:.2f}",
+                     f"{s['commit_seconds'] * 1e3 / commits:.2f}",
+                     f"{r.stream_bytes / 1e6 / r.elapsed:.1f}" if r.elapsed else "-",
+                     f"{s['wait_seconds']:.2f}", us(r.max_gap) if r.max_gap is not None else "-"])
+    return rows
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(widths[i]) if i < 2 else c.rjust(widths[i]) for i, c in enumerate(cells))
+
+    head = line(header)
+    return [head, "-" * len(head), *(line(r) for r in rows)]
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(header)))
+           + "|"]
+    return out + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def goal_lines(results: list[Result], hot_pages: int) -> list[str]:
+    lines = []
+    by = {(r.path, r.mode): r for r in results if not r.error}
+    for path in PATHS:
+        fork, wait = by.get((path, "fork")), by.get((path, "wait"))
+        if fork is None and wait is None:
+            continue
+        if fork is None or wait is None:
+            lines.append(f"SKIP: {path}: latency goal not measured (needs both fork and wait)")
+            continue
+        fp99, wp99 = fork.percentile(99), wait.percentile(99)
+        ok = fp99 <= GOAL_RATIO * wp99 and fork.rate >= wait.rate
+        lines.append(f"{'PASS' if ok else 'FAIL'}: {path}: fork p99 {us(fp99)} µs vs wait p99 {us(wp99)} µs "
+                     f"(ratio {fp99 / wp99:.3f}, goal <= {GOAL_RATIO}); throughput fork {num(fork.rate)} vs wait "
+                     f"{num(wait.rate)} writes/s (goal: fork >= wait)")
+    for r in results:
+        if r.error or r.mode != "fork":
+            continue
+        peak = int(r.stats["forked_pages_peak"])
+        ok = peak <= hot_pages and not r.peak_violations
+        extra = ""
+        if r.max_delta_dirty is not None:
+            extra = (f", most dirty pages in a committing delta {r.max_delta_dirty}; checked at every commit: "
+                     + (f"{len(r.peak_violations)} violations ({r.peak_violations[0]})" if r.peak_violations
+                        else "the peak never passed the committing delta's dirty pages"))
+        lines.append(f"{'PASS' if ok else 'FAIL'}: {r.path}: forked_pages_peak {peak} <= hot set {hot_pages} pages "
+                     f"(at most one copy per dirty page{extra})")
+    for r in results:
+        if r.notes:
+            lines.append(f"NOTE: {r.path} {r.mode}: {len(r.notes)} commits forked more than their dirty hot pages "
+                         f"(the only pages rewritten), e.g. {r.notes[0]}")
+        if not r.error and r.mode != "fork" and r.stats["forked_pages_peak"]:
+            lines.append(f"NOTE: {r.path} {r.mode}: forked_pages_peak {int(r.stats['forked_pages_peak'])} "
+                         "(expected 0 without forking)")
+    return lines
+
+
+def write_chart(path: Path, results: list[Result], commit_interval: float) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib not installed: skipping the chart (pip install matplotlib)")
+        return False
+    colors = {"fork": "#1f77b4", "wait": "#d62728", "none": "#7f7f7f"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, p in zip(axes, PATHS, strict=True):
+        ax.set_title({"embedded": "embedded API (trio, commits back to back)",
+                      "mounted": f"FUSE mount, nowriteback (commit every {commit_interval * 1e3:g} ms)"}[p],
+                     fontsize=10)
+        shown = False
+        for r in results:
+            if r.path != p or r.error or not r.latencies:
+                continue
+            data = sorted(x * 1e6 for x in r.latencies)
+            n = len(data)
+            step = max(1, n // 4000)  # enough points for a smooth curve, always with the tail
+            idx = list(range(0, n, step))
+            if idx[-1] != n - 1:
+                idx.append(n - 1)
+            ax.step([data[i] for i in idx], [(i + 1) / n for i in idx], where="post", color=colors[r.mode],
+                    label=f"{r.mode} (p99 {us(r.percentile(99))} µs)")
+            shown = True
+        ax.axhline(0.99, color="black", linewidth=0.6, linestyle=":")
+        ax.set_xscale("log")
+        ax.set_xlabel("write latency (µs, log scale)")
+        ax.grid(True, which="both", alpha=0.3)
+        if shown:
+            ax.legend(loc="lower right", fontsize=9)
+        else:
+            ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center", va="center")
+    axes[0].set_ylabel("fraction of writes")
+    axes[0].set_ylim(0, 1.01)
+    fig.suptitle("4 KiB rewrites of a hot set while commits run: latency CDF by stable-page mode (dotted: p99)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def machine_info() -> dict[str, str]:
+    info = {"nproc": str(os.cpu_count()), "kernel": platform.release(), "python": platform.python_version()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return info
+
+
+def section_text(results: list[Result], cfg: Config, argv: Sequence[str], goals: list[str], chart: str | None,
+                 loads: list[str]) -> str:
+    info = machine_info()
+    now = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    cmd = shlex.join(["scripts/bench_fork.py", *argv])
+    out = [SECTION, ""]
+    out.append(f"Generated by `{cmd}` on {now}; machine: nproc {info['nproc']}, kernel {info['kernel']}"
+               + (f", {info['cpu']}" if "cpu" in info else "") + f", Python {info['python']}; load average "
+               f"(1/5/15 min) {loads[0]} at the start, {loads[1]} at the end.")
+    out.append("")
+    out.append(f"A writer rewrites random 4 KiB pages of a hot set of {cfg.hot_pages} pages for {cfg.seconds:g} s "
+               f"per run while commits run all the time, beside a background stream of {cfg.stream_mbps:g} MB/s "
+               "appended to a second file (so that commits carry data besides the hot pages). *embedded*: the "
+               "embedded API in one trio run, `await vol.commit_async()` back to back in one task and timed "
+               "`await vol.call(vol.write, ...)` in another. *mounted*: `tux3fuse -f -o "
+               f"nowriteback,stable=MODE,commit={cfg.commit_interval:g}`, timed `os.pwrite()`; every write is a "
+               "request to the daemon. Each run uses a fresh 1 GiB sparse image on local disk; after it the image "
+               "is checked to hold the last data written to every hot page. Counters are over the timed phase.")
+    out.append("")
+    out += md_table(TABLE_HEADER, table_rows(results))
+    out.append("")
+    out.append("Commit load (ms/commit is from the start of a commit's prepare stage to the end of its complete "
+               "stage; max gap: the longest time the embedded writer could not run between two writes: the event "
+               "loop held by the committer's prepare or complete stage, or by a garbage collection):")
+    out.append("")
+    out += md_table(LOAD_HEADER, load_rows(results))
+    out.append("")
+    for line in goals:
+        out.append(f"- {line}")
+    for r in results:
+        if r.error:
+            out.append(f"- {r.path} {r.mode} failed: `{r.error.splitlines()[0]}`")
+    out.append("")
+    if chart:
+        out.append(f"![latency CDFs]({chart})")
+        out.append("")
+    return "\n".join(out)
+
+
+def update_markdown(md: Path, section: str) -> None:
+    """Replace the "## Page forking" section of MD (up to the next level-2 heading) or append it."""
+    text = md.read_text() if md.exists() else "# Performance\n"
+    lines = text.splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.strip() == SECTION)
+    except StopIteration:
+        start = None
+    if start is None:
+        new = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        head = "\n".join(lines[:start]).rstrip("\n")
+        tail = "\n".join(lines[end:])
+        new = (head + "\n\n" if head else "") + section.rstrip("\n") + "\n" + ("\n" + tail.rstrip("\n") + "\n"
+                                                                               if tail.strip() else "")
+    md.write_text(new)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def default_workdir() -> Path:
+    """A directory on local disk: /var/tmp unless it is missing or tmpfs."""
+    def fstype(p: Path) -> str:
+        best, kind = "", ""
+        try:
+            with open("/proc/self/mounts") as f:
+                for line in f:
+                    parts = line.split()
+                    mp = parts[1]
+                    if (str(p) == mp or str(p).startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best):
+                        best, kind = mp, parts[2]
+        except OSError:
+            pass
+        return kind
+
+    for cand in (Path("/var/tmp"), Path(tempfile.gettempdir())):
+        if cand.is_dir() and fstype(cand.resolve()) not in ("tmpfs", "ramfs"):
+            return cand
+    return Path(tempfile.gettempdir())
+
+
+def parse_modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise argparse.ArgumentTypeError(f"modes are a comma-separated list of {', '.join(MODES)}")
+    return list(dict.fromkeys(modes))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="1 s runs, output in bench-out/ (smoke run)")
+    ap.add_argument("--seconds", type=float, help="timed phase of each run (default 5, or 1 with --quick)")
+    ap.add_argument("--only", choices=PATHS, help="run one path only")
+    ap.add_argument("--modes", type=parse_modes, default=list(MODES), help="stable modes (default fork,wait,none)")
+    ap.add_argument("--workdir", type=Path, help="parent of the temporary image directory (default: /var/tmp)")
+    ap.add_argument("--outdir", type=Path, help="where PERFORMANCE.md and bench_fork.png go "
+                    "(default: docs/, or bench-out/ with --quick)")
+    ap.add_argument("--hot-pages", type=int, default=256, help="hot set size in 4 KiB pages (default 256)")
+    ap.add_argument("--stream", type=float, default=32.0, metavar="MBPS",
+                    help="background stream to a second file in MB/s, 0 for none (default 32)")
+    ap.add_argument("--commit", type=float, default=0.01, metavar="SECONDS",
+                    help="commit interval of the mount (default 0.01)")
+    ap.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+    args = ap.parse_args(argv)
+    if args.hot_pages < 1:
+        ap.error("--hot-pages must be at least 1")
+    seconds = args.seconds if args.seconds is not None else (1.0 if args.quick else 5.0)
+    if seconds <= 0:
+        ap.error("--seconds must be positive")
+    paths = [args.only] if args.only else list(PATHS)
+    if "mounted" in paths and not (VENV_BIN / "tux3fuse").exists():
+        print(f"bench_fork: {VENV_BIN / 'tux3fuse'} not found (run 'make install')", file=sys.stderr)
+        return 2
+    if "mounted" in paths and (not os.path.exists("/dev/fuse") or not shutil.which("fusermount3")):
+        print("bench_fork: the mounted path needs /dev/fuse and fusermount3 (use --only embedded)", file=sys.stderr)
+        return 2
+    outdir: Path = args.outdir or (REPO / ("bench-out" if args.quick else "docs"))
+    outdir.mkdir(parents=True, exist_ok=True)
+    parent = (args.workdir or default_workdir()).resolve()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+
+    workdir = Path(tempfile.mkdtemp(prefix="tux3fork-", dir=parent))
+    cfg = Config(seconds=seconds, hot_pages=args.hot_pages, stream_mbps=args.stream, commit_interval=args.commit,
+                 seed=args.seed, workdir=workdir)
+    load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    log(f"bench_fork: work directory {workdir}; {seconds:g} s per run, hot set {args.hot_pages} pages, "
+        f"stream {args.stream:g} MB/s; load average {load_start}")
+    results: list[Result] = []
+    interrupted = False
+    try:
+        for path in paths:
+            for mode in args.modes:
+                image = workdir / f"{path}-{mode}.img"
+                runner = run_embedded if path == "embedded" else run_mounted
+                started = time.monotonic()
+                try:
+                    r = runner(mode, cfg, image)
+                except (BenchError, subprocess.TimeoutExpired) as e:
+                    r = Result(path, mode, error=f"{type(e).__name__}: {e}")
+                    log(f"  {path:8s} {mode:4s} FAILED: {e}")
+                except Exception:  # a tux3fuse bug: keep the traceback for the report
+                    r = Result(path, mode, error=traceback.format_exc())
+                    log(f"  {path:8s} {mode:4s} FAILED:\n{r.error}")
+                else:
+                    log(f"  {path:8s} {mode:4s} {num(r.rate):>8s} writes/s  p50 {us(r.percentile(50)):>6s}  p99 "
+                        f"{us(r.percentile(99)):>7s}  max {us(r.percentile(100)):>8s} µs  "
+                        f"({time.monotonic() - started:.1f} s)")
+                results.append(r)
+                image.unlink(missing_ok=True)
+    except KeyboardInterrupt:
+        interrupted = True
+        log("bench_fork: interrupted; cleaning up")
+    finally:
+        for mnt in workdir.glob("*.mnt"):
+            if is_mounted(mnt):
+                subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, timeout=60)
+        shutil.rmtree(workdir, onerror=lambda _f, p, exc: log(f"bench_fork: cannot remove {p}: {exc[1]}"))
+    if interrupted:
+        return 130
+
+    load_end = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print()
+    for line in text_table(TABLE_HEADER, table_rows(results)):
+        print(line)
+    print()
+    for line in text_table(LOAD_HEADER, load_rows(results)):
+        print(line)
+    print()
+    goals = goal_lines(results, args.hot_pages)
+    for line in goals:
+        print(line)
+    if args.quick:
+        print("(quick run: 1 s per run, numbers are indicative only)")
+    print(f"load average (1/5/15 min): {load_start} at the start, {load_end} at the end")
+    chart = "bench_fork.png" if write_chart(outdir / "bench_fork.png", results, cfg.commit_interval) else None
+    md = outdir / "PERFORMANCE.md"
+    update_markdown(md, section_text(results, cfg, argv, goals, chart, [load_start, load_end]))
+    log(f"\nwrote {md}" + (f" and {outdir / chart}" if chart else ""))
+    return 1 if any(r.error for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""Page forking, deterministically: the test decides when the backend's I/O happens."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import trio
+
+from tux3fuse.cache.fork import Action, need_fork
+from tux3fuse.cache.page import CLEAN, Page
+from tux3fuse.fs import Options, Volume, WaitFor
+from tux3fuse.mkfs import mkfs
+
+BS = 4096
+
+
+@pytest.fixture
+def vol(tmp_path):
+    path = str(tmp_path / "v.img")
+    mkfs(path, BS, 32 << 20)
+    v = Volume(path, Options())
+    v.mount()
+    yield v
+    if v.lock_fd >= 0:
+        v.unmount()
+
+
+def committed(vol: Volume) -> Volume:
+    """The state on the image, read beside the live volume."""
+    return Volume(vol.path, Options(readonly=True, lock=False))
+
+
+def fill(byte: int, n: int = BS) -> bytes:
+    return bytes([byte]) * n
+
+
+def test_need_fork_table():
+    p = Page(0, bytearray(BS))
+    assert need_fork(p, 5, "fork") is Action.CAN_DIRTY
+    p.delta = 5
+    assert need_fork(p, 5, "fork") is Action.ALREADY
+    assert need_fork(p, 6, "fork") is Action.NEED_FORK
+    assert need_fork(p, 6, "wait") is Action.WAIT
+    assert need_fork(p, 6, "none") is Action.IN_PLACE
+    p.delta, p.writeback = CLEAN, True
+    assert need_fork(p, 6, "fork") is Action.NEED_FORK
+    p.forked = True
+    assert need_fork(p, 6, "fork") is Action.FORKED
+
+
+def test_write_to_page_under_writeback_forks_without_waiting(vol):
+    f = vol.create(1, b"f", 0o644)
+    vol.write(f.ino, 0, fill(1))
+    job = vol.start_commit()  # the page is now under writeback, owned by the backend
+    page = vol.iget(f.ino).mapping.get(0)
+    assert page.writeback
+    vol.write(f.ino, 0, fill(2))  # returns at once
+    assert vol.counters["forks"] == 1 and vol.counters["waits"] == 0
+    assert vol.iget(f.ino).mapping.get(0) is not page and page.forked
+    assert bytes(page.data) == fill(1)  # the backend's copy is unchanged
+    assert vol.read(f.ino, 0, BS) == fill(2)
+    job.write()
+    job.complete()
+    snap = committed(vol)
+    assert snap.read(f.ino, 0, BS) == fill(1)  # the committed delta holds the first content
+    snap.close_files()
+    assert vol.forks.live == 0  # released after the commit
+    vol.commit()
+    snap = committed(vol)
+    assert snap.read(f.ino, 0, BS) == fill(2)
+    snap.close_files()
+
+
+def test_rewrite_within_one_delta_does_not_fork(vol):
+    f = vol.create(1, b"f", 0o644)
+    for i in range(10):
+        vol.write(f.ino, 0, fill(i))
+    assert vol.counters["forks"] == 0
+    vol.commit()
+    vol.write(f.ino, 0, fill(42))  # clean page after the commit: dirtied in place
+    assert vol.counters["forks"] == 0
+
+
+def test_held_device_write_forks_while_the_io_is_in_flight(vol):
+    from tux3fuse.backend.extents import lookup_run
+
+    f = vol.create(1, b"f", 0o644)
+    vol.write(f.ino, 0, fill(7, 8 * BS))
+    job = vol.start_commit()
+    physical, _, _ = lookup_run(vol.dtree(vol.iget(f.ino)), 0, 1)
+    reached, release = vol.dev.hold(physical)  # the backend's write of block 0 of the file stops in flight
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, job.write)
+            await trio.to_thread.run_sync(reached.wait)
+            with trio.fail_after(1):  # must not wait for the held I/O
+                await vol.call(vol.write, f.ino, 0, fill(9, 2 * BS))
+            assert vol.counters["forks"] == 2 and vol.counters["waits"] == 0
+            release.set()
+        job.complete()
+
+    trio.run(main)
+    snap = committed(vol)
+    assert snap.read(f.ino, 0, 8 * BS) == fill(7, 8 * BS)
+    snap.close_files()
+    vol.commit()
+    snap = committed(vol)
+    assert snap.read(f.ino, 0, 8 * BS) == fill(9, 2 * BS) + fill(7, 6 * BS)
+    snap.close_files()
+
+
+def test_wait_mode_waits_for_the_io_and_never_forks(tmp_path):
+    path = str(tmp_path / "w.img")
+    mkfs(path, BS, 32 << 20)
+    vol = Volume(path, Options(stable="wait"))
+    vol.mount()
+    f = vol.create(1, b"f", 0o644)
+    vol.write(f.ino, 0, fill(1))
+    job = vol.start_commit()
+    with pytest.raises(WaitFor):
+        vol.write(f.ino, 0, fill(2))
+    assert vol.read(f.ino, 0, BS) == fill(1)  # nothing changed before the wait
+    job.write()
+    job.complete()
+    vol.write(f.ino, 0, fill(2))
+    assert vol.counters["forks"] == 0
+    vol.commit()
+    snap = committed(vol)
+    assert snap.read(f.ino, 0, BS) == fill(2)
+    snap.close_files()
+    vol.unmount()
+
+
+def test_none_mode_tears_the_block_and_the_checksum_catches_it(tmp_path):
+    path = str(tmp_path / "n.img")
+    mkfs(path, BS, 32 << 20)
+    vol = Volume(path, Options(stable="none"))
+    vol.mount()
+    f = vol.create(1, b"f", 0o644)
+    vol.write(f.ino, 0, fill(1))
+    job = vol.start_commit()
+    vol.write(f.ino, 100, b"torn")  # changes the very buffer the backend is about to write
+    job.write()
+    job.complete()
+    snap = committed(vol)
+    with pytest.raises(Exception) as e:
+        snap.read(f.ino, 0, BS)
+    assert "checksum mismatch" in str(e.value)
+    snap.close_files()
+    vol.commit()  # the change belongs to the next delta and is committed there, with a good checksum
+    snap = committed(vol)
+    assert snap.read(f.ino, 0, BS)[100:104] == b"torn"
+    snap.close_files()
+    vol.unmount()
+
+
+def test_truncate_during_commit_deletes_for_writeout_without_copy(vol):
+    f = vol.create(1, b"f", 0o644)
+    vol.write(f.ino, 0, fill(5, 4 * BS))
+    job = vol.start_commit()
+    vol.setattr(f.ino, size=BS + 10)  # shrinks across pages the backend is writing
+    assert vol.counters["forks"] == 1  # only the partial tail page is copied, to zero its tail
+    assert vol.forks.live == 3  # the tail page's old copy and two pages deleted for writeout
+    assert vol.read(f.ino, 0, 2 * BS) == fill(5, BS + 10)
+    vol.setattr(f.ino, size=4 * BS)  # regrow: the cut part reads as zeros
+    assert vol.read(f.ino, 0, 4 * BS) == fill(5, BS + 10) + bytes(3 * BS - 10)
+    job.write()
+    job.complete()
+    snap = committed(vol)
+    assert snap.read(f.ino, 0, 4 * BS) == fill(5, 4 * BS)  # the committed delta holds the old data
+    snap.close_files()
+    assert vol.forks.live == 0
+    vol.commit()
+    snap = committed(vol)
+    assert snap.getattr(f.ino).size == 4 * BS
+    assert snap.read(f.ino, 0, 4 * BS) == fill(5, BS + 10) + bytes(3 * BS - 10)
+    snap.close_files()
+
+
+def test_attributes_of_the_next_delta_do_not_leak_into_the_committing_one(vol):
+    f = vol.create(1, b"f", 0o644)
+    vol.write(f.ino, 0, fill(1, 3 * BS))
+    vol.setattr(f.ino, mode=0o600)
+    job = vol.start_commit()
+    vol.setattr(f.ino, mode=0o640, uid=77)
+    vol.write(f.ino, 3 * BS, fill(2, BS))
+    assert vol.counters["attr_forks"] >= 1
+    job.write()
+    job.complete()
+    snap = committed(vol)
+    a = snap.getattr(f.ino)
+    assert (a.mode & 0o777, a.uid, a.size) == (0o600, 0, 3 * BS)
+    snap.close_files()
+    vol.commit()
+    snap = committed(vol)
+    a = snap.getattr(f.ino)
+    assert (a.mode & 0o777, a.uid, a.size) == (0o640, 77, 4 * BS)
+    snap.close_files()
+
+
+def test_directory_changes_while_its_block_is_committed(vol):
+    d = vol.mkdir(1, b"d", 0o755)
+    for i in range(20):
+        vol.mknod(d.ino, b"old%d" % i, 0o100644)
+    job = vol.start_commit()
+    vol.mknod(d.ino, b"new", 0o100644)
+    vol.unlink(d.ino, b"old3")
+    assert vol.counters["dir_forks"] >= 1
+    job.write()
+    job.complete()
+    snap = committed(vol)
+    assert sorted(n for n, _, _ in snap.readdir(d.ino, 0)) == sorted(b"old%d" % i for i in range(20))
+    snap.close_files()
+    vol.commit()
+    snap = committed(vol)
+    names = sorted(n for n, _, _ in snap.readdir(d.ino, 0))
+    assert names == sorted([b"old%d" % i for i in range(20) if i != 3] + [b"new"])
+    snap.close_files()
+
+
+def test_mmap_write_during_commit_forks_and_keeps_every_mapping_coherent(vol):
+    f = vol.create(1, b"f", 0o644)
+    vol.write(f.ino, 0, fill(1, 2 * BS))
+    m1, m2 = vol.mmap(f.ino), vol.mmap(f.ino)
+    m1.write(10, b"one")
+    assert m2.read(10, 3) == b"one"
+    job = vol.start_commit()
+    m2.write(20, b"two")  # write fault on a write-protected page under writeback: fork
+    assert vol.counters["forks"] == 1
+    for m in (m1, m2):
+        assert m.read(0, 2 * BS) == vol.read(f.ino, 0, 2 * BS)
+    m1.write(30, b"three")  # m1 was pointed at the copy read-only: it faults, no second fork
+    assert vol.counters["forks"] == 1
+    assert m2.read(30, 5) == b"three"
+    job.write()
+    job.complete()
+    snap = committed(vol)
+    assert snap.read(f.ino, 0, 40)[10:40] == b"one" + fill(1, 27)
+    snap.close_files()
+    vol.commit()
+    snap = committed(vol)
+    data = snap.read(f.ino, 0, 40)
+    assert data[10:13] == b"one" and data[20:23] == b"two" and data[30:35] == b"three"
+    snap.close_files()
+    m1.unmap()
+    m2.unmap()
+
+
+def test_writes_through_a_pin_land_in_the_delta_current_when_made(vol):
+    f = vol.create(1, b"f", 0o644)
+    vol.write(f.ino, 0, fill(0, BS))
+    m = vol.mmap(f.ino)
+    pin = m.pin(0)
+    pin.write(0, b"before")  # delta N
+    job = vol.start_commit()  # the backend writes a copy; the pinned page stays, now dirty for N+1
+    assert vol.counters["pinned_copies"] == 1 and vol.counters["forks"] == 0
+    pin.write(100, b"after")  # delta N+1: must not leak into N, must not be lost
+    vol.write(f.ino, 200, b"write")  # a write(2) to the pinned page does not fork either
+    assert vol.counters["forks"] == 0
+    job.write()
+    job.complete()
+    snap = committed(vol)
+    data = snap.read(f.ino, 0, BS)
+    assert data[:6] == b"before" and data[100:105] == bytes(5) and data[200:205] == bytes(5)
+    snap.close_files()
+    vol.commit()
+    snap = committed(vol)
+    data = snap.read(f.ino, 0, BS)
+    assert data[:6] == b"before" and data[100:105] == b"after" and data[200:205] == b"write"
+    snap.close_files()
+    pin.release()
+    m.unmap()
+
+
+def test_forked_pages_are_released_and_counted(vol):
+    f = vol.create(1, b"f", 0o644)
+    vol.write(f.ino, 0, os.urandom(16 * BS))
+    job = vol.start_commit()
+    for i in range(16):
+        vol.write(f.ino, i * BS, fill(i))
+    assert vol.forks.live == 16 and vol.forks.peak == 16
+    stats = vol.stats()
+    assert stats["forked_pages_live"] == 16
+    job.write()
+    job.complete()
+    assert vol.forks.live == 0 and vol.stats()["forked_pages_peak"] == 16
