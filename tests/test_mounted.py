@@ -285,7 +285,8 @@ def test_tar_round_trip_of_a_source_tree(make_mount, tmp_path):
             assert read_file(m.path("src", rel, name)) == read_file(os.path.join(dirpath, name))
 
 
-@pytest.mark.parametrize("options", ["commit=0.05", "nowriteback,commit=0.05"])
+@pytest.mark.parametrize("options", ["commit=0.02,stable=fork", "commit=0.02,stable=wait",
+                                     "nowriteback,commit=0.02,stable=fork", "nowriteback,commit=0.02,stable=wait"])
 def test_fsx_with_mmap(make_mount, options):
     m = make_mount(options=options)
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "fsx.py"), "-q", "-N", "20000", "-S", "42",
@@ -294,13 +295,16 @@ def test_fsx_with_mmap(make_mount, options):
     assert "20000 ops passed" in r.stdout
 
 
-def test_fio_write_verify(make_mount):
-    m = make_mount(size="1G")
+@pytest.mark.parametrize("options", ["", "commit=0.02,stable=fork", "commit=0.02,stable=wait"])
+def test_fio_write_verify(make_mount, options):
+    m = make_mount(size="1G", options=options)
     r = subprocess.run(["fio", "--name=verify", f"--directory={m.mnt}", "--rw=randwrite", "--bsrange=4k-1m",
                         "--size=256M", "--verify=crc32c", "--verify_fatal=1", "--ioengine=psync", "--end_fsync=1",
                         "--do_verify=1", "--verify_state_save=0"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "verify" in r.stdout and "err= 0" in r.stdout
+    if "stable=fork" in options:
+        assert m.stat_json()["waits"] == 0
 
 
 def test_sigkill_keeps_everything_fsynced(make_mount):
