@@ -10,6 +10,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -111,6 +112,11 @@ class Daemon:
     def run(self) -> int:
         """Serve until unmounted; then commit and close. Returns the exit status."""
         self._record("running")
+        # The cache holds many long-lived objects; full collections of them would stall requests for tens of
+        # milliseconds. Freeze what exists now and collect the young generation less often.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(20_000, 50, 100)
         crashed = False
         try:
             trio.run(self.main)
