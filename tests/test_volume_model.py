@@ -398,7 +398,7 @@ class Volume512Machine(VolumeMachine):
     SIZE = 16 << 20
 
 
-_SETTINGS = settings(max_examples=30, stateful_step_count=30, deadline=None,
+_SETTINGS = settings(max_examples=80, stateful_step_count=40, deadline=None,
                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
                                             HealthCheck.data_too_large])
 TestVolume4096 = Volume4096Machine.TestCase
