@@ -11,7 +11,7 @@ STAMP = $(VENV)/.installed
 
 .DEFAULT_GOAL := help
 
-.PHONY: help deps install test demo bench clean distclean
+.PHONY: help deps install test demo bench crashtest clean distclean
 
 help:
 	@echo "Targets:"
@@ -19,6 +19,7 @@ help:
 	@echo "  make install    create $(VENV) and pip install -e '.[test,plot]'"
 	@echo "  make test       ruff check + pytest (extra args: PYTEST_ARGS='-k foo')"
 	@echo "  make demo       mkfs, mount, fio verify, fsx, stat, umount, fsck on a 1 GiB image"
+	@echo "  make crashtest  crash-consistency check of every flush point and reordered/torn writes (a few minutes)"
 	@echo "  make bench      fio benchmarks: tux3fuse vs fuse2fs (extra args: BENCH_ARGS='--quick')"
 	@echo "  make clean      remove build artifacts and caches (keeps the venv)"
 	@echo "  make distclean  clean, and remove the venv"
@@ -69,6 +70,15 @@ demo: install
 bench: install
 	$(PY) scripts/bench.py $(BENCH_ARGS)
 	$(PY) scripts/bench_fork.py $(BENCH_ARGS)
+
+CRASH_POINTS ?= 1000
+
+crashtest: install
+	@set -e; for run in "1 1 4096" "2 8 4096" "3 2 512" "4 1 1024" "5 16 65536"; do \
+		set -- $$run; \
+		echo "== seed $$1, $$2 MiB image, $$3-byte blocks"; \
+		$(PY) scripts/crashtest.py --seed $$1 --size $$2 --blocksize $$3 --ops 800 --points $(CRASH_POINTS); \
+	done
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .hypothesis bench-out

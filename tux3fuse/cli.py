@@ -90,7 +90,7 @@ IGNORED = {"defaults", "auto", "noauto", "user", "nouser", "users", "nofail", "_
 def parse_mount_options(text: str) -> dict:
     """-o string -> settings; raises UsageError on anything unknown."""
     out = {"ro": False, "writeback": True, "xattr": False, "commit": 5.0, "cache": None, "stable": "fork",
-           "fuse": set()}
+           "writelog": None, "fuse": set()}
     for opt in filter(None, (text or "").split(",")):
         key, _, value = opt.partition("=")
         if key == "ro":
@@ -106,6 +106,10 @@ def parse_mount_options(text: str) -> dict:
                     raise ValueError
             except ValueError:
                 raise UsageError(f"commit= takes a number of seconds, not {value!r}") from None
+        elif key == "writelog":
+            if not value:
+                raise UsageError("writelog= takes a file name")
+            out["writelog"] = os.path.abspath(value)
         elif key == "stable":
             if value not in ("fork", "wait", "none"):
                 raise UsageError(f"stable= takes fork, wait or none, not {value!r}")
@@ -155,7 +159,7 @@ def mount_cmd(argv: list[str], prog: str = PROG_MOUNT) -> int:
 
     foreground = a.foreground or a.debug
     setup_logging(a.debug, True)
-    options = Options(readonly=opts["ro"], stable=opts["stable"])
+    options = Options(readonly=opts["ro"], stable=opts["stable"], writelog=opts["writelog"])
     if opts["cache"]:
         options.cache_bytes = opts["cache"]
     vol = Volume(image, options)

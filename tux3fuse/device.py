@@ -13,6 +13,8 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .writelog import WriteLog
+
 IOV_MAX = 1024
 
 
@@ -42,7 +44,8 @@ def image_size(fd: int) -> int:
 class Device:
     """Block I/O on an open image file or block device."""
 
-    def __init__(self, path: str, blocksize: int, volblocks: int, readonly: bool = False) -> None:
+    def __init__(self, path: str, blocksize: int, volblocks: int, readonly: bool = False,
+                 writelog: str | None = None) -> None:
         self.path = path
         self.readonly = readonly
         self.fd = os.open(path, os.O_RDONLY if readonly else os.O_RDWR)
@@ -50,6 +53,7 @@ class Device:
         self.volblocks = volblocks
         self.stats = IOStats()
         self.holds: dict[int, tuple[threading.Event, threading.Event]] = {}
+        self.writelog = WriteLog(writelog) if writelog else None
 
     def hold(self, block: int) -> tuple[threading.Event, threading.Event]:
         """Make the next write of ``block`` stop before it is issued (tests): returns (reached, release)."""
@@ -58,6 +62,8 @@ class Device:
         return events
 
     def close(self) -> None:
+        if self.writelog is not None:
+            self.writelog.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -114,12 +120,17 @@ class Device:
         self.stats.blocks_written += len(bufs)
         self.stats.bytes_written += total
         self.stats.writes += 1
+        if self.writelog is not None:
+            for i, buf in enumerate(bufs):
+                self.writelog.write(offset + i * self.blocksize, buf)
 
     def write_at(self, offset: int, data: bytes) -> None:
         """Write bytes at a byte offset (superblocks)."""
         os.pwrite(self.fd, data, offset)
         self.stats.bytes_written += len(data)
         self.stats.writes += 1
+        if self.writelog is not None:
+            self.writelog.write(offset, data)
 
     def read_at(self, offset: int, size: int) -> bytes:
         return os.pread(self.fd, size, offset)
@@ -127,3 +138,5 @@ class Device:
     def flush(self) -> None:
         os.fdatasync(self.fd)
         self.stats.flushes += 1
+        if self.writelog is not None:
+            self.writelog.flush()

@@ -85,6 +85,7 @@ class Options:
     cache_bytes: int = 256 << 20
     unify_deltas: int = 8
     unify_log_blocks: int = 64
+    writelog: str | None = None  # record every write and flush to this file (crash testing)
     lock: bool = True  # take the image lock (tests reading a committed state beside a live volume pass False)
 
 
@@ -125,7 +126,7 @@ class Volume:
         sb = read_super(fd, self.path)
         self.sb = sb
         self.blocksize = bs = sb.blocksize
-        self.dev = Device(self.path, bs, sb.volblocks, self.readonly)
+        self.dev = Device(self.path, bs, sb.volblocks, self.readonly, self.options.writelog)
         self.counters: Counter[str] = Counter()
         for key in ("forks", "data_forks", "dir_forks", "attr_forks", "waits", "commits", "blocks_written",
                     "flushes", "unifies", "bytes_copied", "pinned_copies"):
