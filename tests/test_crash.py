@@ -95,3 +95,29 @@ def test_sigkill_at_a_random_moment_under_fio_and_fsx(make_mount, seed):
         with open(path, "rb") as f:
             assert f.read() == data, path
     assert len(synced) > 0
+
+
+@pytest.mark.mounted
+def test_write_log_of_a_mount_replays_to_the_same_image(make_mount, tmp_path):
+    from tux3fuse.writelog import read_log
+
+    m = make_mount(size="64M")
+    m.umount()
+    base = m.image.read_bytes()
+    log = tmp_path / "writes.log"
+    m.start(options=f"writelog={log}")
+    for i in range(20):
+        with open(m.path(f"f{i}"), "wb") as f:
+            f.write(os.urandom(5000 * i + 1))
+    os.mkdir(m.path("d"))
+    os.rename(m.path("f3"), m.path("d", "g"))
+    m.umount()
+    image = bytearray(base)
+    flushes = 0
+    for kind, offset, data in read_log(str(log)):
+        if kind == "W":
+            image[offset: offset + len(data)] = data
+        else:
+            flushes += 1
+    assert flushes >= 4
+    assert bytes(image) == m.image.read_bytes()
