@@ -104,8 +104,7 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._signals)
             await nursery.start(self._control)
-            if self.interval > 0:
-                nursery.start_soon(flusher.run_periodic, self.vol, self.interval)
+            nursery.start_soon(flusher.run_periodic, self.vol, self.interval)
             await pyfuse3.main(min_tasks=2, max_tasks=32)
             nursery.cancel_scope.cancel()
 

@@ -85,6 +85,7 @@ class Options:
     cache_bytes: int = 256 << 20
     unify_deltas: int = 8
     unify_log_blocks: int = 64
+    background_bytes: int = 32 << 20  # dirty data that starts a commit without waiting for the timer
     writelog: str | None = None  # record every write and flush to this file (crash testing)
     lock: bool = True  # take the image lock (tests reading a committed state beside a live volume pass False)
 
@@ -104,6 +105,7 @@ class Volume:
         self.stable = opts.stable
         self.forks = ForkRegistry()
         self.job: CommitJob | None = None  # the commit in flight
+        self.on_background = None  # called when dirty data passes Options.background_bytes (the flusher)
         self.failed: str | None = None
         try:
             fd = os.open(path, os.O_RDONLY if self.readonly else os.O_RDWR)
@@ -619,6 +621,8 @@ class Volume:
             now = time.time_ns()
             if end > rec.size:
                 rec.size = end
+            if self.on_background is not None and self.cache.dirty_pages * bs >= self.options.background_bytes:
+                self.on_background()
             rec.mtime_ns = rec.ctime_ns = now
             if rec.mode & (stat.S_ISUID | stat.S_ISGID):
                 rec.mode &= ~stat.S_ISUID & ~(stat.S_ISGID if rec.mode & stat.S_IXGRP else 0)
