@@ -210,7 +210,7 @@ class WaitMachine(ForkMachine):
     mode = "wait"
 
 
-SETTINGS = settings(max_examples=60, stateful_step_count=50, deadline=None,
+SETTINGS = settings(max_examples=80, stateful_step_count=50, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
 
