@@ -39,6 +39,7 @@ class ForkMachine(RuleBasedStateMachine):
         self.maps = {ino: [self.vol.mmap(ino) for _ in range(MAPS)] for ino in self.inos}
         self.pins: dict[int, list] = {ino: [] for ino in self.inos}
         self.job = None
+        self.steps = None
         self.expected = None
         self.forked_data: dict[int, bytes] = {}
 
@@ -144,19 +145,35 @@ class ForkMachine(RuleBasedStateMachine):
     # -- backend ---------------------------------------------------------------------------------------------------
 
     @precondition(lambda self: self.job is None)
-    @rule()
-    def transition(self):
-        self.job = self.vol.start_commit()
+    @rule(stepwise=st.booleans())
+    def transition(self, stepwise):
+        """Start a commit; stepwise, its prepare stage yields to the frontend between chunks (as the daemon's)."""
+        self.job = self.vol.start_commit(prepare=not stepwise)
+        self.steps = self.job.prepare_steps() if stepwise else None
         self.expected = {ino: bytes(m) for ino, m in self.model.items()}
+
+    def _prepared(self) -> None:
+        if self.steps is not None:
+            for _ in self.steps:
+                pass
+            self.steps = None
+
+    @precondition(lambda self: self.job is not None and self.steps is not None)
+    @rule()
+    def prepare_step(self):
+        if next(self.steps, StopIteration) is StopIteration:
+            self.steps = None
 
     @precondition(lambda self: self.job is not None)
     @rule(n=st.integers(1, 8))
     def io_step(self, n):
+        self._prepared()
         self.job.write_some(n)
 
     @precondition(lambda self: self.job is not None)
     @rule()
     def finish(self):
+        self._prepared()
         job, self.job = self.job, None
         job.write()  # the rest of the blocks, the flushes and the superblock
         job.write_super() if job.empty else None
@@ -196,6 +213,8 @@ class ForkMachine(RuleBasedStateMachine):
                 assert not page.forked
                 if page.writeback:
                     assert self.job is not None and page.delta in (self.job.delta, CLEAN) or page.redirty != CLEAN
+                elif self.job is not None and self.steps is not None and page.delta == self.job.delta:
+                    pass  # the backend is still preparing its delta: this page is next
                 else:
                     assert page.delta in (CLEAN, current), f"page {index} dirty for an old delta outside I/O"
             for delta, pages in mapping.dirty.items():

@@ -218,18 +218,21 @@ class Volume:
         self.counters["flushes"] = self.dev.stats.flushes
         return written
 
-    def start_commit(self, *, unify: bool = False, state: int | None = None) -> CommitJob:
-        """Transition and prepare a commit of the current delta (stage 1); the caller writes and completes it."""
+    def start_commit(self, *, unify: bool = False, state: int | None = None, prepare: bool = True) -> CommitJob:
+        """Transition and prepare a commit of the current delta (stage 1); the caller writes and completes it.
+        With ``prepare=False`` the caller runs ``job.prepare_steps()`` itself, interleaving frontend work."""
         self.check_writable()
         if self.job is not None:
             raise AssertionError("a commit is already in flight")
         delta = self.deltas.transition()
         job = self.job = CommitJob(self, delta, unify=unify, state=state)
-        try:
-            job.prepare()
-        except Exception as e:
-            self.fail(f"commit of delta {delta} failed: {e}")
-            raise VolumeError(self.failed) from e
+        job.begin()
+        if prepare:
+            try:
+                job.prepare()
+            except Exception as e:
+                self.fail(f"commit of delta {delta} failed: {e}")
+                raise VolumeError(self.failed) from e
         return job
 
     async def commit_async(self, *, unify: bool = False, state: int | None = None) -> int:
@@ -239,9 +242,11 @@ class Volume:
 
         while self.job is not None:
             await self.wait_job(self.job)
-        job = self.start_commit(unify=unify, state=state)
+        job = self.start_commit(unify=unify, state=state, prepare=False)
         with trio.CancelScope(shield=True):  # a commit once started always ends
             try:
+                for _ in job.prepare_steps():
+                    await trio.sleep(0)  # let the frontend in between chunks of the prepare stage
                 await trio.to_thread.run_sync(job.write)
             except Exception as e:
                 self.fail(f"commit of delta {job.delta} failed: {e}")
@@ -525,10 +530,15 @@ class Volume:
         if self.stable != WAIT or self.job is None:
             return
         pages = inode.mapping.pages
+        current = self.deltas.current
+
+        def owned(p: Page) -> bool:  # under writeback, or dirty for the delta being prepared
+            return p.writeback or (p.delta != -1 and p.delta != current)
+
         if last is None or last - first > len(pages):
-            busy = any(p.writeback for i, p in pages.items() if i >= first and (last is None or i <= last))
+            busy = any(owned(p) for i, p in pages.items() if i >= first and (last is None or i <= last))
         else:
-            busy = any((p := pages.get(i)) is not None and p.writeback for i in range(first, last + 1))
+            busy = any((p := pages.get(i)) is not None and owned(p) for i in range(first, last + 1))
         if busy:
             raise WaitFor(self.job)
 
@@ -633,7 +643,7 @@ class Volume:
         bs = self.blocksize
         if size < rec.size:
             keep = -(-size // bs)
-            for page in inode.mapping.truncate(keep):  # under writeback: deleted for writeout, no copy, no wait
+            for page in inode.mapping.truncate(keep, delta):  # the backend's: deleted for writeout, no copy
                 self.forks.add(page)
             old = inode.hole_from.get(delta)
             inode.hole_from[delta] = keep if old is None else min(old, keep)

@@ -20,6 +20,7 @@ Guarantees:
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from .. import format as fmt
@@ -45,21 +46,51 @@ class CommitJob:
         self.super_bytes = b""
         self.cursor = 0  # writes done so far
         self.empty = False
+        self.begun = False
+        self.dirty: dict[int, Inode] = {}
         self.waiters: list = []  # trio.Events set when the job completes
         self.started = time.perf_counter()
 
     # -- stage 1 ---------------------------------------------------------------------------------------------------
 
     def prepare(self) -> None:
+        for _ in self.prepare_steps():
+            pass
+
+    def begin(self) -> None:
+        """What must happen at the transition itself, before the frontend runs again: take the delta's dirty
+        inodes, write-protect its pages in every mapping, and copy its pinned pages, so that a store or a pin
+        write made after the transition can only land in the new delta."""
+        if self.begun:
+            return
+        self.begun = True
         vol, delta = self.vol, self.delta
-        dirty = vol.dirty_inodes.pop(delta, {})
-        self.inodes = list(dirty.values())
+        self.dirty = vol.dirty_inodes.pop(delta, {})
+        self.inodes = list(self.dirty.values())
+        for inode in self.inodes:
+            pages = inode.mapping.dirty.get(delta)
+            for index, page in list((pages or {}).items()):
+                if page.pins:  # never fork a pinned page: write a private copy, the page moves to the next delta
+                    pages[index] = self._copy_pinned(inode, page)
+                else:
+                    inode.mapping.page_mkclean(page)
+
+    def prepare_steps(self) -> Iterator[None]:
+        """Stage 1 as a generator that yields at safe points, so the event loop can serve the frontend while a
+        large delta is prepared. A page of this delta that the frontend touches meanwhile is dirty for an older
+        delta, and the decision table forks it."""
+        self.begin()
+        vol, delta = self.vol, self.delta
+        dirty = self.dirty
         if not dirty and not self.unify and self.state is None and not vol.alloc.records:
             self.empty = True
             return
         vol.writes = self.writes
         for ino in sorted(dirty):
-            self._flush_inode(dirty[ino])
+            vol.writes = self.writes
+            yield from self._flush_inode(dirty[ino])
+            yield
+        vol.writes = self.writes
         sb = vol.sb
         sb.itree_root = vol.itable.flush(delta)
         sb.otree_root = vol.otree.flush(delta)
@@ -103,12 +134,13 @@ class CommitJob:
         vol.deltas_since_unify = 0
         vol.counters["unifies"] += 1
 
-    def _flush_inode(self, inode: Inode) -> None:
+    def _flush_inode(self, inode: Inode) -> Iterator[None]:
         vol, delta = self.vol, self.delta
         rec = inode.attrs_for(delta)
         if rec.nlink == 0 and inode.lookups <= 0 and inode.opens <= 0:
             self._destroy(inode)
             return
+        size = rec.size  # attributes are read again after any yield: the frontend may fork them meanwhile
         pages = inode.mapping.take_dirty(delta)
         hole = inode.hole_from.pop(delta, None)
         tree = vol.dtree(inode)
@@ -116,22 +148,27 @@ class CommitJob:
         blocks = inode.rec.blocks
         if hole is not None:
             blocks -= extents.unmap(tree, hole, None, free)
-        end = -(-rec.size // vol.blocksize)
+        end = -(-size // vol.blocksize)
         run: list[Page] = []
+        since_yield = 0
         for index in sorted(pages):
             page = pages[index]
             if index >= end:  # past the size of this delta: nothing to write
                 self._finish_page(inode, page)
                 continue
-            if page.pins:  # never fork a pinned page: write a private copy, the page stays dirty for the next
-                page = self._copy_pinned(inode, page)
-            if run and index != run[-1].index + 1:
-                blocks += self._write_run(inode, rec, tree, run)
+            if run and (index != run[-1].index + 1 or len(run) >= 256):
+                blocks += self._write_run(inode, size, tree, run)
+                since_yield += len(run)
                 run = []
+                if since_yield >= 256:
+                    vol.writes = self.writes
+                    yield
+                    since_yield = 0
             run.append(page)
         if run:
-            blocks += self._write_run(inode, rec, tree, run)
+            blocks += self._write_run(inode, size, tree, run)
         root = tree.flush(delta)
+        rec = inode.attrs_for(delta)
         for r in {id(rec): rec, id(inode.rec): inode.rec}.values():  # backend-owned fields, in every view
             r.dtree_root, r.blocks = root, blocks
         vol.itable.insert(inode.ino, rec.pack())
@@ -156,15 +193,14 @@ class CommitJob:
         vol.counters["bytes_copied"] += vol.blocksize
         return copy
 
-    def _write_run(self, inode: Inode, rec: fmt.InodeRecord, tree, run: list[Page]) -> int:
+    def _write_run(self, inode: Inode, size: int, tree, run: list[Page]) -> int:
         vol = self.vol
         bs = vol.blocksize
         last = run[-1]
-        tail = rec.size - last.index * bs
+        tail = size - last.index * bs
         if 0 < tail < bs and any(last.data[tail:]):  # zero what lies past the size of this delta
             last.mutable()[tail:] = bytes(bs - tail)
         none_mode = vol.stable == "none"
-        mapping = inode.mapping
         added = 0
         done = 0
         while done < len(run):
@@ -174,7 +210,6 @@ class CommitJob:
                 if none_mode:
                     page.mutable()  # in-place changes during I/O must reach the very buffer being written
                 page.writeback = True
-                mapping.page_mkclean(page)
                 self.pages.append((inode, page))
             csums = [checksum(p.data) for p in pages]
             self.writes.extend(zip(range(physical, physical + count), (p.data for p in pages), strict=True))

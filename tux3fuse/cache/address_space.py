@@ -167,17 +167,18 @@ class AddressSpace:
         if len(clean) > cache.limit_pages:
             cache._evict(self.registry)
 
-    def truncate(self, first: int) -> list[Page]:
-        """Drop every page at index >= first from the index and unmap it. A page under writeback is deleted for
-        writeout (the backend still writes it, unchanged; no copy, no wait); any other page also leaves its dirty
-        list. Returns the pages deleted for writeout."""
+    def truncate(self, first: int, current: int) -> list[Page]:
+        """Drop every page at index >= first from the index and unmap it. A page the backend owns (under
+        writeback, or dirty for a delta older than ``current``) is deleted for writeout: the backend still writes
+        it, unchanged; no copy, no wait. Any other page also leaves its dirty list. Returns the pages deleted for
+        writeout."""
         gone = [p for i, p in self.pages.items() if i >= first]
         kept = []
         for page in gone:
             del self.pages[page.index]
             self.cache.forget(self.ino, page.index)
             self.unmap_page(page)
-            if page.writeback:
+            if page.writeback or page.delta not in (CLEAN, current):
                 kept.append(page)
             elif page.delta != CLEAN:
                 self.dirty.get(page.delta, {}).pop(page.index, None)
@@ -189,7 +190,18 @@ class AddressSpace:
         return kept
 
     def drop_all(self) -> None:
-        self.truncate(0)
+        """The inode is gone: forget every page, dirty ones included (nothing of it is written any more)."""
+        for pages in self.dirty.values():
+            for page in pages.values():
+                if page.delta != CLEAN:
+                    page.delta = CLEAN
+                    self.cache.dirty_pages -= 1
+        self.dirty.clear()
+        for index in self.pages:
+            self.cache.forget(self.ino, index)
+        self.pages.clear()
+        for m in self.mmaps:
+            m.ptes.clear()
         self.registry.pop(self.ino, None)
 
     def dirty_count(self) -> int:
