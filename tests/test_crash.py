@@ -14,9 +14,7 @@ import time
 import pytest
 from conftest import ROOT, fsck
 
-from tux3fuse import alloc
-from tux3fuse import format as fmt
-from tux3fuse.backend import commit
+from tux3fuse import alloc, fs
 
 spec = importlib.util.spec_from_file_location("crashtest", ROOT / "scripts" / "crashtest.py")
 crashtest = importlib.util.module_from_spec(spec)
@@ -40,12 +38,10 @@ def test_every_crash_point_recovers_to_a_committed_delta(capsys, args):
     assert points >= 100 and bad == 0
 
 
-def test_harness_catches_a_superblock_written_before_the_delta_is_durable(capsys, monkeypatch):
-    def early_super(self):
-        self.vol.dev.write_at(fmt.SUPER_OFFSETS[self.delta % 2], self.super_bytes)
-        self.vol.dev.flush()
-
-    monkeypatch.setattr(commit.CommitJob, "write_super", early_super)
+def test_harness_catches_a_superblock_written_with_its_delta_without_proof(capsys, monkeypatch):
+    """One flush for the blocks and the superblock is safe only because a mount checks the superblock's proof;
+    without the check, crash points recover to deltas whose blocks never landed."""
+    monkeypatch.setattr(fs, "delta_landed", lambda fd, sb: True)
     points, bad = run(capsys, "--seed", "1", "--points", "150", "--size", "8")
     assert bad > 0
 

@@ -90,7 +90,7 @@ def unseal(buf: bytes | bytearray, blocknr: int, kinds: tuple[bytes, ...]) -> tu
 # ---------------------------------------------------------------------------------------------------------------
 # Superblock
 
-_SUPER = struct.Struct("<8sIHHQQQQQIIQQQIIQQQ32s16sQ")  # see docs/FORMAT.md
+_SUPER = struct.Struct("<8sIHHQQQQQIIQQQIIQQQ32s16sQQ")  # see docs/FORMAT.md
 STATE_CLEAN, STATE_MOUNTED = 0, 1
 
 
@@ -114,6 +114,7 @@ class Super:
     label: bytes = b""
     uuid: bytes = b"\0" * 16
     created_ns: int = 0
+    delta_csum: int = 0  # digest of the blocks this delta wrote (0: they were flushed before the superblock)
     copy: int = field(default=0, compare=False)  # which copy this was read from or is written to
 
     @property
@@ -126,7 +127,7 @@ class Super:
             buf, 0, MAGIC, VERSION, self.blockbits, self.state, self.seq, self.volblocks, self.itree_root,
             self.otree_root, self.log_head, self.log_count, self.bitmap_blocks, self.unify_seq,
             self.bitmap_start[0], self.bitmap_start[1], self.bitmap_cur, 0, self.free_blocks, self.used_inodes,
-            self.next_inum, self.label.ljust(32, b"\0"), self.uuid, self.created_ns,
+            self.next_inum, self.label.ljust(32, b"\0"), self.uuid, self.created_ns, self.delta_csum,
         )
         struct.pack_into("<Q", buf, SUPER_SIZE - 8, xxhash.xxh3_64_intdigest(bytes(buf[: SUPER_SIZE - 8])))
         return bytes(buf)
@@ -148,13 +149,33 @@ class Super:
             blockbits=f[2], state=f[3], seq=f[4], volblocks=f[5], itree_root=f[6], otree_root=f[7], log_head=f[8],
             log_count=f[9], bitmap_blocks=f[10], unify_seq=f[11], bitmap_start=(f[12], f[13]), bitmap_cur=f[14],
             free_blocks=f[16], used_inodes=f[17], next_inum=f[18], label=f[19].rstrip(b"\0"), uuid=f[20],
-            created_ns=f[21], copy=copy,
+            created_ns=f[21], delta_csum=f[22], copy=copy,
         )
         if not MIN_BLOCKBITS <= sb.blockbits <= MAX_BLOCKBITS:
             raise FormatError(f"superblock copy {copy}: block size 2^{sb.blockbits} out of range")
         if sb.bitmap_cur not in (0, 1):
             raise FormatError(f"superblock copy {copy}: bad bitmap region {sb.bitmap_cur}")
         return sb
+
+
+def delta_digest(blocks: dict[int, bytes | bytearray | memoryview]) -> int:
+    """The superblock's proof that a delta's blocks reached the disk: xxh3-64 over (block number, xxh3-64 of the
+    block) for every block, in block order. Never 0 (0 means: no proof needed)."""
+    h = xxhash.xxh3_64()
+    for block in sorted(blocks):
+        h.update(struct.pack("<QQ", block, xxhash.xxh3_64_intdigest(blocks[block])))
+    return h.intdigest() or 1
+
+
+def delta_blocks(records: list[tuple[int, int, int]]) -> set[int]:
+    """Blocks a delta allocated and still holds, from its log records in order."""
+    out: set[int] = set()
+    for code, start, count in records:
+        if code == LOG_ALLOC:
+            out.update(range(start, start + count))
+        else:
+            out.difference_update(range(start, start + count))
+    return out
 
 
 def reserved_blocks(blocksize: int) -> int:

@@ -86,6 +86,7 @@ class Options:
     unify_deltas: int = 8
     unify_log_blocks: int = 64
     background_bytes: int = 32 << 20  # dirty data that starts a commit without waiting for the timer
+    one_flush: bool = True  # commit with one flush, the superblock proving the delta's blocks (docs/FORMAT.md)
     writelog: str | None = None  # record every write and flush to this file (crash testing)
     lock: bool = True  # take the image lock (tests reading a committed state beside a live volume pass False)
 
@@ -1023,6 +1024,39 @@ class Volume:
         return out
 
 
+def delta_landed(fd: int, sb: Super) -> bool:
+    """Did every block of the delta this superblock commits reach the disk? (Only for one-flush commits.)"""
+    bs = sb.blocksize
+
+    def read(block: int) -> bytes:
+        if not 0 < block < sb.volblocks:
+            raise fmt.CorruptBlock(block, "log", "outside the volume")
+        return os.pread(fd, bs, block * bs)
+
+    records: list = []
+    logs: list[int] = []
+    block, left = sb.log_head, sb.log_count
+    try:
+        while block and left:
+            buf = read(block)
+            _, _, count, delta = fmt.unseal(buf, block, (fmt.KIND_LOG,))
+            if delta != sb.seq:
+                break
+            prev, recs = fmt.unpack_log(buf, count)
+            records[:0] = recs
+            logs.append(block)
+            block, left = prev, left - 1
+    except (fmt.CorruptBlock, ValueError):
+        return False
+    if not logs:
+        return False
+    named = fmt.delta_blocks(records) | set(logs)
+    try:
+        return fmt.delta_digest({b: read(b) for b in named}) == sb.delta_csum
+    except fmt.CorruptBlock:
+        return False
+
+
 def read_super(fd: int, path: str = "image") -> Super:
     """The newest valid superblock copy of an image; FormatError says why there is none."""
     size = image_size(fd)
@@ -1038,7 +1072,14 @@ def read_super(fd: int, path: str = "image") -> Super:
         if all("wrong magic" in p for p in problems):
             raise VolumeError(f"{path}: not a tux3fuse volume (no signature found)")
         raise VolumeError(f"{path}: no usable superblock ({'; '.join(problems)})")
-    sb = max(found, key=lambda s: s.seq)
+    found.sort(key=lambda s: s.seq, reverse=True)
+    sb = found[0]
+    if sb.delta_csum and not delta_landed(fd, sb):
+        if len(found) < 2:
+            raise VolumeError(f"{path}: the last delta ({sb.seq}) did not reach the disk whole and the other "
+                              f"superblock copy is unusable ({'; '.join(problems)})")
+        log.warning("%s: delta %d did not reach the disk whole; using delta %d", path, sb.seq, found[1].seq)
+        sb = found[1]
     if size < sb.volblocks * sb.blocksize:
         raise VolumeError(f"{path}: image is {size} bytes but the filesystem needs {sb.volblocks * sb.blocksize}"
                           " (truncated image?)")

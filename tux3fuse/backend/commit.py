@@ -99,12 +99,15 @@ class CommitJob:
         if (self.unify or vol.deltas_since_unify >= vol.unify_deltas
                 or sb.log_count + est_log > vol.unify_log_blocks):
             self._unify()
+            sb.delta_csum = 0
         else:
-            head, blocks = write_log(vol.alloc.take_records(), vol.blocksize, sb.log_head, delta,
-                                     vol.alloc_log_block, vol.write_meta)
+            records = vol.alloc.take_records()
+            head, blocks = write_log(records, vol.blocksize, sb.log_head, delta, vol.alloc_log_block,
+                                     vol.write_meta)
             sb.log_head = head
             sb.log_count += len(blocks)
             vol.log_blocks.extend(blocks)
+            sb.delta_csum = self._proof(records, blocks)
         sb.seq = delta
         sb.free_blocks = vol.alloc.free + vol.alloc.pending_count()
         sb.used_inodes = vol.used_inodes
@@ -114,6 +117,20 @@ class CommitJob:
         self.super_bytes = sb.pack()
         vol.writes = []
         self.writes.sort(key=lambda w: w[0])
+
+    def _proof(self, records: list[tuple[int, int, int]], log_blocks: list[int]) -> int:
+        """The digest that lets the superblock go out with the delta's blocks under one flush: a mount checks
+        it against the blocks the delta's log names, and falls back to the other superblock copy if any of them
+        did not reach the disk. 0 (two flushes) when the log does not name exactly the blocks written."""
+        if not self.vol.options.one_flush or not log_blocks:  # no log names the delta's blocks
+            return 0
+        if self.vol.stable == "none":  # blocks changed during I/O would fail the proof and roll the delta back;
+            return 0  # with two flushes they stay on disk, and their checksums show them torn
+        written = dict(self.writes)
+        named = fmt.delta_blocks(records) | set(log_blocks)
+        if named != written.keys():
+            return 0
+        return fmt.delta_digest(written)
 
     def _unify(self) -> None:
         """Fold the log into the bitmap: write the stale bitmap blocks to the other region and start a new log."""
@@ -248,11 +265,16 @@ class CommitJob:
         return self.cursor >= len(self.writes)
 
     def write_super(self) -> None:
-        """Flush the delta's blocks, write its superblock copy, flush again: the commit point."""
+        """The commit point. With a proof in the superblock (``delta_csum``) the superblock goes out with the
+        delta's blocks and one flush makes them durable together; without one (a unify), the blocks are flushed
+        first, then the superblock is written and flushed."""
         dev = self.vol.dev
+        if not self.vol.sb.delta_csum:
+            dev.flush()
+        copy = 1 - self.vol.sb.copy  # never the copy that names the last durable delta
+        dev.write_at(fmt.SUPER_OFFSETS[copy], self.super_bytes)
         dev.flush()
-        dev.write_at(fmt.SUPER_OFFSETS[self.delta % 2], self.super_bytes)
-        dev.flush()
+        self.vol.sb.copy = copy
 
     def write(self) -> None:
         """All of stage 2 (blocking: run it in a worker thread)."""
