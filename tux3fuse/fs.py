@@ -87,6 +87,7 @@ class Options:
     unify_log_blocks: int = 64
     background_bytes: int = 32 << 20  # dirty data that starts a commit without waiting for the timer
     one_flush: bool = True  # commit with one flush, the superblock proving the delta's blocks (docs/FORMAT.md)
+    inline_commit_blocks: int = 8  # commits this small do their I/O on the event loop, not in a worker thread
     writelog: str | None = None  # record every write and flush to this file (crash testing)
     lock: bool = True  # take the image lock (tests reading a committed state beside a live volume pass False)
 
@@ -248,7 +249,10 @@ class Volume:
             try:
                 for _ in job.prepare_steps():
                     await trio.sleep(0)  # let the frontend in between chunks of the prepare stage
-                await trio.to_thread.run_sync(job.write)
+                if len(job.writes) <= self.options.inline_commit_blocks:
+                    job.write()  # a few blocks: a thread hop would cost more than the loop waits here
+                else:
+                    await trio.to_thread.run_sync(job.write)
             except Exception as e:
                 self.fail(f"commit of delta {job.delta} failed: {e}")
                 self.job = None
