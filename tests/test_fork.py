@@ -286,3 +286,19 @@ def test_forked_pages_are_released_and_counted(vol):
     job.write()
     job.complete()
     assert vol.forks.live == 0 and vol.stats()["forked_pages_peak"] == 16
+
+
+def test_superblock_goes_to_the_copy_that_does_not_name_the_last_durable_delta(vol):
+    from tux3fuse import format as fmt
+
+    f = vol.create(1, b"f", 0o644)
+    vol.write(f.ino, 0, fill(1))
+    vol.commit()
+    durable, copy = vol.sb.seq, vol.sb.copy
+    assert not vol.commit()  # a delta with nothing to write writes no superblock (the next one is even)
+    vol.write(f.ino, 0, fill(2))
+    vol.commit()
+    assert vol.sb.copy == 1 - copy  # not chosen by delta parity: the durable copy must survive a torn write
+    with open(vol.path, "rb") as img:
+        img.seek(fmt.SUPER_OFFSETS[copy])
+        assert fmt.Super.unpack(img.read(fmt.SUPER_SIZE), copy).seq == durable

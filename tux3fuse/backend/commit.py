@@ -177,7 +177,7 @@ class CommitJob:
                 blocks += self._write_run(inode, size, tree, run)
                 since_yield += len(run)
                 run = []
-                if since_yield >= 256:
+                if since_yield >= 32:
                     vol.writes = self.writes
                     yield
                     since_yield = 0
