@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import random
 import shutil
@@ -259,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full-every", type=int, default=10, help="run the writable recovery every N points")
     p.add_argument("--keep", help="directory to keep the failing images in")
     p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="show the volume's log (fallbacks at mount)")
     a = p.parse_args(argv)
+    logging.getLogger("tux3fuse").setLevel(logging.INFO if a.verbose else logging.ERROR)
     rng = random.Random(a.seed)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(dir="/var/tmp" if os.path.isdir("/var/tmp") else None) as tmp:
