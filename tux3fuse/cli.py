@@ -25,6 +25,9 @@ def _run(main: Callable[[list[str]], int], argv: list[str] | None, default_fail:
         code = main(sys.argv[1:] if argv is None else argv)
     except KeyboardInterrupt:
         code = 130
+    except BrokenPipeError:  # output cut short by a pager or `head`: not an error worth a message
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - keep the interpreter quiet at exit
+        code = 0
     except UsageError as e:
         print(f"{os.path.basename(sys.argv[0])}: {e}", file=sys.stderr)
         code = 2
