@@ -36,6 +36,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from procutil import call, default_workdir, interrupt_on_signals, live_processes
+
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 FILESYSTEMS = ("tux3fuse", "fuse2fs")
@@ -93,53 +95,6 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-
-
-def _child_setup() -> None:
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
-
-
-def _wait_group_gone(pgid: int, timeout: float) -> None:
-    """Wait until no process is left in process group PGID (killed processes need a moment to close files)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-
-
-def call(
-    args: list[str], timeout: float, capture: bool = True, cwd: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    """subprocess.run that never leaves its child behind.
-
-    The child runs in its own process group (fio forks its jobs), which is killed on a timeout or an exception.
-    Signals are held while the child is being started, so the KeyboardInterrupt they raise (see main) always
-    finds a child to kill."""
-    pipe = subprocess.PIPE if capture else None
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
-    try:
-        proc = subprocess.Popen(args, stdout=pipe, stderr=pipe, text=True, cwd=cwd, process_group=0,
-                                preexec_fn=_child_setup)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-    with proc:
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except BaseException:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
-            _wait_group_gone(proc.pid, 5)
-            raise
-    return subprocess.CompletedProcess(args, proc.returncode, out, err)
-
-
 def run(
     cmd: Sequence[str | os.PathLike[str]], timeout: float = 120, check: bool = True, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -181,20 +136,7 @@ def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.05)
 def daemon_pids(image: Path) -> list[int]:
     """Live (non-zombie) processes whose command line names IMAGE: the FUSE daemon serving it."""
     needle = str(image)
-    pids = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                args = f.read().decode(errors="replace").split("\0")
-            with open(f"/proc/{entry.name}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if any(needle in a for a in args) and state not in ("Z", "X"):
-            pids.append(int(entry.name))
-    return pids
+    return [pid for pid, args in live_processes() if any(needle in a for a in args)]
 
 
 def reap_daemons(image: Path, timeout: float = 60) -> None:
@@ -605,27 +547,6 @@ def write_chart(path: Path, results: dict[str, FsResult]) -> str | None:
     return path.name
 
 
-def default_workdir() -> Path:
-    """A directory on local disk: /var/tmp unless it is missing or tmpfs."""
-    def fstype(p: Path) -> str:
-        best, kind = "", ""
-        try:
-            with open("/proc/self/mounts") as f:
-                for line in f:
-                    parts = line.split()
-                    mp = parts[1]
-                    if (str(p) == mp or str(p).startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best):
-                        best, kind = mp, parts[2]
-        except OSError:
-            pass
-        return kind
-
-    for cand in (Path("/var/tmp"), Path(tempfile.gettempdir())):
-        if cand.is_dir() and fstype(cand.resolve()) not in ("tmpfs", "ramfs"):
-            return cand
-    return Path(tempfile.gettempdir())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes and short runtimes (smoke run)")
@@ -645,11 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parent = (args.workdir or default_workdir()).resolve()
 
     # Turn SIGTERM/SIGHUP into an exception so the finally clauses unmount.
-    def on_signal(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
+    interrupt_on_signals()
 
     names = [args.only] if args.only else list(FILESYSTEMS)
     results: dict[str, FsResult] = {}

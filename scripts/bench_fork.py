@@ -68,6 +68,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from procutil import default_workdir, interrupt_on_signals
+
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 if str(REPO) not in sys.path:
@@ -669,27 +671,6 @@ def update_markdown(md: Path, section: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def default_workdir() -> Path:
-    """A directory on local disk: /var/tmp unless it is missing or tmpfs."""
-    def fstype(p: Path) -> str:
-        best, kind = "", ""
-        try:
-            with open("/proc/self/mounts") as f:
-                for line in f:
-                    parts = line.split()
-                    mp = parts[1]
-                    if (str(p) == mp or str(p).startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best):
-                        best, kind = mp, parts[2]
-        except OSError:
-            pass
-        return kind
-
-    for cand in (Path("/var/tmp"), Path(tempfile.gettempdir())):
-        if cand.is_dir() and fstype(cand.resolve()) not in ("tmpfs", "ramfs"):
-            return cand
-    return Path(tempfile.gettempdir())
-
-
 def parse_modes(text: str) -> list[str]:
     modes = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
@@ -731,11 +712,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     outdir.mkdir(parents=True, exist_ok=True)
     parent = (args.workdir or default_workdir()).resolve()
 
-    def on_signal(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
+    interrupt_on_signals()
 
     workdir = Path(tempfile.mkdtemp(prefix="tux3fork-", dir=parent))
     cfg = Config(seconds=seconds, hot_pages=args.hot_pages, stream_mbps=args.stream, commit_interval=args.commit,

@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from procutil import call, interrupt_on_signals, live_processes
+
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 
@@ -38,53 +40,6 @@ class Step:
 
 class StepFailed(Exception):
     pass
-
-
-_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-
-
-def _child_setup() -> None:
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
-
-
-def _wait_group_gone(pgid: int, timeout: float) -> None:
-    """Wait until no process is left in process group PGID (killed processes need a moment to close files)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-
-
-def call(
-    args: list[str], timeout: float, capture: bool = True, cwd: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    """subprocess.run that never leaves its child behind.
-
-    The child runs in its own process group (fio forks its jobs), which is killed on a timeout or an exception.
-    Signals are held while the child is being started, so the KeyboardInterrupt they raise (see main) always
-    finds a child to kill."""
-    pipe = subprocess.PIPE if capture else None
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
-    try:
-        proc = subprocess.Popen(args, stdout=pipe, stderr=pipe, text=True, cwd=cwd, process_group=0,
-                                preexec_fn=_child_setup)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-    with proc:
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except BaseException:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
-            _wait_group_gone(proc.pid, 5)
-            raise
-    return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
 def run(
@@ -124,20 +79,7 @@ def wait_until(pred: Callable[[], bool], timeout: float) -> bool:
 
 def daemon_pids(image: Path) -> list[int]:
     """Live processes whose command line names IMAGE (the daemon this demo started)."""
-    pids = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                args = f.read().decode(errors="replace").split("\0")
-            with open(f"/proc/{entry.name}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if str(image) in args and state not in ("Z", "X"):
-            pids.append(int(entry.name))
-    return pids
+    return [pid for pid, args in live_processes() if str(image) in args]
 
 
 def force_cleanup(mnt: Path, image: Path) -> None:
@@ -192,11 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("demo: fio not found; run 'make deps'", file=sys.stderr)
         return 2
 
-    def on_signal(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
+    interrupt_on_signals()
 
     tmp = Path(tempfile.mkdtemp(prefix="tux3demo-")).resolve()
     image = tmp / "fs.img"
