@@ -16,14 +16,34 @@ BS = 4096
 
 
 @pytest.fixture
-def vol(tmp_path):
-    path = str(tmp_path / "v.img")
-    mkfs(path, BS, 32 << 20)
-    v = Volume(path, Options())
-    v.mount()
-    yield v
-    if v.lock_fd >= 0:
-        v.unmount()
+def make_vol(tmp_path):
+    """make_vol(stable) -> a mounted volume on a fresh 32 MiB image, unmounted at the end."""
+    vols = []
+
+    def make(stable: str = "fork") -> Volume:
+        path = str(tmp_path / f"{stable}{len(vols)}.img")
+        mkfs(path, BS, 32 << 20)
+        v = Volume(path, Options(stable=stable))
+        v.mount()
+        vols.append(v)
+        return v
+
+    yield make
+    for v in vols:
+        if v.lock_fd >= 0:
+            v.unmount()
+
+
+@pytest.fixture
+def vol(make_vol):
+    return make_vol()
+
+
+def written_and_committing(vol: Volume, data: bytes):
+    """A file holding ``data`` whose commit has just been prepared: its pages are under writeback."""
+    f = vol.create(1, b"f", 0o644)
+    vol.write(f.ino, 0, data)
+    return f, vol.start_commit()
 
 
 def committed(vol: Volume) -> Volume:
@@ -50,9 +70,7 @@ def test_need_fork_table():
 
 
 def test_write_to_page_under_writeback_forks_without_waiting(vol):
-    f = vol.create(1, b"f", 0o644)
-    vol.write(f.ino, 0, fill(1))
-    job = vol.start_commit()  # the page is now under writeback, owned by the backend
+    f, job = written_and_committing(vol, fill(1))  # the page is now under writeback, owned by the backend
     page = vol.iget(f.ino).mapping.get(0)
     assert page.writeback
     vol.write(f.ino, 0, fill(2))  # returns at once
@@ -111,14 +129,9 @@ def test_held_device_write_forks_while_the_io_is_in_flight(vol):
     snap.close_files()
 
 
-def test_wait_mode_waits_for_the_io_and_never_forks(tmp_path):
-    path = str(tmp_path / "w.img")
-    mkfs(path, BS, 32 << 20)
-    vol = Volume(path, Options(stable="wait"))
-    vol.mount()
-    f = vol.create(1, b"f", 0o644)
-    vol.write(f.ino, 0, fill(1))
-    job = vol.start_commit()
+def test_wait_mode_waits_for_the_io_and_never_forks(make_vol):
+    vol = make_vol("wait")
+    f, job = written_and_committing(vol, fill(1))
     with pytest.raises(WaitFor):
         vol.write(f.ino, 0, fill(2))
     assert vol.read(f.ino, 0, BS) == fill(1)  # nothing changed before the wait
@@ -130,17 +143,11 @@ def test_wait_mode_waits_for_the_io_and_never_forks(tmp_path):
     snap = committed(vol)
     assert snap.read(f.ino, 0, BS) == fill(2)
     snap.close_files()
-    vol.unmount()
 
 
-def test_none_mode_tears_the_block_and_the_checksum_catches_it(tmp_path):
-    path = str(tmp_path / "n.img")
-    mkfs(path, BS, 32 << 20)
-    vol = Volume(path, Options(stable="none"))
-    vol.mount()
-    f = vol.create(1, b"f", 0o644)
-    vol.write(f.ino, 0, fill(1))
-    job = vol.start_commit()
+def test_none_mode_tears_the_block_and_the_checksum_catches_it(make_vol):
+    vol = make_vol("none")
+    f, job = written_and_committing(vol, fill(1))
     vol.write(f.ino, 100, b"torn")  # changes the very buffer the backend is about to write
     job.write()
     job.complete()
