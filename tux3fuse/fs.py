@@ -237,7 +237,7 @@ class Volume:
                 raise VolumeError(self.failed) from e
         return job
 
-    async def commit_async(self, *, unify: bool = False, state: int | None = None) -> int:
+    async def commit_async(self, *, unify: bool = False, state: int | None = None, inline_small: bool = False) -> int:
         """Commit the current delta with its I/O in a worker thread; the frontend keeps running meanwhile.
         Returns the delta committed. Waits for a commit already in flight first."""
         import trio
@@ -249,8 +249,8 @@ class Volume:
             try:
                 for _ in job.prepare_steps():
                     await trio.sleep(0)  # let the frontend in between chunks of the prepare stage
-                if len(job.writes) <= self.options.inline_commit_blocks:
-                    job.write()  # a few blocks: a thread hop would cost more than the loop waits here
+                if inline_small and len(job.writes) <= self.options.inline_commit_blocks:
+                    job.write()  # someone waits for this small commit: a thread hop costs more than it saves
                 else:
                     await trio.to_thread.run_sync(job.write)
             except Exception as e:
@@ -283,7 +283,7 @@ class Volume:
             if not (self.dirty_inodes.get(self.deltas.current) or self.alloc.records):
                 if self.deltas.committed >= target - 1:
                     return  # nothing was changed in the delta we would commit
-            await self.commit_async()
+            await self.commit_async(inline_small=True)
 
     async def call(self, fn, *args, **kwargs):
         """Run an embedded-API operation, waiting and retrying while it must wait for a commit (WaitFor)."""
