@@ -19,7 +19,7 @@ _NOT_FULL = re.compile(rb"[^\xff]")
 
 
 class NoSpace(Exception):
-    pass
+    """No free block is left (the frontend's reservation should have prevented this)."""
 
 
 class Allocator:

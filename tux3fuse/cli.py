@@ -17,7 +17,7 @@ PROG_MOUNT = "tux3fuse"
 
 
 class UsageError(Exception):
-    pass
+    """Wrong usage: reported as one line, exit status 2."""
 
 
 def _run(main: Callable[[list[str]], int], argv: list[str] | None, default_fail: int = 1) -> None:
@@ -231,12 +231,11 @@ def umount_cmd(argv: list[str], prog: str = "umount.tux3") -> int:
     if not _mounted_at(mnt):
         raise UsageError(f"{a.mountpoint} is not mounted")
     state_file, _ = state_paths(mnt)
-    state = {}
     try:
         with open(state_file) as f:
             state = json.load(f)
     except (OSError, ValueError):
-        pass
+        state = {}  # no record of the daemon: unmount anyway, but there is nothing to wait for
     cmd = ["fusermount3", "-u"] + (["-z"] if a.lazy else []) + [mnt]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
@@ -359,7 +358,7 @@ def _image_mounted(image: str) -> bool:
                         fields[0].replace("\\040", " ")) == real:
                     return True
     except OSError:
-        pass
+        return False
     return False
 
 

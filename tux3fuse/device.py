@@ -132,9 +132,6 @@ class Device:
         if self.writelog is not None:
             self.writelog.write(offset, data)
 
-    def read_at(self, offset: int, size: int) -> bytes:
-        return os.pread(self.fd, size, offset)
-
     def flush(self) -> None:
         os.fdatasync(self.fd)
         self.stats.flushes += 1

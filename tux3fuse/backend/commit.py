@@ -20,6 +20,7 @@ Guarantees:
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -54,8 +55,8 @@ class CommitJob:
     # -- stage 1 ---------------------------------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        for _ in self.prepare_steps():
-            pass
+        """All of stage 1 at once."""
+        deque(self.prepare_steps(), maxlen=0)
 
     def begin(self) -> None:
         """What must happen at the transition itself, before the frontend runs again: take the delta's dirty
