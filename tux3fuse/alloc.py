@@ -35,7 +35,8 @@ class Allocator:
         for b in range(volblocks, nbytes * 8):
             self.bits[b >> 3] |= 1 << (b & 7)
         self.free = volblocks - self._count_used()
-        self.goal = 0
+        self.goal = 0  # where data allocation continues
+        self.meta_goal = 0  # where metadata allocation continues
         self.pending: list[tuple[int, int]] = []  # freed by the delta being built, released after its commit
         self.records: list[tuple[int, int, int]] = []
         self.stale: tuple[set[int], set[int]] = (set(), set())  # bitmap blocks differing from each region
@@ -111,15 +112,20 @@ class Allocator:
                 m = _NOT_FULL.search(self.bits, byte + 1)
         raise NoSpace()
 
-    def alloc_run(self, want: int, goal: int | None = None) -> tuple[int, int]:
-        """Allocate up to ``want`` contiguous blocks (at least one); return (start, count)."""
+    def alloc_run(self, want: int, goal: int | None = None, meta: bool = False) -> tuple[int, int]:
+        """Allocate up to ``want`` contiguous blocks (at least one); return (start, count). Data and metadata
+        (``meta``) advance separate cursors, so a file's data stays contiguous across commits."""
         if self.free <= 0:
             raise NoSpace()
-        start = self._find_free(self.goal if goal is None else goal)
+        cursor = self.meta_goal if meta else self.goal
+        start = self._find_free(cursor if goal is None else goal)
         count = max(1, self._run_length(start, want))
         self._set_range(start, count, True)
         self.free -= count
-        self.goal = start + count
+        if meta:
+            self.meta_goal = start + count
+        else:
+            self.goal = start + count
         self.records.append((LOG_ALLOC, start, count))
         return start, count
 

@@ -143,6 +143,9 @@ class Volume:
         except (CorruptBlock, OutOfRange) as e:
             raise VolumeError(f"{self.path}: {e}") from None
         self.log_blocks = [block for block, _ in chain]
+        first = fmt.reserved_blocks(bs) + 2 * sb.bitmap_blocks
+        self.alloc.meta_goal = first  # metadata from the front, data from a sixteenth of the way in
+        self.alloc.goal = first + (sb.volblocks - first) // 16
         self.deltas_since_unify = sb.seq - sb.unify_seq
         self.unify_deltas = self.options.unify_deltas
         self.unify_log_blocks = self.options.unify_log_blocks
@@ -315,10 +318,10 @@ class Volume:
         return self.dev.read_block(block)
 
     def alloc_meta(self) -> int:
-        return self.alloc.alloc()
+        return self.alloc.alloc_run(1, meta=True)[0]
 
     def alloc_log_block(self) -> int:
-        start, _ = self.alloc.alloc_run(1)
+        start, _ = self.alloc.alloc_run(1, meta=True)
         self.alloc.records.pop()  # a log block's own allocation is implied by the chain
         return start
 

@@ -221,8 +221,13 @@ class CommitJob:
         none_mode = vol.stable == "none"
         added = 0
         done = 0
+        goal = None
+        if run[0].index:  # continue right after the block before, so the file's extent grows in place
+            before, _, n = extents.lookup_run(tree, run[0].index - 1, 1)
+            goal = before + 1 if before else None
         while done < len(run):
-            physical, count = vol.alloc.alloc_run(len(run) - done)
+            physical, count = vol.alloc.alloc_run(len(run) - done, goal)
+            goal = None
             pages = run[done: done + count]
             for page in pages:
                 if none_mode:
