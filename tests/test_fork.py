@@ -309,3 +309,56 @@ def test_superblock_goes_to_the_copy_that_does_not_name_the_last_durable_delta(v
     with open(vol.path, "rb") as img:
         img.seek(fmt.SUPER_OFFSETS[copy])
         assert fmt.Super.unpack(img.read(fmt.SUPER_SIZE), copy).seq == durable
+
+
+def test_writer_over_the_dirty_limit_waits_while_other_requests_are_served(tmp_path):
+    path = str(tmp_path / "t.img")
+    mkfs(path, BS, 32 << 20)
+    vol = Volume(path, Options(dirty_limit=32 * BS))
+    vol.mount()
+    f = vol.create(1, b"f", 0o644)
+    vol.write(f.ino, 0, fill(1, 32 * BS))  # at the limit
+    job = vol.start_commit()
+    reached, release = vol.dev.hold(min(b for b, _ in job.writes))
+    order = []
+
+    async def main():
+        async def writer():
+            await vol.call(vol.write, f.ino, 32 * BS, fill(2, 8 * BS))  # over the limit while the commit is stuck
+            order.append("write")
+
+        async def stat():
+            order.append(("stat", vol.getattr(f.ino).size))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, job.write)
+            await trio.to_thread.run_sync(reached.wait)
+            nursery.start_soon(writer)
+            await trio.sleep(0.05)
+            nursery.start_soon(stat)
+            await trio.sleep(0.05)
+            assert order == [("stat", 32 * BS)]  # served while the writer is throttled
+            release.set()
+            while vol.job is job and not job.cursor >= len(job.writes):
+                await trio.sleep(0.01)
+            await trio.sleep(0.05)
+            job.complete()
+        assert order[-1] == "write"
+
+    trio.run(main)
+    assert vol.counters["throttled"] >= 1
+    assert vol.read(f.ino, 32 * BS, 8 * BS) == fill(2, 8 * BS)
+    vol.unmount()
+
+
+def test_plain_embedded_writer_over_the_dirty_limit_commits_itself(tmp_path):
+    path = str(tmp_path / "p.img")
+    mkfs(path, BS, 32 << 20)
+    vol = Volume(path, Options(dirty_limit=16 * BS))
+    vol.mount()
+    f = vol.create(1, b"f", 0o644)
+    for i in range(8):
+        vol.write(f.ino, i * 8 * BS, fill(i + 1, 8 * BS))
+    assert vol.cache.dirty_pages * BS <= 16 * BS
+    assert vol.counters["commits"] >= 3
+    vol.unmount()

@@ -340,3 +340,14 @@ def test_stat_reports_counters(make_mount):
                 "forked_pages_peak"):
         assert key in s
     assert s["commits"] >= 1 and s["blocks_written"] >= 25 and s["flushes"] >= 2
+
+
+def test_dirty_limit_throttles_writers_and_keeps_the_data(make_mount):
+    m = make_mount(size="512M", options="dirty_limit=4M,commit=3600")
+    data = os.urandom(48 << 20)
+    write_file(m.path("big"), data, fsync=True)
+    s = m.stat_json()
+    assert s["throttled"] >= 1 and s["commits"] >= 3
+    m.umount()
+    m.start()
+    assert read_file(m.path("big")) == data

@@ -93,7 +93,7 @@ IGNORED = {"defaults", "auto", "noauto", "user", "nouser", "users", "nofail", "_
 def parse_mount_options(text: str) -> dict:
     """-o string -> settings; raises UsageError on anything unknown."""
     out = {"ro": False, "writeback": True, "xattr": False, "commit": 5.0, "cache": None, "stable": "fork",
-           "writelog": None, "fuse": set()}
+           "writelog": None, "dirty_limit": None, "fuse": set()}
     for opt in filter(None, (text or "").split(",")):
         key, _, value = opt.partition("=")
         if key == "ro":
@@ -117,12 +117,12 @@ def parse_mount_options(text: str) -> dict:
             if value not in ("fork", "wait", "none"):
                 raise UsageError(f"stable= takes fork, wait or none, not {value!r}")
             out["stable"] = value
-        elif key == "cache":
+        elif key in ("cache", "dirty_limit"):
             from .mkfs import parse_size
             try:
-                out["cache"] = parse_size(value)
+                out[key] = parse_size(value)
             except ValueError as e:
-                raise UsageError(str(e)) from None
+                raise UsageError(f"{key}=: {e}") from None
         elif key in PASSED:
             out["fuse"].add(opt)
         elif key in IGNORED or key.startswith("x-") or key in ("fsname", "subtype", "debug"):
@@ -165,6 +165,8 @@ def mount_cmd(argv: list[str], prog: str = PROG_MOUNT) -> int:
     options = Options(readonly=opts["ro"], stable=opts["stable"], writelog=opts["writelog"])
     if opts["cache"]:
         options.cache_bytes = opts["cache"]
+    if opts["dirty_limit"]:
+        options.dirty_limit = opts["dirty_limit"]
     vol = Volume(image, options)
     try:
         vol.mount()

@@ -49,6 +49,11 @@ class VolumeError(Exception):
     """The volume cannot be used (bad image, or it failed while mounted)."""
 
 
+class Throttled(Exception):
+    """Dirty data is over ``Options.dirty_limit``: the writer waits for a commit to clean some (the
+    balance_dirty_pages analogue); nothing was changed. ``Volume.call`` does the waiting."""
+
+
 class WaitFor(Exception):
     """The operation must wait for a commit in flight (stable=wait, or space held by that commit); nothing was
     changed. Await ``Volume.wait_job(job)`` and try again (``Volume.call`` does both)."""
@@ -86,6 +91,7 @@ class Options:
     unify_deltas: int = 8
     unify_log_blocks: int = 64
     background_bytes: int = 32 << 20  # dirty data that starts a commit without waiting for the timer
+    dirty_limit: int = 128 << 20  # above this much dirty data writers are throttled (0: no limit)
     one_flush: bool = True  # commit with one flush, the superblock proving the delta's blocks (docs/FORMAT.md)
     inline_commit_blocks: int = 8  # commits this small do their I/O on the event loop, not in a worker thread
     writelog: str | None = None  # record every write and flush to this file (crash testing)
@@ -300,6 +306,14 @@ class Volume:
                 await self.wait_job(w.job)
                 self.counters["waits"] += 1
                 self.counters["wait_seconds"] += _time.perf_counter() - started
+            except Throttled:
+                started = _time.perf_counter()
+                if self.job is not None:
+                    await self.wait_job(self.job)
+                else:  # nobody is committing: the throttled writer commits, as balance_dirty_pages writes back
+                    await self.commit_async()
+                self.counters["throttled"] += 1
+                self.counters["throttle_seconds"] += _time.perf_counter() - started
 
     def fail(self, reason: str) -> None:
         """Turn the volume read-only after an error it cannot recover from; the image keeps its last commit."""
@@ -613,7 +627,13 @@ class Volume:
         self._must_wait(inode, first, last)
         mine = mapping.dirty.get(self.deltas.current)
         npages = last - first + 1
-        self.reserve(npages if not mine else npages - sum(1 for i in range(first, last + 1) if i in mine))
+        new = npages if not mine else npages - sum(1 for i in range(first, last + 1) if i in mine)
+        limit = self.options.dirty_limit
+        if limit and new and self.cache.dirty_pages and (self.cache.dirty_pages + new) * bs > limit:
+            if self.job is not None or self.on_background is not None:
+                raise Throttled()  # the caller awaits the commit (Volume.call); the event loop keeps serving
+            self.commit()  # a plain embedded caller with no flusher: write back now, synchronously
+        self.reserve(new)
         with self.deltas.change() as delta:
             size = inode.rec.size
             mv = memoryview(data)
