@@ -70,6 +70,7 @@ demo: install
 bench: install
 	$(PY) scripts/bench.py $(BENCH_ARGS)
 	$(PY) scripts/bench_fork.py $(BENCH_ARGS)
+	$(PY) scripts/bench_fsync.py $(BENCH_ARGS)
 
 CRASH_POINTS ?= 1000
 

@@ -1,0 +1,809 @@
+#!/usr/bin/env python3
+"""fsync scaling benchmark (the shape of Tux3's 2015 fsync test): tux3fuse, fuse2fs and kernel ext4 on a loop device.
+
+N tasks each append 1 KiB to a file of their own and fsync it, 10 times, for N = 1, 10, 100 and 1000 (1, 10 and 100
+with --quick); then 1 task does 1,000 appends + fsyncs. Tasks are threads of this process (os.write and os.fsync
+release the GIL); each configuration gets a fresh directory whose files are created and opened before the clock
+starts, then committed (fsync of the directory, `tux3 sync` on tux3fuse, sync()), so the timed phase holds only the
+appends and fsyncs. A threading.Barrier releases all tasks at once; the wall time runs from the barrier to the end of
+the last task. Afterwards every file must be exactly 10 KiB (or 1,000 KiB) long.
+
+Filesystems, each on a 2 GiB sparse image in a temporary directory on local disk (default /var/tmp, never tmpfs):
+
+  tux3fuse   mkfs.tux3 -s 2G -f IMAGE; tux3fuse IMAGE MNT (default options); tux3 umount MNT
+  fuse2fs    truncate -s 2G IMAGE; mkfs.ext4 -F -q IMAGE; fuse2fs IMAGE MNT -o fakeroot; fusermount -u MNT
+  ext4       losetup --find --show IMAGE; mkfs.ext4 -F -q LOOP; mount -t ext4 -o noinit_itable LOOP MNT (kernel
+             ext4; noinit_itable keeps the lazy inode-table zeroing thread from writing during the runs);
+             umount MNT; losetup -d LOOP. Needs root and loop devices: skipped, with the reason, without them.
+
+All three end up calling fsync on their image file on the same local disk. On tux3fuse the script also reads
+`tux3 stat --json MNT` before and after each configuration and reports the commits and device flushes per fsync
+(the counters' deltas divided by the number of fsyncs).
+
+Goal line (printed as PASS/FAIL; it does not change the exit status): tux3fuse runs 100 tasks x 10 in at most
+1.0 x the time of kernel ext4 on the loop device.
+
+Output: a table on stdout, OUTDIR/bench_fsync.png (time vs tasks, log-log, one line per filesystem, and the
+1 x 1,000 run beside it; needs matplotlib) and a section "## fsync scaling" in OUTDIR/PERFORMANCE.md (replaced if
+present, the rest of the file is kept). OUTDIR is docs/, or bench-out/ with --quick. Exit status: 0 if something
+was measured, 1 if nothing was, 2 on bad usage, 130 if interrupted. Mounts, daemons, loop devices and the work
+directory are always cleaned up, also on Ctrl-C, SIGTERM and SIGHUP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from procutil import call, default_workdir, interrupt_on_signals, live_processes
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+SBIN_PATH = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+FILESYSTEMS = ("tux3fuse", "fuse2fs", "ext4")
+LABELS = {"tux3fuse": "tux3fuse", "fuse2fs": "fuse2fs", "ext4": "ext4-loop"}
+COLORS = {"tux3fuse": "#1f77b4", "fuse2fs": "#ff7f0e", "ext4": "#2ca02c"}
+IMAGE_SIZE = "2G"
+IMAGE_BYTES = 2 << 30
+APPEND = 1024
+SECTION = "## fsync scaling"
+GOAL = (100, 10)  # tux3fuse time for this configuration <= GOAL_RATIO x ext4-loop's
+GOAL_RATIO = 1.0
+CONFIG_TIMEOUT = 600.0  # seconds for the timed phase of one configuration
+
+
+@dataclass(frozen=True)
+class Config:
+    tasks: int
+    appends: int
+
+    @property
+    def fsyncs(self) -> int:
+        return self.tasks * self.appends
+
+    @property
+    def label(self) -> str:
+        return f"{self.tasks:,} x {self.appends:,}"
+
+
+FULL = (Config(1, 10), Config(10, 10), Config(100, 10), Config(1000, 10), Config(1, 1000))
+QUICK = (Config(1, 10), Config(10, 10), Config(100, 10), Config(1, 1000))
+
+
+@dataclass
+class FsResult:
+    seconds: dict[Config, float] = field(default_factory=dict)
+    commits: dict[Config, float] = field(default_factory=dict)  # per fsync (tux3fuse)
+    flushes: dict[Config, float] = field(default_factory=dict)  # per fsync (tux3fuse)
+    errors: dict[str, str] = field(default_factory=dict)
+    skipped: str | None = None
+
+
+class BenchError(Exception):
+    pass
+
+
+class Unavailable(Exception):
+    """The filesystem cannot be set up on this machine (for instance: no loop devices); it is skipped."""
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def run(cmd: Sequence[str | os.PathLike[str]], timeout: float = 120, check: bool = True
+        ) -> subprocess.CompletedProcess[str]:
+    args = [str(c) for c in cmd]
+    try:
+        proc = call(args, timeout)
+    except subprocess.TimeoutExpired as e:
+        raise BenchError(f"timed out after {timeout:.0f}s: {shlex.join(args)}") from e
+    except OSError as e:
+        raise BenchError(f"cannot run {shlex.join(args)}: {e}") from e
+    if check and proc.returncode != 0:
+        detail = (proc.stderr.strip() or proc.stdout.strip())[-2000:]
+        raise BenchError(f"exit status {proc.returncode}: {shlex.join(args)}\n{detail}")
+    return proc
+
+
+def which(tool: str) -> str | None:
+    return shutil.which(tool, path=SBIN_PATH)
+
+
+def mount_fstype(path: Path) -> str | None:
+    """The filesystem type mounted on PATH, or None if nothing is."""
+    target = str(path.resolve())
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                parts = line.split()
+                if parts[4].replace("\\040", " ") == target:
+                    return parts[parts.index("-") + 1]
+    except (OSError, ValueError, IndexError):
+        return "unknown" if os.path.ismount(path) else None
+    return None
+
+
+def is_mounted(path: Path) -> bool:
+    return mount_fstype(path) is not None
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+def daemon_pids(image: Path) -> list[int]:
+    """Live (non-zombie) processes whose command line names IMAGE: the FUSE daemon serving it."""
+    needle = str(image)
+    return [pid for pid, args in live_processes() if any(needle in a for a in args)]
+
+
+def reap_daemons(image: Path, timeout: float = 60) -> None:
+    """Wait for the daemons serving IMAGE to exit; after TIMEOUT, terminate them."""
+    if wait_until(lambda: not daemon_pids(image), timeout, 0.1):
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in daemon_pids(image):
+            log(f"  daemon {pid} for {image} did not exit, sending {sig.name}")
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        if wait_until(lambda: not daemon_pids(image), 5, 0.1):
+            return
+
+
+def fusermount() -> str:
+    return shutil.which("fusermount") or shutil.which("fusermount3") or "fusermount3"
+
+
+def force_umount(mnt: Path) -> None:
+    """Lazy unmount of whatever is mounted on MNT (cleanup after a failure or an interrupt)."""
+    kind = mount_fstype(mnt)
+    if kind is None:
+        return
+    if kind.startswith("fuse") and os.geteuid() != 0:
+        run([fusermount(), "-u", "-z", mnt], check=False, timeout=60)
+    else:
+        run(["umount", "-l", mnt], check=False, timeout=60)
+
+
+def loop_devices(image: Path) -> list[str]:
+    """Loop devices backed by IMAGE (`losetup -j`)."""
+    if not which("losetup"):
+        return []
+    try:
+        out = run([which("losetup") or "losetup", "-j", image], check=False, timeout=30).stdout
+    except BenchError:
+        return []
+    return [line.split(":", 1)[0] for line in out.splitlines() if line.startswith("/dev/")]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# filesystems
+
+
+class Fs:
+    """One filesystem under test: set up (image, mkfs, mount), commit, counters, tear down."""
+
+    name = ""
+
+    def __init__(self, workdir: Path) -> None:
+        self.image = workdir / f"{self.name}.img"
+        self.mnt = workdir / f"{self.name}.mnt"
+
+    def missing(self) -> str | None:
+        raise NotImplementedError
+
+    def setup(self) -> None:
+        raise NotImplementedError
+
+    def teardown(self) -> None:
+        raise NotImplementedError
+
+    def sync(self) -> None:
+        """Make what was done so far durable before a timed phase (beyond the directory fsync)."""
+
+    def stats(self) -> dict[str, float] | None:
+        return None
+
+    def mounted_check(self) -> None:
+        if not is_mounted(self.mnt):
+            raise BenchError(f"{self.mnt} is no longer mounted")
+
+
+class FuseFs(Fs):
+    def _mount(self) -> None:
+        raise NotImplementedError
+
+    def _umount(self) -> None:
+        raise NotImplementedError
+
+    def mount(self) -> None:
+        self.mnt.mkdir(exist_ok=True)
+        self._mount()
+        if not wait_until(lambda: is_mounted(self.mnt), 30):
+            raise BenchError(f"{self.name}: {self.mnt} is not mounted after the mount command returned")
+
+    def teardown(self) -> None:
+        """Unmount and wait for the daemon to exit; falls back to a lazy unmount."""
+        error: BenchError | None = None
+        for attempt in range(3):
+            if not is_mounted(self.mnt):
+                break
+            if attempt:
+                time.sleep(1)
+            try:
+                self._umount()
+                error = None
+            except BenchError as e:
+                error = e
+        if is_mounted(self.mnt):
+            log(f"  {self.name}: unmount failed ({error}); lazy unmount")
+            force_umount(self.mnt)
+        reap_daemons(self.image)
+        if error is not None:
+            raise error
+
+
+class Tux3Fs(FuseFs):
+    name = "tux3fuse"
+
+    def missing(self) -> str | None:
+        for tool in ("mkfs.tux3", "tux3fuse", "tux3"):
+            if not (VENV_BIN / tool).exists():
+                return f"{VENV_BIN / tool} not found (run 'make install')"
+        if not os.path.exists("/dev/fuse"):
+            return "/dev/fuse not found"
+        return None
+
+    def setup(self) -> None:
+        run([VENV_BIN / "mkfs.tux3", "-s", IMAGE_SIZE, "-f", self.image])
+        self.mount()
+
+    def _mount(self) -> None:
+        run([VENV_BIN / "tux3fuse", self.image, self.mnt], timeout=60)
+
+    def _umount(self) -> None:
+        run([VENV_BIN / "tux3", "umount", self.mnt], timeout=300)
+
+    def sync(self) -> None:
+        run([VENV_BIN / "tux3", "sync", self.mnt], timeout=300)
+
+    def stats(self) -> dict[str, float]:
+        proc = run([VENV_BIN / "tux3", "stat", "--json", self.mnt], timeout=60, check=False)
+        try:
+            data = json.loads(proc.stdout)
+            return {"commits": float(data["commits"]), "flushes": float(data["flushes"])}
+        except (ValueError, KeyError, TypeError) as e:
+            raise BenchError(f"tux3 stat --json {self.mnt}: exit status {proc.returncode}, unusable output "
+                             f"({type(e).__name__}: {e}): {(proc.stdout + proc.stderr).strip()[:500]}") from e
+
+
+class Fuse2Fs(FuseFs):
+    name = "fuse2fs"
+
+    def missing(self) -> str | None:
+        for tool in ("fuse2fs", "mkfs.ext4"):
+            if not which(tool):
+                return f"{tool} not found (apt-get install fuse2fs e2fsprogs)"
+        if not (shutil.which("fusermount") or shutil.which("fusermount3")):
+            return "neither fusermount nor fusermount3 found"
+        return None
+
+    def setup(self) -> None:
+        with open(self.image, "wb") as f:
+            f.truncate(IMAGE_BYTES)
+        run([which("mkfs.ext4") or "mkfs.ext4", "-F", "-q", self.image])
+        self.mount()
+
+    def _mount(self) -> None:
+        run([which("fuse2fs") or "fuse2fs", self.image, self.mnt, "-o", "fakeroot"], timeout=60)
+
+    def _umount(self) -> None:
+        run([fusermount(), "-u", self.mnt], timeout=60)
+
+
+class Ext4LoopFs(Fs):
+    name = "ext4"
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.device: str | None = None
+
+    def missing(self) -> str | None:
+        if os.geteuid() != 0:
+            return "loop devices unavailable: losetup and mount need root"
+        for tool in ("losetup", "mkfs.ext4", "mount", "umount"):
+            if not which(tool):
+                return f"{tool} not found"
+        if not os.path.exists("/dev/loop-control") and not os.path.exists("/dev/loop0"):
+            return "loop devices unavailable: neither /dev/loop-control nor /dev/loop0 exists"
+        return None
+
+    def setup(self) -> None:
+        with open(self.image, "wb") as f:
+            f.truncate(IMAGE_BYTES)
+        proc = run([which("losetup") or "losetup", "--find", "--show", self.image], check=False, timeout=60)
+        if proc.returncode != 0 or not proc.stdout.strip().startswith("/dev/"):
+            raise Unavailable(f"loop devices unavailable: losetup --find --show: exit status {proc.returncode}: "
+                              f"{(proc.stderr or proc.stdout).strip()}")
+        self.device = proc.stdout.strip()
+        run([which("mkfs.ext4") or "mkfs.ext4", "-F", "-q", self.device])
+        self.mnt.mkdir(exist_ok=True)
+        run([which("mount") or "mount", "-t", "ext4", "-o", "noinit_itable", self.device, self.mnt], timeout=60)
+
+    def sync(self) -> None:
+        os.sync()
+
+    def teardown(self) -> None:
+        error: BenchError | None = None
+        try:
+            for attempt in range(3):
+                if not is_mounted(self.mnt):
+                    break
+                if attempt:
+                    time.sleep(1)
+                try:
+                    run([which("umount") or "umount", self.mnt], timeout=120)
+                    error = None
+                except BenchError as e:
+                    error = e
+            if is_mounted(self.mnt):
+                log(f"  ext4: unmount failed ({error}); lazy unmount")
+                force_umount(self.mnt)
+        finally:
+            devices = {self.device} if self.device else set()
+            devices.update(loop_devices(self.image))
+            for dev in sorted(d for d in devices if d):
+                proc = run([which("losetup") or "losetup", "-d", dev], check=False, timeout=60)
+                if proc.returncode != 0:
+                    error = error or BenchError(f"losetup -d {dev}: {proc.stderr.strip()}")
+            self.device = None
+        if error is not None:
+            raise error
+
+
+def make_fs(name: str, workdir: Path) -> Fs:
+    return {"tux3fuse": Tux3Fs, "fuse2fs": Fuse2Fs, "ext4": Ext4LoopFs}[name](workdir)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the workload
+
+
+class Workload:
+    """The files of one configuration, created and opened before the timed phase."""
+
+    def __init__(self, root: Path, cfg: Config) -> None:
+        self.cfg = cfg
+        self.dir = root / f"t{cfg.tasks}x{cfg.appends}"
+        self.fds: list[int] = []
+        self.payload = os.urandom(APPEND)
+
+    def prepare(self) -> None:
+        self.dir.mkdir()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
+        for i in range(self.cfg.tasks):
+            self.fds.append(os.open(self.dir / f"f{i:04d}", flags, 0o644))
+        dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def run(self, timeout: float) -> float:
+        """Run the tasks; returns the wall time from the barrier to the end of the last task."""
+        cfg = self.cfg
+        barrier = threading.Barrier(cfg.tasks + 1)
+        stop = threading.Event()
+        errors: list[str] = []
+        payload = self.payload
+
+        def task(fd: int) -> None:
+            try:
+                barrier.wait()
+                for _ in range(cfg.appends):
+                    if stop.is_set():
+                        return
+                    n = os.write(fd, payload)
+                    if n != len(payload):
+                        raise OSError(f"short write: {n} of {len(payload)} bytes")
+                    os.fsync(fd)
+            except threading.BrokenBarrierError:
+                return
+            except Exception as e:  # report the exact error of the filesystem
+                errors.append(f"{type(e).__name__}: {e}")
+
+        threads = [threading.Thread(target=task, args=(fd,), name=f"task{i}", daemon=True)
+                   for i, fd in enumerate(self.fds)]
+        try:
+            for t in threads:
+                t.start()
+            barrier.wait(timeout=120)
+            start = time.perf_counter()
+            deadline = time.monotonic() + timeout
+            for t in threads:
+                while t.is_alive():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        busy = sum(t.is_alive() for t in threads)
+                        raise BenchError(f"{cfg.label}: {busy} of {cfg.tasks} tasks still running after "
+                                         f"{timeout:.0f}s (hung in write or fsync?)")
+                    t.join(min(left, 0.5))
+            elapsed = time.perf_counter() - start
+        except BaseException:
+            stop.set()
+            barrier.abort()
+            end = time.monotonic() + 5
+            for t in threads:
+                if t.ident is not None:
+                    t.join(max(0.0, end - time.monotonic()))
+            raise
+        if errors:
+            more = f" (and {len(errors) - 1} more tasks failed)" if len(errors) > 1 else ""
+            raise BenchError(f"{cfg.label}: {errors[0]}{more}")
+        want = cfg.appends * APPEND
+        sizes = [os.fstat(fd).st_size for fd in self.fds]
+        bad = [i for i, size in enumerate(sizes) if size != want]
+        if bad:
+            raise BenchError(f"{cfg.label}: {len(bad)} files have the wrong size after the run "
+                             f"(f{bad[0]:04d}: {sizes[bad[0]]} bytes, expected {want})")
+        return elapsed
+
+    def close(self) -> None:
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds = []
+
+
+def bench_fs(fs: Fs, configs: Sequence[Config], timeout: float) -> FsResult:
+    result = FsResult()
+    why = fs.missing()
+    if why:
+        log(f"{LABELS[fs.name]}: skipped: {why}")
+        result.skipped = why
+        return result
+    log(f"{LABELS[fs.name]}: mkfs ({IMAGE_SIZE}) and mount")
+    try:
+        fs.setup()
+        for cfg in configs:
+            fs.mounted_check()
+            work = Workload(fs.mnt, cfg)
+            try:
+                work.prepare()
+                fs.sync()
+                os.sync()  # the image files on the host disk, so earlier runs do not write back during this one
+                before = fs.stats()
+                elapsed = work.run(timeout)
+                after = fs.stats()
+            except (BenchError, OSError) as e:
+                msg = str(e) or type(e).__name__
+                result.errors[cfg.label] = msg
+                log(f"  {cfg.label:>10s}  FAILED: {msg}")
+                if "still running" in msg:
+                    raise BenchError(f"giving up on {LABELS[fs.name]}: {msg}") from e
+                continue
+            finally:
+                work.close()
+            result.seconds[cfg] = elapsed
+            extra = ""
+            if before is not None and after is not None:
+                result.commits[cfg] = (after["commits"] - before["commits"]) / cfg.fsyncs
+                result.flushes[cfg] = (after["flushes"] - before["flushes"]) / cfg.fsyncs
+                extra = f"  {result.commits[cfg]:.3f} commits/fsync  {result.flushes[cfg]:.3f} flushes/fsync"
+            log(f"  {cfg.label:>10s}  {elapsed:8.3f} s  {cfg.fsyncs / elapsed:9,.0f} fsyncs/s{extra}")
+    except Unavailable as e:
+        result.skipped = str(e)
+        log(f"{LABELS[fs.name]}: skipped: {e}")
+    except BenchError as e:
+        result.skipped = f"aborted: {str(e).splitlines()[0]}"
+        log(f"{LABELS[fs.name]}: aborted: {e}")
+    finally:
+        try:
+            fs.teardown()
+        except BenchError as e:
+            log(f"{LABELS[fs.name]}: teardown: {e}")
+            result.errors.setdefault("teardown", str(e).splitlines()[0])
+        try:
+            fs.image.unlink(missing_ok=True)
+        except OSError:
+            pass
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# output
+
+
+def fmt_s(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+TABLE_HEADER = ["configuration", "tux3fuse s", "fuse2fs s", "ext4-loop s", "tux3fuse commits/fsync",
+                "flushes/fsync"]
+
+
+def table_rows(results: dict[str, FsResult], configs: Sequence[Config]) -> list[list[str]]:
+    rows = []
+    for cfg in configs:
+        cells = [cfg.label]
+        for name in FILESYSTEMS:
+            r = results.get(name)
+            if r is None:
+                cells.append("-")
+            elif cfg.label in r.errors:
+                cells.append("error")
+            else:
+                cells.append(fmt_s(r.seconds.get(cfg)))
+        t = results.get("tux3fuse", FsResult())
+        cells += [fmt_ratio(t.commits.get(cfg)), fmt_ratio(t.flushes.get(cfg))]
+        rows.append(cells)
+    return rows
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(cells))
+
+    head = line(header)
+    return [head, "-" * len(head), *(line(r) for r in rows)]
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header)))
+           + "|"]
+    return out + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def goal_line(results: dict[str, FsResult]) -> str:
+    cfg = Config(*GOAL)
+    what = f"tux3fuse {cfg.label} in <= {GOAL_RATIO:.1f} x the time of kernel ext4 on loop"
+    t = results.get("tux3fuse", FsResult()).seconds.get(cfg)
+    e = results.get("ext4", FsResult()).seconds.get(cfg)
+    if t is None or e is None:
+        missing = [n for n, v in (("tux3fuse", t), ("ext4-loop", e)) if v is None]
+        return f"FAIL: {what}: {' and '.join(missing)} not measured"
+    verdict = "PASS" if t <= GOAL_RATIO * e else "FAIL"
+    return f"{verdict}: {what}: {t:.3f} s vs {e:.3f} s ({t / e:.2f} x)"
+
+
+def write_chart(path: Path, results: dict[str, FsResult], configs: Sequence[Config]) -> bool:
+    """Time vs tasks (log-log) for the N x 10 configurations, and a bar chart of the 1 x 1,000 run."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib not installed: skipping the chart (pip install matplotlib)")
+        return False
+    names = [n for n in FILESYSTEMS if n in results and results[n].seconds]
+    if not names:
+        return False
+    scaling = [c for c in configs if c.appends == 10]
+    single = [c for c in configs if c.appends != 10]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4.5), gridspec_kw={"width_ratios": [2.2, 1]})
+    for name in names:
+        pts = [(c.tasks, results[name].seconds[c]) for c in scaling if c in results[name].seconds]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=COLORS[name], label=LABELS[name])
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("tasks (each: 10 x append 1 KiB + fsync)")
+    ax.set_ylabel("wall time (s, log scale)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper left", fontsize=9)
+    ax.set_title("fsync scaling (lower is better)")
+    if single:
+        cfg = single[0]
+        vals = [results[n].seconds.get(cfg, 0.0) for n in names]
+        bars = bx.bar([LABELS[n] for n in names], vals, color=[COLORS[n] for n in names])
+        bx.bar_label(bars, labels=[fmt_s(results[n].seconds.get(cfg)) for n in names], fontsize=8)
+        bx.set_title(f"1 task x {cfg.appends:,} appends + fsyncs")
+        bx.set_ylabel("wall time (s)")
+        bx.margins(y=0.15)
+        bx.tick_params(axis="x", labelsize=8)
+    else:
+        bx.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def machine_info() -> dict[str, str]:
+    info = {"nproc": str(os.cpu_count()), "kernel": platform.release(), "python": platform.python_version()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                info["memory"] = f"{int(line.split()[1]) // 1024:,} MiB"
+                break
+    except OSError:
+        pass
+    try:
+        out = subprocess.run([which("fuse2fs") or "fuse2fs", "-V"], capture_output=True, text=True, timeout=10)
+        lines = (out.stdout + out.stderr).strip().splitlines()
+        info["fuse2fs"] = next((ln for ln in lines if ln.startswith("fuse2fs")), lines[0]).removeprefix("fuse2fs ")
+    except (OSError, subprocess.TimeoutExpired, IndexError):
+        pass
+    try:
+        from importlib.metadata import version
+
+        info["tux3fuse"] = version("tux3fuse")
+    except Exception:
+        pass
+    return info
+
+
+def section_text(results: dict[str, FsResult], configs: Sequence[Config], argv: Sequence[str], goal: str,
+                 chart: str | None, loads: list[str], workdir: Path) -> str:
+    info = machine_info()
+    now = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    cmd = shlex.join(["scripts/bench_fsync.py", *argv])
+    out = [SECTION, ""]
+    out.append(f"Generated by `{cmd}` on {now}; machine: " + ", ".join(f"{k} {v}" for k, v in info.items())
+               + f"; load average (1/5/15 min) {loads[0]} at the start, {loads[1]} at the end (tasks blocked "
+               "in fsync count in it, so the benchmark's own 1,000 tasks raise it).")
+    out.append("")
+    out.append("The shape of Tux3's 2015 fsync test: N tasks each append 1 KiB to a file of their own and fsync it, "
+               "10 times; then 1 task does 1,000 appends + fsyncs. Tasks are threads of one Python process "
+               "released together by a barrier; files are created, opened and committed before the clock starts; "
+               "the time is the wall time until the last task is done (one run per configuration, so the small "
+               "ones are noisy). Every filesystem is a 2 GiB sparse image in "
+               f"{workdir} (local disk):")
+    out.append("")
+    out.append(f"- tux3fuse: `mkfs.tux3 -s {IMAGE_SIZE} -f IMAGE`; `tux3fuse IMAGE MNT` (default options); "
+               "`tux3 umount MNT`. Commits and flushes per fsync are the deltas of `commits` and `flushes` in "
+               "`tux3 stat --json MNT` over the configuration, divided by its number of fsyncs.")
+    out.append(f"- fuse2fs: `truncate -s {IMAGE_SIZE} IMAGE; mkfs.ext4 -F -q IMAGE`; `fuse2fs IMAGE MNT -o fakeroot`;"
+               " `fusermount -u MNT`")
+    out.append(f"- ext4-loop (kernel ext4): `truncate -s {IMAGE_SIZE} IMAGE; losetup --find --show IMAGE`; "
+               "`mkfs.ext4 -F -q LOOP`; `mount -t ext4 -o noinit_itable LOOP MNT` (no lazy inode-table zeroing "
+               "during the runs); `umount MNT; losetup -d LOOP`")
+    out.append("")
+    out += md_table(TABLE_HEADER, table_rows(results, configs))
+    out.append("")
+    out.append(f"- {goal}")
+    for name in FILESYSTEMS:
+        r = results.get(name)
+        if r is None:
+            continue
+        if r.skipped:
+            out.append(f"- {LABELS[name]}: {r.skipped}")
+        for what, err in r.errors.items():
+            out.append(f"- {LABELS[name]} {what} failed: `{err.splitlines()[0]}`")
+    out.append("")
+    if chart:
+        out.append(f"![fsync scaling]({chart})")
+        out.append("")
+    return "\n".join(out)
+
+
+def update_markdown(md: Path, section: str) -> None:
+    """Replace the "## fsync scaling" section of MD (up to the next level-2 heading) or append it."""
+    text = md.read_text() if md.exists() else "# Performance\n"
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
+    if start is None:
+        new = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        head = "\n".join(lines[:start]).rstrip("\n")
+        tail = "\n".join(lines[end:]).rstrip("\n")
+        new = (head + "\n\n" if head else "") + section.rstrip("\n") + "\n" + ("\n" + tail + "\n" if tail else "")
+    md.write_text(new)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def parse_only(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in FILESYSTEMS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"a comma-separated list of {', '.join(FILESYSTEMS)}")
+    return list(dict.fromkeys(names))
+
+
+def cleanup(workdir: Path) -> None:
+    """Whatever is left in WORKDIR: lazy unmounts, FUSE daemons, loop devices, then the directory itself."""
+    for name in FILESYSTEMS:
+        mnt, image = workdir / f"{name}.mnt", workdir / f"{name}.img"
+        if is_mounted(mnt):
+            log(f"bench_fsync: lazy unmount of {mnt}")
+            force_umount(mnt)
+        reap_daemons(image, timeout=10)
+        for dev in loop_devices(image):
+            log(f"bench_fsync: detaching {dev}")
+            run([which("losetup") or "losetup", "-d", dev], check=False, timeout=60)
+    shutil.rmtree(workdir, onerror=lambda _f, p, exc: log(f"bench_fsync: cannot remove {p}: {exc[1]}"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="up to 100 tasks, output in bench-out/ (smoke run)")
+    ap.add_argument("--only", type=parse_only, default=list(FILESYSTEMS),
+                    help="comma-separated filesystems to run: tux3fuse,fuse2fs,ext4 (default: all)")
+    ap.add_argument("--outdir", type=Path, help="where PERFORMANCE.md and bench_fsync.png go "
+                    "(default: docs/, or bench-out/ with --quick)")
+    ap.add_argument("--workdir", type=Path, help="parent of the temporary image directory (default: /var/tmp)")
+    args = ap.parse_args(argv)
+
+    configs = QUICK if args.quick else FULL
+    outdir: Path = args.outdir or (REPO / ("bench-out" if args.quick else "docs"))
+    outdir.mkdir(parents=True, exist_ok=True)
+    parent = (args.workdir or default_workdir()).resolve()
+
+    interrupt_on_signals()
+    threading.stack_size(256 << 10)  # up to 1,000 task threads that only call os.write and os.fsync
+
+    load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    workdir = Path(tempfile.mkdtemp(prefix="tux3fsync-", dir=parent))
+    log(f"bench_fsync: work directory {workdir}{' (quick)' if args.quick else ''}; configurations "
+        f"{', '.join(c.label for c in configs)} (tasks x appends+fsyncs); load average {load_start}")
+    results: dict[str, FsResult] = {}
+    interrupted = False
+    try:
+        for name in args.only:
+            results[name] = bench_fs(make_fs(name, workdir), configs, CONFIG_TIMEOUT)
+    except KeyboardInterrupt:
+        interrupted = True
+        log("bench_fsync: interrupted; cleaning up")
+    finally:
+        cleanup(workdir)
+    if interrupted:
+        return 130
+
+    load_end = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print()
+    for line in text_table(TABLE_HEADER, table_rows(results, configs)):
+        print(line)
+    print()
+    goal = goal_line(results)
+    print(goal)
+    if args.quick:
+        print("(quick run: up to 100 tasks, one run per configuration; numbers are indicative only)")
+    print(f"load average (1/5/15 min): {load_start} at the start, {load_end} at the end")
+    chart = "bench_fsync.png" if write_chart(outdir / "bench_fsync.png", results, configs) else None
+    md = outdir / "PERFORMANCE.md"
+    update_markdown(md, section_text(results, configs, argv, goal, chart, [load_start, load_end], parent))
+    log(f"\nwrote {md}" + (f" and {outdir / chart}" if chart else ""))
+    return 0 if any(r.seconds for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
