@@ -27,16 +27,15 @@ import os
 import platform
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from procutil import call, default_workdir, interrupt_on_signals, live_processes
+from procutil import call, default_workdir, interrupt_on_signals, log, reap_daemons, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -91,10 +90,6 @@ class BenchError(Exception):
     pass
 
 
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
 def run(
     cmd: Sequence[str | os.PathLike[str]], timeout: float = 120, check: bool = True, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -121,37 +116,6 @@ def is_mounted(path: Path) -> bool:
     except OSError:
         return os.path.ismount(path)
     return False
-
-
-def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if pred():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
-
-
-def daemon_pids(image: Path) -> list[int]:
-    """Live (non-zombie) processes whose command line names IMAGE: the FUSE daemon serving it."""
-    needle = str(image)
-    return [pid for pid, args in live_processes() if any(needle in a for a in args)]
-
-
-def reap_daemons(image: Path, timeout: float = 60) -> None:
-    """Wait for the daemons serving IMAGE to exit; after TIMEOUT, terminate them."""
-    if wait_until(lambda: not daemon_pids(image), timeout, 0.1):
-        return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in daemon_pids(image):
-            log(f"  daemon {pid} for {image} did not exit, sending {sig.name}")
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        if wait_until(lambda: not daemon_pids(image), 5, 0.1):
-            return
 
 
 def fusermount() -> str | None:

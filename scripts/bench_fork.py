@@ -64,11 +64,12 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from procutil import default_workdir, interrupt_on_signals
+from procutil import default_workdir, interrupt_on_signals, log, wait_until
+from report import md_table, text_table, update_section
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -129,10 +130,6 @@ class Result:
 
 class BenchError(Exception):
     pass
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def page_data(payloads: list[bytes], seq: int) -> bytes:
@@ -298,15 +295,6 @@ def is_mounted(path: Path) -> bool:
         return os.path.ismount(path)
 
 
-def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
-    return True
-
-
 def tux3_stat(mnt: Path) -> dict:
     r = subprocess.run([str(VENV_BIN / "tux3"), "stat", "--json", str(mnt)], capture_output=True, text=True,
                        timeout=60)
@@ -336,7 +324,7 @@ class Daemon:
             self.proc = subprocess.Popen(args, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True)
         proc = self.proc
-        if not wait_until(lambda: is_mounted(self.mnt) or proc.poll() is not None, 30):
+        if not wait_until(lambda: is_mounted(self.mnt) or proc.poll() is not None, 30, 0.02):
             raise BenchError(f"{shlex.join(args)}: no mount after 30 s\n{self.log_tail()}")
         if not is_mounted(self.mnt):
             raise BenchError(f"{shlex.join(args)}: exit status {proc.returncode}\n{self.log_tail()}")
@@ -500,22 +488,6 @@ def load_rows(results: list[Result]) -> list[list[str]]:
     return rows
 
 
-def text_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(widths[i]) if i < 2 else c.rjust(widths[i]) for i, c in enumerate(cells))
-
-    head = line(header)
-    return [head, "-" * len(head), *(line(r) for r in rows)]
-
-
-def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(header)))
-           + "|"]
-    return out + ["| " + " | ".join(r) + " |" for r in rows]
-
-
 def goal_lines(results: list[Result], hot_pages: int) -> list[str]:
     lines = []
     by = {(r.path, r.mode): r for r in results if not r.error}
@@ -629,13 +601,13 @@ def section_text(results: list[Result], cfg: Config, argv: Sequence[str], goals:
                "request to the daemon. Each run uses a fresh 1 GiB sparse image on local disk; after it the image "
                "is checked to hold the last data written to every hot page. Counters are over the timed phase.")
     out.append("")
-    out += md_table(TABLE_HEADER, table_rows(results))
+    out += md_table(TABLE_HEADER, table_rows(results), left=2)
     out.append("")
     out.append("Commit load (ms/commit is from the start of a commit's prepare stage to the end of its complete "
                "stage; max gap: the longest time the embedded writer could not run between two writes: the event "
                "loop held by the committer's prepare or complete stage, or by a garbage collection):")
     out.append("")
-    out += md_table(LOAD_HEADER, load_rows(results))
+    out += md_table(LOAD_HEADER, load_rows(results), left=2)
     out.append("")
     for line in goals:
         out.append(f"- {line}")
@@ -647,25 +619,6 @@ def section_text(results: list[Result], cfg: Config, argv: Sequence[str], goals:
         out.append(f"![latency CDFs]({chart})")
         out.append("")
     return "\n".join(out)
-
-
-def update_markdown(md: Path, section: str) -> None:
-    """Replace the "## Page forking" section of MD (up to the next level-2 heading) or append it."""
-    text = md.read_text() if md.exists() else "# Performance\n"
-    lines = text.splitlines()
-    try:
-        start = next(i for i, line in enumerate(lines) if line.strip() == SECTION)
-    except StopIteration:
-        start = None
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        head = "\n".join(lines[:start]).rstrip("\n")
-        tail = "\n".join(lines[end:])
-        new = (head + "\n\n" if head else "") + section.rstrip("\n") + "\n" + ("\n" + tail.rstrip("\n") + "\n"
-                                                                               if tail.strip() else "")
-    md.write_text(new)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -755,10 +708,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     load_end = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print()
-    for line in text_table(TABLE_HEADER, table_rows(results)):
+    for line in text_table(TABLE_HEADER, table_rows(results), left=2):
         print(line)
     print()
-    for line in text_table(LOAD_HEADER, load_rows(results)):
+    for line in text_table(LOAD_HEADER, load_rows(results), left=2):
         print(line)
     print()
     goals = goal_lines(results, args.hot_pages)
@@ -769,7 +722,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"load average (1/5/15 min): {load_start} at the start, {load_end} at the end")
     chart = "bench_fork.png" if write_chart(outdir / "bench_fork.png", results, cfg.commit_interval) else None
     md = outdir / "PERFORMANCE.md"
-    update_markdown(md, section_text(results, cfg, argv, goals, chart, [load_start, load_end]))
+    update_section(md, SECTION, section_text(results, cfg, argv, goals, chart, [load_start, load_end]))
     log(f"\nwrote {md}" + (f" and {outdir / chart}" if chart else ""))
     return 1 if any(r.error for r in results) else 0
 

@@ -39,17 +39,17 @@ import os
 import platform
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from procutil import call, default_workdir, interrupt_on_signals, live_processes
+from procutil import call, default_workdir, interrupt_on_signals, log, reap_daemons, wait_until
+from report import md_table, text_table, update_section
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -101,10 +101,6 @@ class Unavailable(Exception):
     """The filesystem cannot be set up on this machine (for instance: no loop devices); it is skipped."""
 
 
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
 def run(cmd: Sequence[str | os.PathLike[str]], timeout: float = 120, check: bool = True
         ) -> subprocess.CompletedProcess[str]:
     args = [str(c) for c in cmd]
@@ -140,36 +136,6 @@ def mount_fstype(path: Path) -> str | None:
 
 def is_mounted(path: Path) -> bool:
     return mount_fstype(path) is not None
-
-
-def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
-    return True
-
-
-def daemon_pids(image: Path) -> list[int]:
-    """Live (non-zombie) processes whose command line names IMAGE: the FUSE daemon serving it."""
-    needle = str(image)
-    return [pid for pid, args in live_processes() if any(needle in a for a in args)]
-
-
-def reap_daemons(image: Path, timeout: float = 60) -> None:
-    """Wait for the daemons serving IMAGE to exit; after TIMEOUT, terminate them."""
-    if wait_until(lambda: not daemon_pids(image), timeout, 0.1):
-        return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in daemon_pids(image):
-            log(f"  daemon {pid} for {image} did not exit, sending {sig.name}")
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        if wait_until(lambda: not daemon_pids(image), 5, 0.1):
-            return
 
 
 def fusermount() -> str:
@@ -568,22 +534,6 @@ def table_rows(results: dict[str, FsResult], configs: Sequence[Config]) -> list[
     return rows
 
 
-def text_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(cells))
-
-    head = line(header)
-    return [head, "-" * len(head), *(line(r) for r in rows)]
-
-
-def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header)))
-           + "|"]
-    return out + ["| " + " | ".join(r) + " |" for r in rows]
-
-
 def goal_line(results: dict[str, FsResult]) -> str:
     cfg = Config(*GOAL)
     what = f"tux3fuse {cfg.label} in <= {GOAL_RATIO:.1f} x the time of kernel ext4 on loop"
@@ -712,21 +662,6 @@ def section_text(results: dict[str, FsResult], configs: Sequence[Config], argv: 
     return "\n".join(out)
 
 
-def update_markdown(md: Path, section: str) -> None:
-    """Replace the "## fsync scaling" section of MD (up to the next level-2 heading) or append it."""
-    text = md.read_text() if md.exists() else "# Performance\n"
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        head = "\n".join(lines[:start]).rstrip("\n")
-        tail = "\n".join(lines[end:]).rstrip("\n")
-        new = (head + "\n\n" if head else "") + section.rstrip("\n") + "\n" + ("\n" + tail + "\n" if tail else "")
-    md.write_text(new)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -800,7 +735,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"load average (1/5/15 min): {load_start} at the start, {load_end} at the end")
     chart = "bench_fsync.png" if write_chart(outdir / "bench_fsync.png", results, configs) else None
     md = outdir / "PERFORMANCE.md"
-    update_markdown(md, section_text(results, configs, argv, goal, chart, [load_start, load_end], parent))
+    update_section(md, SECTION, section_text(results, configs, argv, goal, chart, [load_start, load_end], parent))
     log(f"\nwrote {md}" + (f" and {outdir / chart}" if chart else ""))
     return 0 if any(r.seconds for r in results.values()) else 1
 

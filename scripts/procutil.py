@@ -24,7 +24,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 __all__ = ["call", "default_workdir", "interrupt_on_signals", "live_processes"]
@@ -123,3 +123,38 @@ def default_workdir() -> Path:
         if cand.is_dir() and fstype(cand.resolve()) not in ("tmpfs", "ramfs"):
             return cand
     return Path(tempfile.gettempdir())
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    """Poll PRED until it holds (True) or TIMEOUT seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+def daemon_pids(image: Path) -> list[int]:
+    """Live (non-zombie) processes whose command line names IMAGE: the FUSE daemon serving it."""
+    needle = str(image)
+    return [pid for pid, args in live_processes() if any(needle in a for a in args)]
+
+
+def reap_daemons(image: Path, timeout: float = 60) -> None:
+    """Wait for the daemons serving IMAGE to exit; after TIMEOUT, terminate them."""
+    if wait_until(lambda: not daemon_pids(image), timeout, 0.1):
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in daemon_pids(image):
+            log(f"  daemon {pid} for {image} did not exit, sending {sig.name}")
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        if wait_until(lambda: not daemon_pids(image), 5, 0.1):
+            return

@@ -20,10 +20,10 @@ def make_vol(tmp_path):
     """make_vol(stable) -> a mounted volume on a fresh 32 MiB image, unmounted at the end."""
     vols = []
 
-    def make(stable: str = "fork") -> Volume:
+    def make(stable: str = "fork", **options) -> Volume:
         path = str(tmp_path / f"{stable}{len(vols)}.img")
         mkfs(path, BS, 32 << 20)
-        v = Volume(path, Options(stable=stable))
+        v = Volume(path, Options(stable=stable, **options))
         v.mount()
         vols.append(v)
         return v
@@ -311,11 +311,8 @@ def test_superblock_goes_to_the_copy_that_does_not_name_the_last_durable_delta(v
         assert fmt.Super.unpack(img.read(fmt.SUPER_SIZE), copy).seq == durable
 
 
-def test_writer_over_the_dirty_limit_waits_while_other_requests_are_served(tmp_path):
-    path = str(tmp_path / "t.img")
-    mkfs(path, BS, 32 << 20)
-    vol = Volume(path, Options(dirty_limit=32 * BS))
-    vol.mount()
+def test_writer_over_the_dirty_limit_waits_while_other_requests_are_served(make_vol):
+    vol = make_vol(dirty_limit=32 * BS)
     f = vol.create(1, b"f", 0o644)
     vol.write(f.ino, 0, fill(1, 32 * BS))  # at the limit
     job = vol.start_commit()
@@ -351,11 +348,8 @@ def test_writer_over_the_dirty_limit_waits_while_other_requests_are_served(tmp_p
     vol.unmount()
 
 
-def test_plain_embedded_writer_over_the_dirty_limit_commits_itself(tmp_path):
-    path = str(tmp_path / "p.img")
-    mkfs(path, BS, 32 << 20)
-    vol = Volume(path, Options(dirty_limit=16 * BS))
-    vol.mount()
+def test_plain_embedded_writer_over_the_dirty_limit_commits_itself(make_vol):
+    vol = make_vol(dirty_limit=16 * BS)
     f = vol.create(1, b"f", 0o644)
     for i in range(8):
         vol.write(f.ino, i * 8 * BS, fill(i + 1, 8 * BS))
