@@ -25,7 +25,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from tux3fuse import format as fmt
 from tux3fuse.backend import extents
 from tux3fuse.backend.btree import BTree
-from tux3fuse.fs import Volume
+from tux3fuse.fs import Options, Volume
 from tux3fuse.mkfs import mkfs
 
 MAX_OFFSET = 200 * 1024
@@ -53,8 +53,8 @@ NAMES = [b"a", b"b", b"c", b"dir", b"f.txt", b"x" * 180]
 names_st = st.sampled_from(NAMES)
 
 
-def mounted(path: str) -> Volume:
-    vol = Volume(path)
+def mounted(path: str, **options) -> Volume:
+    vol = Volume(path, Options(**options))
     try:
         vol.mount()
     except BaseException:
@@ -70,7 +70,9 @@ def expect_errno(code: int, fn, *args, **kw) -> None:
 
 
 def used_blocks(vol: Volume) -> dict[int, str]:
-    """Every block the committed volume uses, with its owner; fails on a block owned twice."""
+    """Every block the committed volume uses, with its owner; fails on a block owned twice. The trees are those
+    of the volume, as the log replayed onto the trees on disk: nodes they changed keep their old blocks until the
+    next unify, and nodes they dropped stay allocated until then too."""
     owners: dict[int, str] = {}
 
     def own(start: int, count: int, what: str) -> None:
@@ -85,13 +87,16 @@ def used_blocks(vol: Volume) -> dict[int, str]:
         own(sb.bitmap_start[region], sb.bitmap_blocks, f"bitmap region {region}")
     for b in vol.log_blocks:
         own(b, 1, "log")
-    for b in BTree(vol, fmt.KIND_ILEAF, sb.itree_root).blocks():
+    for b in vol.unify_frees:
+        own(b, 1, "dropped tree node")
+    for b in vol.itable.blocks():
         own(b, 1, "inode table")
-    for b in BTree(vol, fmt.KIND_OLEAF, sb.otree_root).blocks():
+    for b in vol.otree.blocks():
         own(b, 1, "orphan tree")
-    for ino, raw in BTree(vol, fmt.KIND_ILEAF, sb.itree_root).items():
+    for ino, raw in vol.itable.items():
         rec = fmt.InodeRecord.unpack(raw)
-        tree = BTree(vol, fmt.KIND_DLEAF, rec.dtree_root)
+        loaded = vol.inodes.get(ino)
+        tree = vol.dtree(loaded) if loaded is not None else BTree(vol, fmt.KIND_DLEAF, rec.dtree_root)
         for b in tree.blocks():
             own(b, 1, f"extent tree of inode {ino}")
         mapped = 0
@@ -105,13 +110,14 @@ def used_blocks(vol: Volume) -> dict[int, str]:
 class VolumeMachine(RuleBasedStateMachine):
     BLOCKSIZE = 4096
     SIZE = 32 << 20
+    OPTIONS: dict = {}
 
     @initialize(seed=st.integers(0, 1 << 30))
     def setup(self, seed: int) -> None:
         self.tmp = tempfile.mkdtemp(prefix="tux3model-")
         self.path = os.path.join(self.tmp, "vol.img")
         mkfs(self.path, self.BLOCKSIZE, self.SIZE)
-        self.vol: Volume | None = mounted(self.path)
+        self.vol: Volume | None = mounted(self.path, **self.OPTIONS)
         self.root = MDir(fmt.ROOT_INO)
         self.committed_root = copy.deepcopy(self.root)
         self.rng = random.Random(seed)
@@ -315,7 +321,7 @@ class VolumeMachine(RuleBasedStateMachine):
     def remount(self) -> None:
         self.vol.unmount()
         self.vol = None
-        self.vol = mounted(self.path)
+        self.vol = mounted(self.path, **self.OPTIONS)
         self.committed_root = copy.deepcopy(self.root)
         self.check_lookup_paths()
         self.check_space_on_disk()
@@ -325,7 +331,7 @@ class VolumeMachine(RuleBasedStateMachine):
         """Drop the volume without a commit: it must come back exactly as of its last commit."""
         self.vol.close_files()
         self.vol = None
-        self.vol = mounted(self.path)
+        self.vol = mounted(self.path, **self.OPTIONS)
         self.root = copy.deepcopy(self.committed_root)
         self.check_lookup_paths()
         self.check_space_on_disk()
@@ -398,6 +404,13 @@ class Volume512Machine(VolumeMachine):
     SIZE = 16 << 20
 
 
+class VolumeLongLogMachine(VolumeMachine):
+    """No unify but at unmount: every crash replays all the deltas since the last clean remount."""
+    BLOCKSIZE = 1024
+    SIZE = 16 << 20
+    OPTIONS = {"unify_deltas": 1 << 30, "unify_log_blocks": 1 << 30}
+
+
 _SETTINGS = settings(max_examples=80, stateful_step_count=40, deadline=None,
                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
                                             HealthCheck.data_too_large])
@@ -405,6 +418,8 @@ TestVolume4096 = Volume4096Machine.TestCase
 TestVolume4096.settings = _SETTINGS
 TestVolume512 = Volume512Machine.TestCase
 TestVolume512.settings = _SETTINGS
+TestVolumeLongLog = VolumeLongLogMachine.TestCase
+TestVolumeLongLog.settings = _SETTINGS
 
 
 # ---------------------------------------------------------------------------------------------------------------

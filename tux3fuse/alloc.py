@@ -136,6 +136,9 @@ class Allocator:
         """Free a range once the delta being committed is durable."""
         self.pending.append((start, count))
         self.records.append((LOG_FREE, start, count))
+        for i in range(start // self.bpb, (start + count - 1) // self.bpb + 1):  # a unify writes them as free
+            self.stale[0].add(i)
+            self.stale[1].add(i)
 
     def release_pending(self) -> None:
         """The delta that freed the pending ranges is durable: hand them out again."""

@@ -167,14 +167,15 @@ def delta_digest(blocks: dict[int, bytes | bytearray | memoryview]) -> int:
     return h.intdigest() or 1
 
 
-def delta_blocks(records: list[tuple[int, int, int]]) -> set[int]:
+def delta_blocks(records: list[tuple]) -> set[int]:
     """Blocks a delta allocated and still holds, from its log records in order."""
     out: set[int] = set()
-    for code, start, count in records:
+    for rec in records:
+        code = rec[0]
         if code == LOG_ALLOC:
-            out.update(range(start, start + count))
-        else:
-            out.difference_update(range(start, start + count))
+            out.update(range(rec[1], rec[1] + rec[2]))
+        elif code == LOG_FREE:
+            out.difference_update(range(rec[1], rec[1] + rec[2]))
     return out
 
 
@@ -373,37 +374,113 @@ def decode_rec_len(raw: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Log blocks: allocation records of the deltas since the last unify
+# Log blocks: what the deltas since the last unify changed, as records replayed at mount
 
 _LOG_HEAD = struct.Struct("<QI")  # previous log block, bytes of records
-_LOG_REC = struct.Struct("<BQI")  # code, block, count
-LOG_ALLOC, LOG_FREE = 1, 2
+LOG_ALLOC, LOG_FREE = 1, 2  # code, first block (u64), blocks (u32)
+LOG_INODE = 3  # code, inode (u64), length (u16), inode record
+LOG_MAP = 4  # code, inode (u64), logical block (u64), physical block (u64), blocks (u16), xxh3 per block
+LOG_UNMAP = 5  # code, inode (u64), first logical block (u64): unmap from there to the end of the file
+LOG_DESTROY = 6  # code, inode (u64): the inode, its extents and its orphan entry are gone
+LOG_ORPHAN = 7  # code, inode (u64): the inode has no name left and is open or referenced
+_LOG_RANGE = struct.Struct("<BQI")
+_LOG_INODE = struct.Struct("<BQH")
+_LOG_MAP = struct.Struct("<BQQQH")
+_LOG_UNMAP = struct.Struct("<BQQ")
+_LOG_INO = struct.Struct("<BQ")
+LOG_CODES = (LOG_ALLOC, LOG_FREE, LOG_INODE, LOG_MAP, LOG_UNMAP, LOG_DESTROY, LOG_ORPHAN)
+
+LogRecord = tuple  # (code, ...fields) as listed beside each code
+
+
+def log_room(blocksize: int) -> int:
+    """Bytes of records one log block holds."""
+    return blocksize - HEADER_SIZE - _LOG_HEAD.size
 
 
 def log_capacity(blocksize: int) -> int:
-    return (blocksize - HEADER_SIZE - _LOG_HEAD.size) // _LOG_REC.size
+    """Allocation records one log block holds."""
+    return log_room(blocksize) // _LOG_RANGE.size
 
 
-def pack_log(blocksize: int, prev: int, records: list[tuple[int, int, int]], blocknr: int, delta: int) -> bytearray:
+def log_map_blocks(blocksize: int) -> int:
+    """Most blocks one LOG_MAP record may carry (it must fit a log block)."""
+    return min(0xFFFF, (log_room(blocksize) - _LOG_MAP.size) // 8)
+
+
+def log_record_size(rec: LogRecord) -> int:
+    code = rec[0]
+    if code in (LOG_ALLOC, LOG_FREE):
+        return _LOG_RANGE.size
+    if code == LOG_INODE:
+        return _LOG_INODE.size + len(rec[2])
+    if code == LOG_MAP:
+        return _LOG_MAP.size + 8 * len(rec[4])
+    if code == LOG_UNMAP:
+        return _LOG_UNMAP.size
+    return _LOG_INO.size
+
+
+def pack_log(blocksize: int, prev: int, records: list[LogRecord], blocknr: int, delta: int) -> bytearray:
     buf = bytearray(blocksize)
-    _LOG_HEAD.pack_into(buf, HEADER_SIZE, prev, len(records) * _LOG_REC.size)
     at = HEADER_SIZE + _LOG_HEAD.size
     for rec in records:
-        _LOG_REC.pack_into(buf, at, *rec)
-        at += _LOG_REC.size
+        code = rec[0]
+        if code in (LOG_ALLOC, LOG_FREE):
+            _LOG_RANGE.pack_into(buf, at, *rec)
+        elif code == LOG_INODE:
+            _LOG_INODE.pack_into(buf, at, code, rec[1], len(rec[2]))
+            buf[at + _LOG_INODE.size: at + _LOG_INODE.size + len(rec[2])] = rec[2]
+        elif code == LOG_MAP:
+            csums = rec[4]
+            _LOG_MAP.pack_into(buf, at, code, rec[1], rec[2], rec[3], len(csums))
+            struct.pack_into(f"<{len(csums)}Q", buf, at + _LOG_MAP.size, *csums)
+        elif code == LOG_UNMAP:
+            _LOG_UNMAP.pack_into(buf, at, *rec)
+        else:
+            _LOG_INO.pack_into(buf, at, *rec)
+        at += log_record_size(rec)
+    _LOG_HEAD.pack_into(buf, HEADER_SIZE, prev, at - HEADER_SIZE - _LOG_HEAD.size)
     return seal(buf, KIND_LOG, 0, len(records), blocknr, delta)
 
 
-def unpack_log(buf: bytes | bytearray, count: int) -> tuple[int, list[tuple[int, int, int]]]:
+def unpack_log(buf: bytes | bytearray, count: int) -> tuple[int, list[LogRecord]]:
     prev, nbytes = _LOG_HEAD.unpack_from(buf, HEADER_SIZE)
-    if nbytes != count * _LOG_REC.size:
-        raise ValueError("log record count and length disagree")
     at = HEADER_SIZE + _LOG_HEAD.size
-    records = []
-    for _ in range(count):
-        code, block, n = _LOG_REC.unpack_from(buf, at)
-        if code not in (LOG_ALLOC, LOG_FREE):
-            raise ValueError(f"unknown log record code {code}")
-        records.append((code, block, n))
-        at += _LOG_REC.size
+    end = at + nbytes
+    if end > len(buf):
+        raise ValueError(f"log records run {nbytes} bytes, past the end of the block")
+    try:
+        records = _unpack_records(buf, at, end, count)
+    except struct.error as e:
+        raise ValueError(f"log record cut short: {e}") from None
     return prev, records
+
+
+def _unpack_records(buf: bytes | bytearray, at: int, end: int, count: int) -> list[LogRecord]:
+    records: list[LogRecord] = []
+    for _ in range(count):
+        if at >= end:
+            raise ValueError("log record count and length disagree")
+        code = buf[at]
+        if code in (LOG_ALLOC, LOG_FREE):
+            rec: LogRecord = _LOG_RANGE.unpack_from(buf, at)
+        elif code == LOG_INODE:
+            _, ino, n = _LOG_INODE.unpack_from(buf, at)
+            rec = (code, ino, bytes(buf[at + _LOG_INODE.size: at + _LOG_INODE.size + n]))
+        elif code == LOG_MAP:
+            _, ino, logical, physical, n = _LOG_MAP.unpack_from(buf, at)
+            if n == 0:
+                raise ValueError(f"log map record of inode {ino} maps no block")
+            rec = (code, ino, logical, physical, list(struct.unpack_from(f"<{n}Q", buf, at + _LOG_MAP.size)))
+        elif code == LOG_UNMAP:
+            rec = _LOG_UNMAP.unpack_from(buf, at)
+        elif code in (LOG_DESTROY, LOG_ORPHAN):
+            rec = _LOG_INO.unpack_from(buf, at)
+        else:
+            raise ValueError(f"unknown log record code {code}")
+        at += log_record_size(rec)
+        records.append(rec)
+    if at != end:
+        raise ValueError("log record count and length disagree")
+    return records

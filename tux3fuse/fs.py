@@ -26,7 +26,7 @@ from .alloc import NoSpace
 from .backend import extents
 from .backend.btree import BTree
 from .backend.commit import CommitJob, commit_delta
-from .backend.log import load_bitmap, read_chain, replay
+from .backend.log import load_bitmap, read_chain, replay, replay_trees
 from .cache import AddressSpace, Page, PageCache
 from .cache.fork import FORK, MODES, WAIT, Action, ForkRegistry, clone_page, need_fork
 from .cache.mmap import SharedMapping
@@ -162,11 +162,15 @@ class Volume:
         self.registry: dict[int, AddressSpace] = {}
         self.cache = PageCache(self.options.cache_bytes, bs)
         self.dirty_inodes: dict[int, dict[int, Inode]] = {}
+        self.unflushed: dict[int, Inode] = {}  # inodes whose extent tree has changes only the log holds
+        self.unify_frees: list[int] = []  # tree nodes dropped since the last unify; the trees on disk use them
+        self.unify_nodes = 0  # extent tree nodes the next unify writes (at most)
         self.used_inodes = sb.used_inodes
         self.next_inum = sb.next_inum
         if sb.itree_root == 0:  # a volume being made: mkfs creates the root next
             return
         try:
+            replay_trees(self, chain)
             self.iget(ROOT_INO)
         except (CorruptBlock, OutOfRange, OSError) as e:
             raise VolumeError(f"{self.path}: cannot load the root directory: {e}") from None
@@ -229,14 +233,15 @@ class Volume:
         self.counters["flushes"] = self.dev.stats.flushes
         return written
 
-    def start_commit(self, *, unify: bool = False, state: int | None = None, prepare: bool = True) -> CommitJob:
+    def start_commit(self, *, unify: bool = False, state: int | None = None, prepare: bool = True,
+                     urgent: bool = False) -> CommitJob:
         """Transition and prepare a commit of the current delta (stage 1); the caller writes and completes it.
         With ``prepare=False`` the caller runs ``job.prepare_steps()`` itself, interleaving frontend work."""
         self.check_writable()
         if self.job is not None:
             raise AssertionError("a commit is already in flight")
         delta = self.deltas.transition()
-        job = self.job = CommitJob(self, delta, unify=unify, state=state)
+        job = self.job = CommitJob(self, delta, unify=unify, state=state, urgent=urgent)
         job.begin()
         if prepare:
             try:
@@ -253,7 +258,7 @@ class Volume:
 
         while self.job is not None:
             await self.wait_job(self.job)
-        job = self.start_commit(unify=unify, state=state, prepare=False)
+        job = self.start_commit(unify=unify, state=state, prepare=False, urgent=inline_small)
         with trio.CancelScope(shield=True):  # a commit once started always ends
             try:
                 for _ in job.prepare_steps():
@@ -340,7 +345,8 @@ class Volume:
         return start
 
     def free_meta(self, block: int) -> None:
-        self.alloc.free_later(block, 1)
+        """A tree node left its tree: the trees on disk point at it until the next unify, which frees it."""
+        self.unify_frees.append(block)
 
     def write_meta(self, block: int, data: bytearray) -> None:
         self.writes.append((block, data))
@@ -438,7 +444,11 @@ class Volume:
     def _dirty_reservation(self) -> int:
         pages = self.cache.dirty_pages
         inodes = sum(len(d) for d in self.dirty_inodes.values())
-        return pages + self._meta_estimate(pages, inodes)
+        return pages + self._meta_estimate(pages, inodes) + self._unify_estimate()
+
+    def _unify_estimate(self) -> int:
+        """Blocks the next unify may need for the tree nodes changed since the last one (a generous bound)."""
+        return self.unify_nodes + self.itable.dirty_nodes + self.otree.dirty_nodes
 
     def _slack(self) -> int:
         """Blocks kept back for deletes and truncates, which must work on a full volume."""
@@ -450,10 +460,11 @@ class Volume:
             need = self._dirty_reservation() + new_pages + self._meta_estimate(new_pages, 1)
             if need + self._slack() <= self.alloc.free:
                 return
-            if attempt == 0 and (self.alloc.pending or self.cache.dirty_pages):
+            if attempt == 0 and (self.alloc.pending or self.cache.dirty_pages or self.unify_frees
+                                 or self.unify_nodes):
                 if self.job is not None:  # the commit in flight holds the space: wait for it
                     raise WaitFor(self.job)
-                self.commit()
+                self.commit(unify=bool(self.unify_frees or self.unflushed))
         raise _err(errno.ENOSPC)
 
     def statfs(self) -> dict[str, int]:

@@ -155,6 +155,8 @@ class Checker:
                            + ", ".join(map(str, sorted(r.orphans)[:10])))
         for block in vol.log_blocks:
             self.claim(block, 1, "log")
+        for block in vol.unify_frees:
+            self.claim(block, 1, "tree node left until the next unify")
         self.bitmap()
         if sb.used_inodes != len(recs) or vol.used_inodes != len(recs):
             r.error(f"used inode count {sb.used_inodes}, but {len(recs)} inodes")
@@ -170,7 +172,8 @@ class Checker:
         if kind not in DT_FOR:
             r.error(f"inode {ino}: bad file type in mode {rec.mode:o}")
             return
-        tree = BTree(self.vol, fmt.KIND_DLEAF, rec.dtree_root)
+        loaded = self.vol.inodes.get(ino)  # replaying the log loaded it: its tree holds the logged changes
+        tree = self.vol.dtree(loaded) if loaded is not None else BTree(self.vol, fmt.KIND_DLEAF, rec.dtree_root)
         entries = self.tree(tree, f"extent tree of inode {ino}")
         if entries is None:
             return

@@ -48,6 +48,7 @@ class BTree:
         self._root: Node | None = None
         self.leaf_cap = fmt.leaf_capacity(store.blocksize)
         self.bnode_cap = fmt.bnode_capacity(store.blocksize)
+        self.dirty_nodes = 0  # nodes the next flush writes (an upper bound: dropped dirty nodes still count)
 
     # -- loading ---------------------------------------------------------------------------------------------------
 
@@ -153,7 +154,13 @@ class BTree:
 
     def _dirty(self, path: list[tuple[Node, int]]) -> None:
         for node, _ in path:
-            node.dirty = True
+            if not node.dirty:
+                node.dirty = True
+                self.dirty_nodes += 1
+
+    def _new(self, level: int, keys: list[int], vals: list) -> Node:
+        self.dirty_nodes += 1
+        return Node(level, keys, vals)
 
     def insert(self, key: int, value: bytes) -> None:
         """Insert or replace."""
@@ -161,7 +168,7 @@ class BTree:
             raise ValueError(f"value of {len(value)} bytes too large for a leaf")
         path = self._path(key)
         if not path:
-            self._root = Node(0, [key], [value])
+            self._root = self._new(0, [key], [value])
             return
         self._dirty(path)
         leaf = path[-1][0]
@@ -197,15 +204,15 @@ class BTree:
                     worst = max(left, node.used - left)
                     if best is None or worst < best:
                         best, mid = worst, i
-                right = Node(0, node.keys[mid:], node.vals[mid:])
+                right = self._new(0, node.keys[mid:], node.vals[mid:])
                 del node.keys[mid:], node.vals[mid:]
                 node.used -= right.used
             else:
                 mid = len(node.keys) // 2
-                right = Node(node.level, node.keys[mid:], node.vals[mid:])
+                right = self._new(node.level, node.keys[mid:], node.vals[mid:])
                 del node.keys[mid:], node.vals[mid:]
             if depth == 0:
-                self._root = Node(node.level + 1, [node.keys[0], right.keys[0]], [node, right])
+                self._root = self._new(node.level + 1, [node.keys[0], right.keys[0]], [node, right])
                 return
             parent, ci = path[depth - 1]
             parent.keys.insert(ci + 1, right.keys[0])
@@ -243,7 +250,9 @@ class BTree:
             if root.blocknr:
                 self.store.free_meta(root.blocknr)
             root = self._root = self._child(root, 0)
-            root.dirty = True
+            if not root.dirty:
+                root.dirty = True
+                self.dirty_nodes += 1
         return True
 
     def delete_range(self, lo: int, hi: int | None = None) -> list[tuple[int, bytes]]:
@@ -259,9 +268,11 @@ class BTree:
         """Write every changed node to a new block (children first); return the root block (0: empty tree)."""
         root = self._root
         if root is None:
+            self.dirty_nodes = 0
             return self.root_block  # never loaded (unchanged), or 0 once emptied
         if root.dirty:
             self._flush(root, delta)
+        self.dirty_nodes = 0
         self.root_block = root.blocknr
         return self.root_block
 
@@ -289,6 +300,7 @@ class BTree:
             self.store.free_meta(block)
         self._root = None
         self.root_block = 0
+        self.dirty_nodes = 0
 
     def blocks(self) -> Iterator[int]:
         """Block numbers of every node currently on disk."""

@@ -2,18 +2,19 @@
 
 A commit is a ``CommitJob`` in three stages:
 1. ``prepare`` (on the event loop, never waiting): reads the delta's attribute snapshots and dirty pages, allocates
-   blocks, updates the trees, packs every metadata block, write-protects the delta's pages in every shared mapping
-   and marks them under writeback. After it the frontend may change anything again: a page under writeback is
+   blocks, updates the trees in memory and records the changes in the log (a unify writes the changed tree nodes
+   instead), write-protects the delta's pages in every shared mapping and marks them under writeback. After it the frontend may change anything again: a page under writeback is
    forked (or waited on, or changed in place, by the stable-page mode).
-2. ``write`` (in a worker thread, or step by step in tests): writes the blocks, flushes, writes the superblock
-   copy, flushes again.
+2. ``write`` (in a worker thread, or step by step in tests): writes the blocks and the superblock copy, then one
+   flush (a unify: blocks, flush, superblock, flush).
 3. ``complete`` (on the event loop): ends writeback, frees what the delta freed, releases forked pages.
 
 Guarantees:
 - The superblock copy naming delta N is written only after every other block of delta N is durable, so after a
   crash the volume is at delta N or at the delta before it.
 - Nothing a committed state references is overwritten: data, tree nodes and log blocks go to blocks that were free
-  in the last committed state, and blocks freed by delta N are reusable only after N is durable.
+  in the last committed state, blocks freed by delta N are reusable only after N is durable, and tree nodes the
+  trees on disk still use are freed only by the unify that replaces them.
 - The backend writes exactly the pages dirty for its delta and the attributes as of the end of its delta.
 """
 
@@ -28,7 +29,7 @@ from .. import format as fmt
 from ..cache.page import CLEAN, Page
 from ..format import checksum
 from . import extents
-from .log import bitmap_block, write_log
+from .log import bitmap_block, split_log, write_log
 
 if TYPE_CHECKING:
     from ..fs import Volume
@@ -36,10 +37,12 @@ if TYPE_CHECKING:
 
 
 class CommitJob:
-    def __init__(self, vol: Volume, delta: int, *, unify: bool = False, state: int | None = None) -> None:
+    def __init__(self, vol: Volume, delta: int, *, unify: bool = False, state: int | None = None,
+                 urgent: bool = False) -> None:
         self.vol = vol
         self.delta = delta
         self.unify = unify
+        self.urgent = urgent  # someone waits (fsync): a unify that is merely due waits for a later commit
         self.state = state
         self.writes: list[tuple[int, bytes | bytearray | memoryview]] = []
         self.pages: list[tuple[Inode, Page]] = []  # pages under writeback for this delta
@@ -49,6 +52,8 @@ class CommitJob:
         self.empty = False
         self.begun = False
         self.dirty: dict[int, Inode] = {}
+        self.records: list[fmt.LogRecord] = []  # tree changes for the log, in the order replay applies them
+        self.changes: list[fmt.LogRecord] = []  # those of the inode being flushed
         self.waiters: list = []  # trio.Events set when the job completes
         self.started = time.perf_counter()
 
@@ -93,16 +98,14 @@ class CommitJob:
             yield
         vol.writes = self.writes
         sb = vol.sb
-        sb.itree_root = vol.itable.flush(delta)
-        sb.otree_root = vol.otree.flush(delta)
         vol.deltas_since_unify += 1
-        est_log = -(-len(vol.alloc.records) // fmt.log_capacity(vol.blocksize))
-        if (self.unify or vol.deltas_since_unify >= vol.unify_deltas
-                or sb.log_count + est_log > vol.unify_log_blocks):
+        records = vol.alloc.take_records() + self.records
+        log_blocks = len(split_log(records, vol.blocksize))
+        if (self.unify or (vol.deltas_since_unify >= vol.unify_deltas and not self.urgent)
+                or sb.log_count + log_blocks > vol.unify_log_blocks):
             self._unify()
             sb.delta_csum = 0
         else:
-            records = vol.alloc.take_records()
             head, blocks = write_log(records, vol.blocksize, sb.log_head, delta, vol.alloc_log_block,
                                      vol.write_meta)
             sb.log_head = head
@@ -134,11 +137,29 @@ class CommitJob:
         return fmt.delta_digest(written)
 
     def _unify(self) -> None:
-        """Fold the log into the bitmap: write the stale bitmap blocks to the other region and start a new log."""
-        vol, sb, alloc = self.vol, self.vol.sb, self.vol.alloc
-        for block in vol.log_blocks:
+        """Fold the log into the trees and the bitmap: write every tree node changed since the last unify (each
+        to a new block), the stale bitmap blocks to the other region, and start a new log."""
+        vol, sb, alloc, delta = self.vol, self.vol.sb, self.vol.alloc, self.delta
+        for ino in sorted(vol.unflushed):
+            inode = vol.unflushed[ino]
+            root = vol.dtree(inode).flush(delta)
+            if root == inode.rec.dtree_root:
+                continue
+            for r in (inode.rec, *inode.snapshots.values()):  # a backend-owned field, in every view
+                r.dtree_root = root
+            raw = vol.itable.lookup(ino)
+            if raw is not None:  # the table holds the attributes of the inode's last commit: patch only the root
+                rec = fmt.InodeRecord.unpack(raw)
+                rec.dtree_root = root
+                vol.itable.insert(ino, rec.pack())
+        vol.unflushed.clear()
+        vol.unify_nodes = 0
+        sb.itree_root = vol.itable.flush(delta)
+        sb.otree_root = vol.otree.flush(delta)
+        for block in vol.log_blocks + vol.unify_frees:  # nothing on disk references these any more
             alloc.free_later(block, 1)
         vol.log_blocks = []
+        vol.unify_frees = []
         alloc.take_records()
         region = 1 - sb.bitmap_cur
         base = sb.bitmap_start[region]
@@ -162,10 +183,13 @@ class CommitJob:
         pages = inode.mapping.take_dirty(delta)
         hole = inode.hole_from.pop(delta, None)
         tree = vol.dtree(inode)
+        nodes_before = tree.dirty_nodes
         free = vol.alloc.free_later
         blocks = inode.rec.blocks
         if hole is not None:
             blocks -= extents.unmap(tree, hole, None, free)
+        changes: list[fmt.LogRecord] = [] if hole is None else [(fmt.LOG_UNMAP, inode.ino, hole)]
+        self.changes = changes
         end = -(-size // vol.blocksize)
         run: list[Page] = []
         since_yield = 0
@@ -185,14 +209,20 @@ class CommitJob:
             run.append(page)
         if run:
             blocks += self._write_run(inode, size, tree, run)
-        root = tree.flush(delta)
+        if changes:
+            vol.unflushed[inode.ino] = inode  # its extent tree has changes the next unify writes
+            vol.unify_nodes += tree.dirty_nodes - nodes_before
         rec = inode.attrs_for(delta)
-        for r in {id(rec): rec, id(inode.rec): inode.rec}.values():  # backend-owned fields, in every view
-            r.dtree_root, r.blocks = root, blocks
-        vol.itable.insert(inode.ino, rec.pack())
+        for r in {id(rec): rec, id(inode.rec): inode.rec}.values():  # a backend-owned field, in every view
+            r.blocks = blocks
+        packed = rec.pack()
+        vol.itable.insert(inode.ino, packed)
+        self.records.append((fmt.LOG_INODE, inode.ino, packed))  # first: replay maps extents of a known inode
+        self.records.extend(changes)
         inode.on_disk = True
         if rec.nlink == 0 and vol.otree.lookup(inode.ino) is None:
             vol.otree.insert(inode.ino, b"")
+            self.records.append((fmt.LOG_ORPHAN, inode.ino))
         vol.counters["inodes_written"] += 1
 
     def _copy_pinned(self, inode: Inode, page: Page) -> Page:
@@ -237,6 +267,10 @@ class CommitJob:
             csums = [checksum(p.data) for p in pages]
             self.writes.extend(zip(range(physical, physical + count), (p.data for p in pages), strict=True))
             dropped = extents.map_run(tree, pages[0].index, physical, csums, vol.alloc.free_later, bs)
+            step = fmt.log_map_blocks(bs)
+            for at in range(0, count, step):
+                self.changes.append((fmt.LOG_MAP, inode.ino, pages[0].index + at, physical + at,
+                                     csums[at: at + step]))
             added += count - dropped
             done += count
         vol.counters["data_blocks_written"] += len(run)
@@ -254,6 +288,9 @@ class CommitJob:
         tree = vol.dtree(inode)
         extents.unmap(tree, 0, None, vol.alloc.free_later)
         tree.free_all()
+        if inode.on_disk:
+            self.records.append((fmt.LOG_DESTROY, inode.ino))
+        vol.unflushed.pop(inode.ino, None)
         vol.itable.delete(inode.ino)
         vol.used_inodes -= 1
         vol.otree.delete(inode.ino)

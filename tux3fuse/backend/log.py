@@ -1,28 +1,54 @@
-"""The forward log: per delta, the allocation records that the on-disk bitmap does not hold yet.
+"""The forward log: per delta, the changes that the bitmap and the btrees on disk do not hold yet.
+
+Between two unifies neither the bitmap nor any btree node on disk is rewritten. A delta writes its data blocks
+and log blocks only; the log records say what changed: allocations and frees (for the bitmap), and, for the
+trees, each changed inode's record, the extents mapped and unmapped, inodes destroyed and orphans added. The
+changed tree nodes stay dirty in memory until the next unify writes them (Tux3's deferred btree updates).
 
 Guarantees:
-- Between two unifies the bitmap on disk is never rewritten; the log blocks chained from the superblock
-  (newest first) hold every allocation and free since the last unify, in order.
-- Replay applies them oldest first on top of the bitmap region named by the superblock, and marks the log blocks
-  themselves used, reproducing the allocation state of the last committed delta exactly.
+- The log blocks chained from the superblock (newest first) hold every change since the last unify, in order.
+- ``replay`` applies the allocation records oldest first on top of the bitmap region named by the superblock and
+  marks the log blocks themselves used; ``replay_trees`` applies the tree records on top of the trees as the last
+  unify wrote them. Together they reproduce the state of the last committed delta exactly.
+- A tree node that a change removes stays allocated until the next unify (``Volume.unify_frees``): the trees on
+  disk still point at it, and replay reads it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .. import format as fmt
 from ..alloc import Allocator
+from . import extents
+
+if TYPE_CHECKING:
+    from ..fs import Volume
 
 
-def write_log(records: list[tuple[int, int, int]], blocksize: int, head: int, delta: int,
+def split_log(records: list[fmt.LogRecord], blocksize: int) -> list[list[fmt.LogRecord]]:
+    """Records grouped into log blocks, in order."""
+    room = fmt.log_room(blocksize)
+    blocks: list[list[fmt.LogRecord]] = []
+    used = room
+    for rec in records:
+        size = fmt.log_record_size(rec)
+        if used + size > room:
+            blocks.append([])
+            used = 0
+        blocks[-1].append(rec)
+        used += size
+    return blocks
+
+
+def write_log(records: list[fmt.LogRecord], blocksize: int, head: int, delta: int,
               alloc_block: Callable[[], int], write: Callable[[int, bytearray], None]) -> tuple[int, list[int]]:
     """Write records into new log blocks chained after ``head``; return (new head, blocks written)."""
-    cap = fmt.log_capacity(blocksize)
     written = []
-    for at in range(0, len(records), cap):
+    for group in split_log(records, blocksize):
         block = alloc_block()
-        write(block, fmt.pack_log(blocksize, head, records[at: at + cap], block, delta))
+        write(block, fmt.pack_log(blocksize, head, group, block, delta))
         written.append(block)
         head = block
     return head, written
@@ -50,7 +76,11 @@ def read_chain(read_block: Callable[[int], bytes], head: int, count: int) -> lis
 def replay(alloc: Allocator, chain: list[tuple[int, list]]) -> None:
     for block, records in chain:
         alloc.mark_used(block, 1)
-        for code, start, count in records:
+        for rec in records:
+            code = rec[0]
+            if code not in (fmt.LOG_ALLOC, fmt.LOG_FREE):
+                continue
+            _, start, count = rec
             if start + count > alloc.volblocks or start <= 0:
                 raise fmt.CorruptBlock(block, "log", f"record for blocks {start}+{count} outside the volume")
             if code == fmt.LOG_ALLOC:
@@ -58,6 +88,54 @@ def replay(alloc: Allocator, chain: list[tuple[int, list]]) -> None:
             else:
                 alloc.mark_free(start, count)
     alloc.recount()
+
+
+def _ignore(start: int, count: int) -> None:
+    """Replayed tree changes free nothing: the allocation records did that already."""
+
+
+def replay_trees(vol: Volume, chain: list[tuple[int, list]]) -> None:
+    """Apply the tree records of the log, oldest first, to the trees as the last unify left them. The changed
+    nodes stay dirty in memory for the next unify, exactly as they were before the crash or unmount."""
+    bs = vol.blocksize
+    for block, records in chain:
+        for rec in records:
+            code = rec[0]
+            if code in (fmt.LOG_ALLOC, fmt.LOG_FREE):
+                continue
+            ino = rec[1]
+            try:
+                if code == fmt.LOG_INODE:
+                    vol.itable.insert(ino, rec[2])
+                    inode = vol.inodes.get(ino)
+                    if inode is not None:
+                        inode.rec = fmt.InodeRecord.unpack(rec[2])
+                elif code == fmt.LOG_ORPHAN:
+                    vol.otree.insert(ino, b"")
+                elif code == fmt.LOG_DESTROY:
+                    inode = vol.iget(ino)
+                    tree = vol.dtree(inode)
+                    extents.unmap(tree, 0, None, _ignore)
+                    tree.free_all()
+                    vol.itable.delete(ino)
+                    vol.otree.delete(ino)
+                    vol.unflushed.pop(ino, None)
+                    vol.forget_inode(inode)
+                else:
+                    inode = vol.iget(ino)
+                    tree = vol.dtree(inode)
+                    before = tree.dirty_nodes
+                    if code == fmt.LOG_MAP:
+                        _, _, logical, physical, csums = rec
+                        if physical <= 0 or physical + len(csums) > vol.sb.volblocks:
+                            raise ValueError(f"blocks {physical}+{len(csums)} outside the volume")
+                        extents.map_run(tree, logical, physical, csums, _ignore, bs)
+                    else:
+                        extents.unmap(tree, rec[2], None, _ignore)
+                    vol.unflushed[ino] = inode
+                    vol.unify_nodes += tree.dirty_nodes - before
+            except (ValueError, IndexError, OSError) as e:
+                raise fmt.CorruptBlock(block, "log", f"record {code} for inode {ino} does not apply: {e}") from None
 
 
 def load_bitmap(read_block: Callable[[int], bytes], sb: fmt.Super) -> Allocator:
