@@ -5,7 +5,8 @@ Guarantees:
   detaches only after the kernel mount exists.
 - On unmount, SIGTERM or SIGINT the daemon commits everything (with a unify) before it exits; it records its exit
   status in its state file, which ``tux3 umount`` waits for.
-- A control socket beside the state file answers ``stat`` (counters as JSON) and ``sync`` (commit now).
+- A control socket beside the state file answers ``stat`` (counters as JSON) and ``sync`` (a sync item on the
+  flusher's queue: it returns once everything changed before it is durable).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import sys
 import pyfuse3
 import trio
 
-from . import flusher
+from .flusher import Flusher
 from .fs import Volume
 
 log = logging.getLogger("tux3fuse")
@@ -104,7 +105,7 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._signals)
             await nursery.start(self._control)
-            nursery.start_soon(flusher.run_periodic, self.vol, self.interval)
+            await nursery.start(Flusher(self.vol, self.interval).run)
             await pyfuse3.main(min_tasks=2, max_tasks=32)
             nursery.cancel_scope.cancel()
 

@@ -114,6 +114,10 @@ class Volume:
         self.forks = ForkRegistry()
         self.job: CommitJob | None = None  # the commit in flight
         self.on_background = None  # called when dirty data passes Options.background_bytes (the flusher)
+        self.on_dirty = None  # called when a delta gets its first dirty inode (the flusher)
+        self.flusher = None  # the attached Flusher, which then starts every commit (flusher.py)
+        self.clock = time.monotonic  # dirtied times; the flusher sets trio's clock while it runs
+        self.touch_after = 1.0  # seconds: a re-dirtied inode moves to its list's tail at most this often
         self.failed: str | None = None
         try:
             fd = os.open(path, os.O_RDONLY if self.readonly else os.O_RDWR)
@@ -287,7 +291,10 @@ class Volume:
 
     async def sync(self) -> None:
         """Return once everything changed before the call is durable (fsync, syncfs). Callers that arrive while a
-        commit is in flight share the next one."""
+        commit is in flight share the next one. With a flusher attached the request goes through its queue."""
+        if self.flusher is not None:
+            await self.flusher.sync()
+            return
         target = self.deltas.current
         while self.deltas.committed < target:
             self.check_writable()
@@ -315,6 +322,8 @@ class Volume:
                 started = _time.perf_counter()
                 if self.job is not None:
                     await self.wait_job(self.job)
+                elif self.flusher is not None:  # the flusher commits; the writer waits for it
+                    await self.flusher.throttle()
                 else:  # nobody is committing: the throttled writer commits, as balance_dirty_pages writes back
                     await self.commit_async()
                 self.counters["throttled"] += 1
@@ -387,12 +396,46 @@ class Volume:
         return self._dirty_inode(inode, delta)
 
     def _dirty_inode(self, inode: Inode, delta: int) -> InodeRecord:
+        """Prepare to change an inode in ``delta``: fork its attributes if needed and put it on the delta's dirty
+        list (flusher.py states the list's order and its touch rule)."""
         if inode.attr_dirty(delta):
             self.counters["attr_forks"] += 1
         rec = inode.rec
         inode.dirty_deltas.add(delta)
-        self.dirty_inodes.setdefault(delta, {})[inode.ino] = inode
+        dirty = self.dirty_inodes.get(delta)
+        if dirty is None:
+            dirty = self.dirty_inodes[delta] = {}
+            if self.on_dirty is not None:
+                self.on_dirty()
+        if inode.ino not in dirty:
+            inode.dirtied = self.clock()
+            dirty[inode.ino] = inode
+        elif (now := self.clock()) - inode.dirtied >= self.touch_after:  # touch: move to the tail
+            del dirty[inode.ino]
+            self._inherit_head(dirty, inode.dirtied)
+            inode.dirtied = now
+            dirty[inode.ino] = inode
         return rec
+
+    @staticmethod
+    def _inherit_head(dirty: dict[int, Inode], dirtied: float) -> None:
+        """An inode left the head of a dirty list: the new head takes over its age, so that the head's
+        ``dirtied`` stays the time of the oldest change still pending in the delta."""
+        for head in dirty.values():
+            if head.dirtied > dirtied:
+                head.dirtied = dirtied
+            return
+
+    def _inode_done(self, inode: Inode, delta: int) -> None:
+        """Done: take an inode off ``delta``'s dirty list, nothing of it being left to write for that delta."""
+        dirty = self.dirty_inodes.get(delta)
+        if dirty is None or dirty.pop(inode.ino, None) is None:
+            return
+        inode.dirty_deltas.discard(delta)
+        if dirty:
+            self._inherit_head(dirty, inode.dirtied)
+        else:
+            del self.dirty_inodes[delta]
 
     def attr(self, inode: Inode) -> Attr:
         r = inode.rec
@@ -418,7 +461,14 @@ class Volume:
     def _maybe_dead(self, inode: Inode) -> None:
         if inode.dead and inode.ino != ROOT_INO and self.failed is None and not self.readonly:
             with self.deltas.change() as delta:
-                self._dirty_inode(inode, delta)
+                if not inode.on_disk and inode.dirty_deltas <= {delta}:
+                    # created and gone within the current delta: nothing of it is written, not even a table entry
+                    self._inode_done(inode, delta)
+                    self.used_inodes -= 1
+                    self.forget_inode(inode)
+                    self.counters["inodes_discarded"] += 1
+                else:
+                    self._dirty_inode(inode, delta)
 
     def open(self, ino: int, truncate: bool = False) -> Attr:
         inode = self.iget(ino)
