@@ -3,8 +3,9 @@
 A commit is a ``CommitJob`` in three stages:
 1. ``prepare`` (on the event loop, never waiting): reads the delta's attribute snapshots and dirty pages, allocates
    blocks, updates the trees in memory and records the changes in the log (a unify writes the changed tree nodes
-   instead), write-protects the delta's pages in every shared mapping and marks them under writeback. After it the frontend may change anything again: a page under writeback is
-   forked (or waited on, or changed in place, by the stable-page mode).
+   instead), write-protects the delta's pages in every shared mapping and marks them under writeback. After it
+   the frontend may change anything again: a page under writeback is forked (or waited on, or changed in place,
+   by the stable-page mode).
 2. ``write`` (in a worker thread, or step by step in tests): writes the blocks and the superblock copy, then one
    flush (a unify: blocks, flush, superblock, flush).
 3. ``complete`` (on the event loop): ends writeback, frees what the delta freed, releases forked pages.
