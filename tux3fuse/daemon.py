@@ -27,6 +27,7 @@ from .flusher import Flusher
 from .fs import Volume
 
 log = logging.getLogger("tux3fuse")
+MAX_TASKS = 256  # requests served at once: every fsync waiting for a commit holds one (group commit needs many)
 
 
 def state_dir() -> str:
@@ -106,7 +107,7 @@ class Daemon:
             nursery.start_soon(self._signals)
             await nursery.start(self._control)
             await nursery.start(Flusher(self.vol, self.interval).run)
-            await pyfuse3.main(min_tasks=2, max_tasks=32)
+            await pyfuse3.main(min_tasks=2, max_tasks=MAX_TASKS)
             nursery.cancel_scope.cancel()
 
     def run(self) -> int:
