@@ -43,8 +43,9 @@ from tux3fuse.writelog import read_log  # noqa: E402
 SECTOR = 512
 
 
-def snapshot(vol: Volume) -> dict[bytes, tuple]:
-    """Path -> (kind, content) of everything reachable from the root, without taking kernel references."""
+def snapshot(vol: Volume, inos: dict[bytes, int] | None = None) -> dict[bytes, tuple]:
+    """Path -> (kind, content) of everything reachable from the root, without taking kernel references (and
+    path -> inode number into ``inos``)."""
     out: dict[bytes, tuple] = {}
     stack = [(b"", fmt.ROOT_INO)]
     while stack:
@@ -53,6 +54,8 @@ def snapshot(vol: Volume) -> dict[bytes, tuple]:
         for name, (child, _, _, _) in sorted(vol._dir(inode).names.items()):
             node = vol.iget(child)
             p = path + b"/" + name
+            if inos is not None:
+                inos[p] = child
             mode = node.rec.mode
             if stat.S_ISDIR(mode):
                 out[p] = ("d", stat.S_IMODE(mode))
@@ -70,22 +73,38 @@ class Workload:
     def __init__(self, vol: Volume, rng: random.Random) -> None:
         self.vol = vol
         self.rng = rng
-        self.states: dict[int, dict] = {vol.sb.seq: snapshot(vol)}
+        self.inos: dict[int, dict[bytes, int]] = {vol.sb.seq: {}}
+        self.states: dict[int, dict] = {vol.sb.seq: snapshot(vol, self.inos[vol.sb.seq])}
         self.dirs = [fmt.ROOT_INO]
         self.files: list[tuple[int, bytes]] = []  # (parent, name)
         self.open_orphans: list[int] = []
-        plain_commit = vol.commit
+        plain_commit = self.plain_commit = vol.commit
 
         def commit(**kwargs) -> bool:  # every commit, also those a full volume makes inside an operation
             written = plain_commit(**kwargs)
             if written:
-                self.states[vol.sb.seq] = snapshot(vol)
+                inos = self.inos[vol.sb.seq] = {}
+                self.states[vol.sb.seq] = snapshot(vol, inos)
             return written
 
         vol.commit = commit
 
     def commit(self) -> None:
         self.vol.commit()
+
+    def fsync_ahead(self, ino: int) -> None:
+        """fsync of one file committed ahead of its delta: the state on disk is the last committed one with only
+        this file's content and attributes newer."""
+        vol = self.vol
+        base = vol.sb.seq
+        rec = vol.iget(ino).rec
+        state = dict(self.states[base])
+        for path, owner in self.inos[base].items():
+            if owner == ino:
+                state[path] = ("f", stat.S_IMODE(rec.mode), rec.nlink, vol.read(ino, 0, rec.size))
+        if self.plain_commit(only={ino}):
+            self.states[vol.sb.seq] = state
+            self.inos[vol.sb.seq] = self.inos[base]
 
     def step(self) -> None:
         try:
@@ -97,8 +116,8 @@ class Workload:
     def _step(self) -> None:
         vol, rng = self.vol, self.rng
         op = rng.choices(["create", "write", "overwrite", "rename", "unlink_open", "truncate", "mmap", "mkdir",
-                          "link", "symlink", "rmdir", "close_orphan", "commit"],
-                         [8, 10, 8, 5, 2, 4, 3, 2, 2, 1, 1, 2, 5])[0]
+                          "link", "symlink", "rmdir", "close_orphan", "commit", "fsync"],
+                         [8, 10, 8, 5, 2, 4, 3, 2, 2, 1, 1, 2, 5, 3])[0]
         bs = vol.blocksize
         if op == "create" or not self.files:
             parent = rng.choice(self.dirs)
@@ -185,6 +204,11 @@ class Workload:
                     break
         elif op == "commit":
             self.commit()
+        elif op == "fsync":
+            if ino in vol.dirty_inodes.get(vol.deltas.current, {}) and vol.commit_ahead_pays({ino}):
+                self.fsync_ahead(ino)
+            else:
+                self.commit()
 
 
 def durable_and_issued(records: list, end: int) -> tuple[int, int]:
@@ -273,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         before = snapshot_after(image)
         base_seq = Volume(str(image), Options(readonly=True, lock=False)).sb.seq
         logpath = work / "writes.log"
-        vol = Volume(str(image), Options(writelog=str(logpath), unify_deltas=5))
+        vol = Volume(str(image), Options(writelog=str(logpath), unify_deltas=5, fsync_ahead_bytes=0))
         vol.mount()
         load = Workload(vol, rng)
         load.states[vol.sb.seq] = snapshot(vol)

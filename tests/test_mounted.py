@@ -322,6 +322,26 @@ def test_sigkill_keeps_everything_fsynced(make_mount):
         assert read_file(m.path(name)) == data
 
 
+def test_fsync_goes_ahead_of_a_large_delta_and_survives_sigkill(make_mount):
+    m = make_mount(options="auto_unmount,commit=60,nowriteback")  # nowriteback: the daemon holds the big file
+    write_file(m.path("log"), b"first", fsync=True)
+    big = os.urandom(8 << 20)
+    with open(m.path("big"), "wb") as f:
+        f.write(big)  # dirty in the daemon, not synced
+    with open(m.path("log"), "ab") as f:
+        f.write(b" second")
+        f.flush()
+        os.fsync(f.fileno())
+    s = m.stat_json()
+    assert s["commits_ahead"] == 1  # only the log file's blocks were committed
+    m.kill(signal.SIGKILL)
+    r = fsck(m.image, "-n")
+    assert r.returncode == 0, r.stdout
+    m.start()
+    assert read_file(m.path("log")) == b"first second"
+    assert not os.path.exists(m.path("big"))  # created in the delta the fsync went ahead of
+
+
 def test_sigterm_commits_everything(make_mount):
     m = make_mount(options="commit=3600")
     data = os.urandom(3 << 20)

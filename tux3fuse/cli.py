@@ -93,7 +93,7 @@ IGNORED = {"defaults", "auto", "noauto", "user", "nouser", "users", "nofail", "_
 def parse_mount_options(text: str) -> dict:
     """-o string -> settings; raises UsageError on anything unknown."""
     out = {"ro": False, "writeback": True, "xattr": False, "commit": 5.0, "cache": None, "stable": "fork",
-           "writelog": None, "dirty_limit": None, "fuse": set()}
+           "writelog": None, "dirty_limit": None, "fsync_ahead": None, "fuse": set()}
     for opt in filter(None, (text or "").split(",")):
         key, _, value = opt.partition("=")
         if key == "ro":
@@ -117,7 +117,9 @@ def parse_mount_options(text: str) -> dict:
             if value not in ("fork", "wait", "none"):
                 raise UsageError(f"stable= takes fork, wait or none, not {value!r}")
             out["stable"] = value
-        elif key in ("cache", "dirty_limit"):
+        elif key == "fsync_ahead" and value == "off":
+            out[key] = -1
+        elif key in ("cache", "dirty_limit", "fsync_ahead"):
             from .mkfs import parse_size
             try:
                 out[key] = parse_size(value)
@@ -135,8 +137,8 @@ def parse_mount_options(text: str) -> dict:
 def mount_cmd(argv: list[str], prog: str = PROG_MOUNT) -> int:
     p = _Parser(prog=prog, description="Mount a tux3fuse image.")
     p.add_argument("-o", dest="options", action="append", default=[], help="mount options, comma separated: ro, "
-                   "allow_other, writeback|nowriteback, xattr, commit=SECONDS, cache=SIZE, stable=fork|wait|none, "
-                   "auto_unmount")
+                   "allow_other, writeback|nowriteback, xattr, commit=SECONDS, cache=SIZE, dirty_limit=SIZE, "
+                   "stable=fork|wait|none, fsync_ahead=SIZE|off, auto_unmount")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     p.add_argument("--debug", action="store_true", help="log every request (implies --foreground)")
     p.add_argument("image")
@@ -167,6 +169,8 @@ def mount_cmd(argv: list[str], prog: str = PROG_MOUNT) -> int:
         options.cache_bytes = opts["cache"]
     if opts["dirty_limit"]:
         options.dirty_limit = opts["dirty_limit"]
+    if opts["fsync_ahead"] is not None:
+        options.fsync_ahead_bytes = opts["fsync_ahead"]
     vol = Volume(image, options)
     try:
         vol.mount()

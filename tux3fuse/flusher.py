@@ -67,9 +67,10 @@ class Kind(enum.IntEnum):
 class Item:
     """One queued (or in-flight) request: the callers waiting on it are woken when ``delta`` is durable."""
 
-    def __init__(self, kind: Kind, delta: int) -> None:
+    def __init__(self, kind: Kind, delta: int, inodes: set[int] | None = None) -> None:
         self.kind = kind
         self.delta = delta
+        self.inodes = inodes  # fsyncs of these files only (the commit may go ahead of the delta); None: all
         self.waiters = 0
         self.done = trio.Event()
         self.error: BaseException | None = None
@@ -114,21 +115,27 @@ class Flusher:
         current = vol.deltas.current
         return current if has_changes(vol, current) else current - 1
 
-    def request(self, kind: Kind, delta: int) -> Item | None:
-        """Queue a request for ``delta`` to be durable, or merge it into an item that covers it. None when it is
-        durable already. Never waits."""
+    def request(self, kind: Kind, delta: int, ino: int | None = None) -> Item | None:
+        """Queue a request for ``delta`` to be durable (with ``ino``: only that file's changes in it), or merge it
+        into an item that covers it. None when it is durable already. Never waits."""
         vol = self.vol
         if delta <= vol.deltas.committed:
             return None
         if not self.running:
             raise VolumeError("the flusher is not running")
-        if self.inflight is not None and self.inflight_delta >= delta:
-            item = self.inflight
+        inflight = self.inflight
+        if inflight is not None and self.inflight_delta >= delta and (
+                inflight.inodes is None or (ino is not None and ino in inflight.inodes)):
+            item = inflight
         elif self.queue:
             item = self.queue[0]
             item.kind = max(item.kind, kind)
+            if ino is None:
+                item.inodes = None
+            elif item.inodes is not None:
+                item.inodes.add(ino)
         else:
-            item = Item(kind, delta)
+            item = Item(kind, delta, None if ino is None else {ino})
             self.queue.append(item)
             vol.counters["flusher_items"] += 1
             self.kick.set()
@@ -136,11 +143,18 @@ class Flusher:
         vol.counters["flusher_coalesced"] += 1
         return item
 
-    async def sync(self) -> None:
-        """Return once everything changed before the call is durable (fsync, fsyncdir, ``tux3 sync``). Waits for
-        at most two commits: the one in flight and the next."""
-        self.vol.check_writable()
-        item = self.request(Kind.SYNC, self.target())
+    async def sync(self, ino: int | None = None) -> None:
+        """Return once everything changed before the call is durable (fsyncdir, ``tux3 sync``), or with ``ino``
+        everything changed in that file (fsync). Waits for at most two commits: the one in flight and the next."""
+        vol = self.vol
+        vol.check_writable()
+        if ino is None:
+            item = self.request(Kind.SYNC, self.target())
+        else:
+            inode = vol.inodes.get(ino)
+            if inode is None or not inode.dirty_deltas:
+                return
+            item = self.request(Kind.SYNC, max(inode.dirty_deltas), ino)
         if item is not None:
             await item.wait()
 
@@ -241,7 +255,7 @@ class Flusher:
         # no checkpoint from here to the transition in commit_async: the delta it commits is the current one
         self.inflight, self.inflight_delta = item, vol.deltas.current
         try:
-            await vol.commit_async(inline_small=item.kind is Kind.SYNC and item.waiters <= 1)
+            await vol.commit_async(inline_small=item.kind is Kind.SYNC and item.waiters <= 1, only=item.inodes)
         except VolumeError as e:
             log.error("commit of delta %d failed; the volume is read-only now", self.inflight_delta)
             self.inflight = None

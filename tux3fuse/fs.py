@@ -94,6 +94,7 @@ class Options:
     dirty_limit: int = 128 << 20  # above this much dirty data writers are throttled (0: no limit)
     one_flush: bool = True  # commit with one flush, the superblock proving the delta's blocks (docs/FORMAT.md)
     inline_commit_blocks: int = 8  # commits this small do their I/O on the event loop, not in a worker thread
+    fsync_ahead_bytes: int = 1 << 20  # fsync commits only the file when the rest of its delta is dirtier than this
     writelog: str | None = None  # record every write and flush to this file (crash testing)
     lock: bool = True  # take the image lock (tests reading a committed state beside a live volume pass False)
 
@@ -143,7 +144,7 @@ class Volume:
         self.dev = Device(self.path, bs, sb.volblocks, self.readonly, self.options.writelog)
         self.counters: Counter[str] = Counter()
         for key in ("forks", "data_forks", "dir_forks", "attr_forks", "waits", "commits", "blocks_written",
-                    "flushes", "unifies", "bytes_copied", "pinned_copies"):
+                    "flushes", "unifies", "bytes_copied", "pinned_copies", "commits_ahead"):
             self.counters[key] = 0
         self.writes: list[tuple[int, bytes | bytearray]] = []
         try:
@@ -169,6 +170,7 @@ class Volume:
         self.unflushed: dict[int, Inode] = {}  # inodes whose extent tree has changes only the log holds
         self.unify_frees: list[int] = []  # tree nodes dropped since the last unify; the trees on disk use them
         self.unify_nodes = 0  # extent tree nodes the next unify writes (at most)
+        self.split_uncounted = 0  # new inodes a split moved past the delta being committed
         self.used_inodes = sb.used_inodes
         self.next_inum = sb.next_inum
         if sb.itree_root == 0:  # a volume being made: mkfs creates the root next
@@ -221,14 +223,17 @@ class Volume:
         finally:
             self.close_files()
 
-    def commit(self, *, unify: bool = False, state: int | None = None) -> bool:
-        """Transition and commit the current delta synchronously. Returns True if anything was written."""
+    def commit(self, *, unify: bool = False, state: int | None = None, only: set[int] | None = None) -> bool:
+        """Transition and commit the current delta synchronously (with ``only``: just those inodes' changes, as
+        in ``start_commit``). Returns True if anything was written."""
         if self.readonly:
             return False
         self.check_writable()
         if self.job is not None:
             raise AssertionError("synchronous commit while a commit is in flight")
         delta = self.deltas.transition()
+        if only is not None:
+            self._split_delta(delta, only)
         try:
             written = commit_delta(self, delta, unify=unify, state=state)
         except Exception as e:
@@ -238,13 +243,17 @@ class Volume:
         return written
 
     def start_commit(self, *, unify: bool = False, state: int | None = None, prepare: bool = True,
-                     urgent: bool = False) -> CommitJob:
+                     urgent: bool = False, only: set[int] | None = None) -> CommitJob:
         """Transition and prepare a commit of the current delta (stage 1); the caller writes and completes it.
-        With ``prepare=False`` the caller runs ``job.prepare_steps()`` itself, interleaving frontend work."""
+        With ``prepare=False`` the caller runs ``job.prepare_steps()`` itself, interleaving frontend work. With
+        ``only`` (inodes for which ``can_commit_ahead`` holds) the delta is split first: the changes of every other
+        inode move to the next delta, and this commit holds only those of ``only``."""
         self.check_writable()
         if self.job is not None:
             raise AssertionError("a commit is already in flight")
         delta = self.deltas.transition()
+        if only is not None:
+            self._split_delta(delta, only)
         job = self.job = CommitJob(self, delta, unify=unify, state=state, urgent=urgent)
         job.begin()
         if prepare:
@@ -255,14 +264,18 @@ class Volume:
                 raise VolumeError(self.failed) from e
         return job
 
-    async def commit_async(self, *, unify: bool = False, state: int | None = None, inline_small: bool = False) -> int:
+    async def commit_async(self, *, unify: bool = False, state: int | None = None, inline_small: bool = False,
+                           only: set[int] | None = None) -> int:
         """Commit the current delta with its I/O in a worker thread; the frontend keeps running meanwhile.
-        Returns the delta committed. Waits for a commit already in flight first."""
+        Returns the delta committed. Waits for a commit already in flight first. ``only``: as in start_commit,
+        re-checked once the commit in flight has ended (a whole-delta commit if it no longer holds)."""
         import trio
 
         while self.job is not None:
             await self.wait_job(self.job)
-        job = self.start_commit(unify=unify, state=state, prepare=False, urgent=inline_small)
+        if only is not None and not self.commit_ahead_pays(only):
+            only = None
+        job = self.start_commit(unify=unify, state=state, prepare=False, urgent=inline_small, only=only)
         with trio.CancelScope(shield=True):  # a commit once started always ends
             try:
                 for _ in job.prepare_steps():
@@ -288,6 +301,74 @@ class Volume:
             event = trio.Event()
             job.waiters.append(event)
             await event.wait()
+
+    # -- fsync ahead of the delta ----------------------------------------------------------------------------------
+
+    def can_commit_ahead(self, ino: int) -> bool:
+        """May this inode's changes in the current delta be committed before the rest of the delta? Yes for a
+        regular file whose names are all committed already: the inode table holds it with the same link count, so
+        a state with only its data and attributes newer is a state the namespace allows (ext4's fast-commit
+        eligibility, by the same reasoning)."""
+        inode = self.inodes.get(ino)
+        if inode is None or not inode.is_reg or not inode.on_disk or inode.rec.nlink == 0:
+            return False
+        raw = self.itable.lookup(ino)
+        return raw is not None and fmt.InodeRecord.unpack(raw).nlink == inode.rec.nlink
+
+    def commit_ahead_pays(self, only: set[int]) -> bool:
+        """Commit ``only`` ahead of its delta when every one may be, and the rest of the delta holds more than
+        ``Options.fsync_ahead_bytes`` of dirty data (below that, one commit of the whole delta costs about the
+        same and also makes the other files durable, which group commit of many fsyncing files relies on)."""
+        delta = self.deltas.current
+        dirty = self.dirty_inodes.get(delta, {})
+        if self.options.fsync_ahead_bytes < 0 or not all(map(self.can_commit_ahead, only)):
+            return False
+        rest = sum(len(inode.mapping.dirty.get(delta, ())) for ino, inode in dirty.items() if ino not in only)
+        return rest * self.blocksize > self.options.fsync_ahead_bytes
+
+    def _split_delta(self, delta: int, only: set[int]) -> None:
+        """Right after the transition of ``delta``: move the changes of every inode not in ``only`` to the delta
+        now current (which has none yet), so that ``delta`` holds only those of ``only``. Costs one pass over the
+        moved inodes' dirty pages."""
+        later = self.deltas.current
+        dirty = self.dirty_inodes.pop(delta, {})
+        kept = {ino: inode for ino, inode in dirty.items() if ino in only}
+        moved = {ino: inode for ino, inode in dirty.items() if ino not in only}
+        if later in self.dirty_inodes or any(later in inode.dirty_deltas for inode in moved.values()):
+            raise AssertionError(f"delta {later} changed before the split of delta {delta}")
+        if kept:
+            self.dirty_inodes[delta] = kept
+        if moved:
+            self.dirty_inodes[later] = moved
+        for inode in moved.values():
+            inode.dirty_deltas.discard(delta)
+            inode.dirty_deltas.add(later)
+            if inode.attr_delta == delta:
+                inode.attr_delta = later
+            if delta in inode.hole_from:
+                inode.hole_from[later] = inode.hole_from.pop(delta)
+            inode.mapping.retag(delta, later)
+        self.split_uncounted = sum(not inode.on_disk for inode in moved.values())  # created, not yet committed
+        self.counters["commits_ahead"] += 1
+        self.counters["inodes_moved_by_split"] += len(moved)
+
+    async def fsync(self, ino: int) -> None:
+        """fsync of one file: return once its changes are durable. When the rest of its delta is large, only its
+        own blocks are committed (``commit_ahead_pays``); otherwise the whole delta (``sync``)."""
+        if self.flusher is not None:
+            await self.flusher.sync(ino)
+            return
+        inode = self.inodes.get(ino)
+        if inode is None:
+            return
+        while self.job is not None and inode.dirty_deltas:
+            await self.wait_job(self.job)
+        if not inode.dirty_deltas:
+            return
+        if self.deltas.current in inode.dirty_deltas and self.commit_ahead_pays({ino}):
+            await self.commit_async(inline_small=True, only={ino})
+            return
+        await self.sync()
 
     async def sync(self) -> None:
         """Return once everything changed before the call is durable (fsync, syncfs). Callers that arrive while a

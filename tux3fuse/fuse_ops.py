@@ -172,17 +172,17 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def fsync(self, fh, datasync):
-        await self.vol_sync()
+        await self.vol_sync(fh)
 
     @_translate
     async def fsyncdir(self, fh, datasync):
         await self.vol_sync()
 
-    async def vol_sync(self) -> None:
+    async def vol_sync(self, ino: int | None = None) -> None:
         if self.vol.failed is not None:
             raise pyfuse3.FUSEError(errno.EIO)
         if not self.vol.readonly:
-            await self.vol.sync()
+            await (self.vol.sync() if ino is None else self.vol.fsync(ino))
 
     # -- directories -----------------------------------------------------------------------------------------------
 

@@ -53,6 +53,7 @@ class CommitJob:
         self.empty = False
         self.begun = False
         self.dirty: dict[int, Inode] = {}
+        self.used_inodes = 0
         self.records: list[fmt.LogRecord] = []  # tree changes for the log, in the order replay applies them
         self.changes: list[fmt.LogRecord] = []  # those of the inode being flushed
         self.waiters: list = []  # trio.Events set when the job completes
@@ -74,6 +75,9 @@ class CommitJob:
         vol, delta = self.vol, self.delta
         self.dirty = vol.dirty_inodes.pop(delta, {})
         self.inodes = list(self.dirty.values())
+        # inodes in use as of this delta: later deltas (created during the prepare, or moved by a split) excluded
+        self.used_inodes = vol.used_inodes - vol.split_uncounted
+        vol.split_uncounted = 0
         for inode in self.inodes:
             pages = inode.mapping.dirty.get(delta)
             for index, page in list((pages or {}).items()):
@@ -115,7 +119,7 @@ class CommitJob:
             sb.delta_csum = self._proof(records, blocks)
         sb.seq = delta
         sb.free_blocks = vol.alloc.free + vol.alloc.pending_count()
-        sb.used_inodes = vol.used_inodes
+        sb.used_inodes = self.used_inodes
         sb.next_inum = vol.next_inum
         if self.state is not None:
             sb.state = self.state
@@ -294,6 +298,7 @@ class CommitJob:
         vol.unflushed.pop(inode.ino, None)
         vol.itable.delete(inode.ino)
         vol.used_inodes -= 1
+        self.used_inodes -= 1
         vol.otree.delete(inode.ino)
         vol.forget_inode(inode)
         vol.counters["inodes_destroyed"] += 1

@@ -107,6 +107,14 @@ class AddressSpace:
         self.cache.dirty_pages += 1
         self.cache.touch(self, page)
 
+    def retag(self, delta: int, later: int) -> None:
+        """Move every page dirty for ``delta`` to ``later`` (which has none yet): the delta was split."""
+        pages = self.dirty.pop(delta, None)
+        if pages:
+            for page in pages.values():
+                page.delta = later
+            self.dirty[later] = pages
+
     def write_pages(self, first: int, data: memoryview, delta: int, slow) -> None:
         """Overwrite whole pages from ``first`` with ``data`` (a multiple of the page size), dirty for delta.
         Pages the backend owns go through ``slow(index)``, which forks (or waits, or allows in-place change)."""
