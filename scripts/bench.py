@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark tux3fuse against fuse2fs (ext4 through FUSE) with fio.
+"""Benchmark tux3fuse against fuse2fs (ext4 through FUSE) with fio, beside the floor of any pyfuse3 filesystem.
 
 Both filesystems get a sparse image of the same size in a temporary directory
 on local disk and run the same jobs, one filesystem after the other:
@@ -14,8 +14,19 @@ on local disk and run the same jobs, one filesystem after the other:
 "Cold cache" means the filesystem is unmounted and mounted again before the job
 (and, when running as root, /proc/sys/vm/drop_caches is written).
 
-Results are printed as a table and written to OUTDIR/PERFORMANCE.md and
-OUTDIR/bench.png (the chart needs matplotlib).
+Two more columns measure the pyfuse3 floor: scripts/nullfs.py, an in-memory
+pyfuse3 filesystem with tux3fuse's FUSE options whose fsync returns at once
+("pyfuse3-null": seqwrite, randwrite, fsync and create; it keeps nothing across
+the remount the reads need), and the same with one 4 KiB write + fdatasync of a
+scratch file per fsync ("pyfuse3-null+fdatasync": fsync only). Beside each
+floor line of tux3fuse (seqwrite, fsync, create) the script prints the pyfuse3-null rate
+and what share of tux3fuse's time per operation, and of the time per operation
+the floor allows, a filesystem doing nothing already takes.
+
+--only takes a comma-separated list of tux3fuse, fuse2fs, null, null-fdatasync.
+Results are printed as a table and written to OUTDIR/PERFORMANCE.md (the whole
+file is rewritten) and OUTDIR/bench.png (the chart needs matplotlib). OUTDIR is
+docs/, or bench-out/ with --quick.
 """
 
 from __future__ import annotations
@@ -25,7 +36,6 @@ import datetime as dt
 import json
 import os
 import platform
-import shlex
 import shutil
 import subprocess
 import sys
@@ -35,12 +45,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from procutil import call, default_workdir, interrupt_on_signals, log, reap_daemons, wait_until
+from benchfs import BenchError, Fs, cleanup, is_mounted, make_fs, run
+from procutil import default_workdir, interrupt_on_signals, log
+from report import md_table, text_table
 
 REPO = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
-FILESYSTEMS = ("tux3fuse", "fuse2fs")
-MiB = 1024 * 1024
+FILESYSTEMS = ("tux3fuse", "fuse2fs", "null", "null-fdatasync")
+LABELS = {"tux3fuse": "tux3fuse", "fuse2fs": "fuse2fs", "null": "pyfuse3-null",
+          "null-fdatasync": "pyfuse3-null+fdatasync"}
+COLORS = {"tux3fuse": "#1f77b4", "fuse2fs": "#ff7f0e", "null": "#7f7f7f", "null-fdatasync": "#bcbd22"}
+# The jobs of the pyfuse3 floors (tux3fuse and fuse2fs run them all): no reads, nullfs forgets all at unmount.
+JOBS_OF = {"null": ("seqwrite", "randwrite", "fsync", "create"), "null-fdatasync": ("fsync",)}
 
 # Floors from the spec (tux3fuse only): job -> minimum value.
 FLOORS: dict[str, float] = {"seqwrite": 300.0, "fsync": 2000.0, "create": 3000.0}
@@ -86,162 +101,6 @@ class FsResult:
     skipped: str | None = None
 
 
-class BenchError(Exception):
-    pass
-
-
-def run(
-    cmd: Sequence[str | os.PathLike[str]], timeout: float = 120, check: bool = True, cwd: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    args = [str(c) for c in cmd]
-    try:
-        proc = call(args, timeout, cwd=cwd)
-    except subprocess.TimeoutExpired as e:
-        raise BenchError(f"timed out after {timeout:.0f}s: {shlex.join(args)}") from e
-    except OSError as e:
-        raise BenchError(f"cannot run {shlex.join(args)}: {e}") from e
-    if check and proc.returncode != 0:
-        detail = (proc.stderr.strip() or proc.stdout.strip())[-2000:]
-        raise BenchError(f"exit status {proc.returncode}: {shlex.join(args)}\n{detail}")
-    return proc
-
-
-def is_mounted(path: Path) -> bool:
-    target = str(path.resolve())
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                if line.split()[4].replace("\\040", " ") == target:
-                    return True
-    except OSError:
-        return os.path.ismount(path)
-    return False
-
-
-def fusermount() -> str | None:
-    return shutil.which("fusermount") or shutil.which("fusermount3")
-
-
-def drop_caches() -> None:
-    os.sync()
-    if os.geteuid() == 0:
-        try:
-            with open("/proc/sys/vm/drop_caches", "w") as f:
-                f.write("3\n")
-        except OSError:
-            pass
-
-
-class Fs:
-    """One filesystem under test: make the image, mount, unmount."""
-
-    name = ""
-
-    def __init__(self, workdir: Path, params: Params) -> None:
-        self.image = workdir / f"{self.name}.img"
-        self.mnt = workdir / f"{self.name}.mnt"
-        self.params = params
-
-    def missing(self) -> str | None:
-        raise NotImplementedError
-
-    def mkfs(self) -> None:
-        raise NotImplementedError
-
-    def _mount(self) -> None:
-        raise NotImplementedError
-
-    def _umount(self) -> None:
-        raise NotImplementedError
-
-    def mount(self) -> None:
-        self.mnt.mkdir(exist_ok=True)
-        self._mount()
-        if not wait_until(lambda: is_mounted(self.mnt), 30):
-            raise BenchError(f"{self.name}: {self.mnt} is not mounted after the mount command returned")
-
-    def umount(self) -> None:
-        """Unmount and wait for the daemon to exit; falls back to a lazy unmount."""
-        error = None
-        for attempt in range(3):
-            if not is_mounted(self.mnt):
-                break
-            if attempt:
-                time.sleep(1)  # busy: files of a killed job may still be being released
-            try:
-                self._umount()
-                error = None
-            except BenchError as e:
-                error = e
-        if is_mounted(self.mnt):
-            log(f"  {self.name}: unmount failed ({error}); lazy unmount")
-            run([fusermount() or "fusermount3", "-u", "-z", self.mnt], check=False, timeout=30)
-        reap_daemons(self.image)
-        if error is not None:
-            raise error
-
-    def remount(self) -> None:
-        self.umount()
-        drop_caches()
-        self.mount()
-
-
-class Tux3Fs(Fs):
-    name = "tux3fuse"
-
-    def __init__(self, workdir: Path, params: Params, options: str | None) -> None:
-        super().__init__(workdir, params)
-        self.options = options
-
-    def missing(self) -> str | None:
-        for tool in ("mkfs.tux3", "tux3fuse", "tux3"):
-            if not (VENV_BIN / tool).exists():
-                return f"{VENV_BIN / tool} not found (run 'make install')"
-        return None
-
-    def mkfs(self) -> None:
-        run([VENV_BIN / "mkfs.tux3", "-s", self.params.image_size, "-f", self.image])
-
-    def _mount(self) -> None:
-        opts = ["-o", self.options] if self.options else []
-        run([VENV_BIN / "tux3fuse", *opts, self.image, self.mnt], timeout=60)
-
-    def _umount(self) -> None:
-        run([VENV_BIN / "tux3", "umount", self.mnt], timeout=300)
-
-
-class Fuse2Fs(Fs):
-    name = "fuse2fs"
-
-    def missing(self) -> str | None:
-        for tool in ("fuse2fs", "mkfs.ext4"):
-            if not shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin"):
-                return f"{tool} not found (apt-get install fuse2fs e2fsprogs)"
-        if not fusermount():
-            return "neither fusermount nor fusermount3 found"
-        return None
-
-    def mkfs(self) -> None:
-        with open(self.image, "wb") as f:
-            f.truncate(parse_size(self.params.image_size))
-        mkfs = shutil.which("mkfs.ext4", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") or "mkfs.ext4"
-        run([mkfs, "-F", "-q", self.image])
-
-    def _mount(self) -> None:
-        run(["fuse2fs", self.image, self.mnt, "-o", "fakeroot"], timeout=60)
-
-    def _umount(self) -> None:
-        run([fusermount() or "fusermount", "-u", self.mnt], timeout=60)
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
-
-
 def fio_args(job: str, p: Params) -> list[str]:
     """fio arguments for JOB, without --directory and output options."""
     common = ["--ioengine=psync", "--numjobs=1", "--group_reporting"]
@@ -260,10 +119,10 @@ def fio_args(job: str, p: Params) -> list[str]:
     return table[job] + common
 
 
-def run_fio(fs: Fs, job: str, outdir: Path) -> float:
+def run_fio(fs: Fs, job: str, params: Params, outdir: Path) -> float:
     out = outdir / f"fio-{fs.name}-{job}.json"
     # --directory must come before --filename: fio ignores it for files named earlier on the command line.
-    args = ["fio", f"--directory={fs.mnt}", *fio_args(job, fs.params), "--output-format=json", f"--output={out}"]
+    args = ["fio", f"--directory={fs.mnt}", *fio_args(job, params), "--output-format=json", f"--output={out}"]
     run(args, timeout=900, cwd=outdir)
     datafile = next(a.split("=", 1)[1] for a in args if a.startswith("--filename="))
     if not (fs.mnt / datafile).is_file():
@@ -295,18 +154,19 @@ def run_create(fs: Fs, count: int) -> float:
     return count / elapsed
 
 
-def bench_fs(fs: Fs, scratch: Path) -> FsResult:
+def bench_fs(fs: Fs, params: Params, scratch: Path) -> FsResult:
     result = FsResult()
     why = fs.missing()
     if why:
         log(f"{fs.name}: skipped: {why}")
         result.skipped = why
         return result
-    log(f"{fs.name}: mkfs ({fs.params.image_size}) and mount")
+    log(f"{fs.name}: " + (f"mkfs ({params.image_size}) and mount" if fs.persistent else "mount (in memory)"))
     try:
-        fs.mkfs()
-        fs.mount()
+        fs.setup()
         for job in JOBS:
+            if job.name not in JOBS_OF.get(fs.name, job.name):
+                continue
             if job.name in ("seqread", "randread"):
                 fs.remount()
             if not is_mounted(fs.mnt):
@@ -314,9 +174,9 @@ def bench_fs(fs: Fs, scratch: Path) -> FsResult:
             start = time.monotonic()
             try:
                 if job.name == "create":
-                    value = run_create(fs, fs.params.create_files)
+                    value = run_create(fs, params.create_files)
                 else:
-                    value = run_fio(fs, job.name, scratch)
+                    value = run_fio(fs, job.name, params, scratch)
             except (BenchError, OSError, KeyError, ValueError) as e:
                 result.errors[job.name] = str(e).splitlines()[0] if str(e) else type(e).__name__
                 log(f"  {job.name:10s} FAILED: {e}")
@@ -328,7 +188,7 @@ def bench_fs(fs: Fs, scratch: Path) -> FsResult:
         log(f"{fs.name}: aborted: {e}")
     finally:
         try:
-            fs.umount()
+            fs.teardown()
         except BenchError as e:
             log(f"{fs.name}: unmount: {e}")
             result.errors.setdefault("umount", str(e).splitlines()[0])
@@ -345,29 +205,28 @@ def fmt(value: float | None) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:,.1f}"
 
 
+TABLE_HEADER = ["job", "tux3fuse", "fuse2fs", "ratio", LABELS["null"], LABELS["null-fdatasync"]]
+
+
 def table_rows(results: dict[str, FsResult]) -> list[list[str]]:
     rows = []
     for job in JOBS:
-        t = results.get("tux3fuse", FsResult()).values.get(job.name)
-        f = results.get("fuse2fs", FsResult()).values.get(job.name)
-        cells = []
-        for name, v in (("tux3fuse", t), ("fuse2fs", f)):
+        values = {name: results.get(name, FsResult()).values.get(job.name) for name in FILESYSTEMS}
+        cells = {}
+        for name, v in values.items():
             err = results.get(name, FsResult()).errors.get(job.name)
-            cells.append("error" if err and v is None else fmt(v))
+            cells[name] = "error" if err and v is None else fmt(v)
+        t, f = values["tux3fuse"], values["fuse2fs"]
         ratio = f"{t / f:.2f}" if t is not None and f else "-"
-        rows.append([f"{job.name} ({job.unit})", *cells, ratio])
+        rows.append([f"{job.name} ({job.unit})", cells["tux3fuse"], cells["fuse2fs"], ratio, cells["null"],
+                     cells["null-fdatasync"]])
     return rows
 
 
 def print_table(rows: list[list[str]]) -> None:
-    header = ["job", "tux3fuse", "fuse2fs", "ratio"]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
-    line = "  ".join(h.ljust(widths[0]) if i == 0 else h.rjust(widths[i]) for i, h in enumerate(header))
     print()
-    print(line)
-    print("-" * len(line))
-    for r in rows:
-        print("  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)))
+    for line in text_table(TABLE_HEADER, rows):
+        print(line)
     print("ratio = tux3fuse / fuse2fs; higher is better for every job")
 
 
@@ -381,10 +240,34 @@ def floor_lines(results: dict[str, FsResult], quick: bool) -> list[str]:
         v = t.values.get(job)
         verdict = "FAIL" if v is None or v < floor else "PASS"
         got = "no result" if v is None else f"{fmt(v)} {units[job]}"
-        lines.append(f"{verdict}: tux3fuse {job} {got} (floor {floor:,.0f} {units[job]})")
+        lines.append(f"{verdict}: tux3fuse {job} {got} (floor {floor:,.0f} {units[job]})"
+                     + pyfuse3_floor_text(results, job, floor))
     if quick:
         lines.append("(quick run: sizes and runtimes are reduced, floors are indicative only)")
     return lines
+
+
+PER = {"MB/s": "MB", "ops/s": "op", "files/s": "file"}
+
+
+def pyfuse3_floor_text(results: dict[str, FsResult], job: str, floor: float) -> str:
+    """pyfuse3-null's rate for JOB, and its time per operation against tux3fuse's and against the time per
+    operation that FLOOR allows: '' if pyfuse3-null did not run JOB."""
+    n = results.get("null", FsResult()).values.get(job)
+    if not n:
+        return ""
+    unit = next(j.unit for j in JOBS if j.name == job)
+    per = PER[unit]
+    t = results.get("tux3fuse", FsResult()).values.get(job)
+    n_us, floor_us = 1e6 / n, 1e6 / floor
+    text = f"; pyfuse3 floor: {fmt(n)} {unit} (a filesystem doing nothing takes {n_us:,.0f} us per {per}"
+    if t:
+        text += f": {n_us * t / 1e6:.0%} of tux3fuse's {1e6 / t:,.0f} us"
+    text += f", {n_us / floor_us:.0%} of the {floor_us:,.0f} us that {floor:,.0f} {unit} allows)"
+    d = results.get("null-fdatasync", FsResult()).values.get(job)
+    if d:
+        text += f"; with one fdatasync per fsync: {fmt(d)} {unit}"
+    return text
 
 
 def machine_info() -> dict[str, str]:
@@ -432,12 +315,10 @@ def write_markdown(path: Path, results: dict[str, FsResult], rows: list[list[str
     out.append("")
     out.append("## Results")
     out.append("")
-    out.append("| job | tux3fuse | fuse2fs | ratio |")
-    out.append("|---|---:|---:|---:|")
-    for r in rows:
-        out.append("| " + " | ".join(r) + " |")
+    out += md_table(TABLE_HEADER, rows)
     out.append("")
-    out.append("ratio = tux3fuse / fuse2fs; higher is better for every job.")
+    out.append("ratio = tux3fuse / fuse2fs; higher is better for every job. The pyfuse3-null columns are the floor "
+               "of any pyfuse3 filesystem (see Setup).")
     out.append("")
     notes = []
     for name in FILESYSTEMS:
@@ -445,9 +326,9 @@ def write_markdown(path: Path, results: dict[str, FsResult], rows: list[list[str
         if r is None:
             continue
         if r.skipped:
-            notes.append(f"- {name}: {r.skipped}")
+            notes.append(f"- {LABELS[name]}: {r.skipped}")
         for job, err in r.errors.items():
-            notes.append(f"- {name} {job} failed: `{err}`")
+            notes.append(f"- {LABELS[name]} {job} failed: `{err}`")
     if notes:
         out += [*notes, ""]
     out.append("Floors (tux3fuse):")
@@ -464,6 +345,13 @@ def write_markdown(path: Path, results: dict[str, FsResult], rows: list[list[str
                f"`tux3fuse {'-o ' + tux3_options + ' ' if tux3_options else ''}IMAGE MNT`; `tux3 umount MNT`")
     out.append(f"- fuse2fs: `truncate -s {params.image_size} IMAGE; mkfs.ext4 -F -q IMAGE`; "
                "`fuse2fs IMAGE MNT -o fakeroot`; `fusermount -u MNT`")
+    out.append(f"- pyfuse3-null: `python scripts/nullfs.py MNT`; `fusermount -u MNT`. An in-memory pyfuse3 + trio "
+               "filesystem with tux3fuse's FUSE options (default_permissions, writeback cache, 300 s timeouts, up "
+               "to 256 requests at once) whose fsync returns at once: what the same requests cost any pyfuse3 "
+               f"filesystem. Jobs: {', '.join(JOBS_OF['null'])} (it keeps nothing across a remount).")
+    out.append("- pyfuse3-null+fdatasync: `python scripts/nullfs.py --fdatasync SCRATCH MNT`: the same, but every "
+               "fsync writes 4 KiB of a scratch file beside the images and fdatasyncs it (one device flush per "
+               f"fsync). Jobs: {', '.join(JOBS_OF['null-fdatasync'])}.")
     out.append("- seqread and randread run right after an unmount + mount (and drop_caches when root), "
                "so they start with a cold page cache.")
     out.append("")
@@ -481,6 +369,10 @@ def write_markdown(path: Path, results: dict[str, FsResult], rows: list[list[str
     path.write_text("\n".join(out))
 
 
+def chart_label(name: str) -> str:
+    return LABELS[name].replace("-null", "\nnull").replace("+", "\n+")
+
+
 def write_chart(path: Path, results: dict[str, FsResult]) -> str | None:
     """Bar chart, one panel per job. Returns None (and says why) if matplotlib is missing."""
     try:
@@ -494,27 +386,36 @@ def write_chart(path: Path, results: dict[str, FsResult]) -> str | None:
     names = [n for n in FILESYSTEMS if n in results and results[n].values]
     if not names:
         return None
-    colors = {"tux3fuse": "#1f77b4", "fuse2fs": "#ff7f0e"}
-    fig, axes = plt.subplots(2, 3, figsize=(10, 6.5))
+    fig, axes = plt.subplots(2, 3, figsize=(11, 6.5))
     for ax, job in zip(axes.flat, JOBS, strict=True):
-        vals = [results[n].values.get(job.name, 0.0) for n in names]
-        bars = ax.bar(names, vals, color=[colors[n] for n in names])
+        shown = [n for n in names if n in ("tux3fuse", "fuse2fs") or job.name in results[n].values]
+        vals = [results[n].values.get(job.name, 0.0) for n in shown]
+        bars = ax.bar([chart_label(n) for n in shown], vals, color=[COLORS[n] for n in shown])
         ax.set_title(job.name)
         ax.set_ylabel(job.unit)
         ax.bar_label(bars, labels=[fmt(v) for v in vals], fontsize=8)
         ax.margins(y=0.15)
         ax.tick_params(axis="x", labelsize=8)
-    fig.suptitle("tux3fuse vs fuse2fs (higher is better)")
+    fig.suptitle("tux3fuse vs fuse2fs, and the pyfuse3 floor (higher is better)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path.name
 
 
+def parse_only(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in FILESYSTEMS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"a comma-separated list of {', '.join(FILESYSTEMS)}")
+    return list(dict.fromkeys(names))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes and short runtimes (smoke run)")
-    ap.add_argument("--only", choices=FILESYSTEMS, help="benchmark one filesystem only")
+    ap.add_argument("--only", type=parse_only, default=list(FILESYSTEMS),
+                    help=f"comma-separated filesystems to run: {','.join(FILESYSTEMS)} (default: all)")
     ap.add_argument("--outdir", type=Path,
                     help="where PERFORMANCE.md and bench.png go (default: docs/, or bench-out/ with --quick)")
     ap.add_argument("--workdir", type=Path, help="parent of the temporary image directory (default: /var/tmp)")
@@ -532,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Turn SIGTERM/SIGHUP into an exception so the finally clauses unmount.
     interrupt_on_signals()
 
-    names = [args.only] if args.only else list(FILESYSTEMS)
+    names: list[str] = args.only
     results: dict[str, FsResult] = {}
     workdir = Path(tempfile.mkdtemp(prefix="tux3bench-", dir=parent))
     log(f"bench: work directory {workdir}{' (quick)' if args.quick else ''}")
@@ -540,18 +441,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="fio-json-") as scratch:
             for name in names:
-                fs: Fs = Tux3Fs(workdir, params, args.tux3_options) if name == "tux3fuse" else Fuse2Fs(workdir, params)
-                results[name] = bench_fs(fs, Path(scratch))
+                fs = make_fs(name, workdir, params.image_size, args.tux3_options)
+                results[name] = bench_fs(fs, params, Path(scratch))
     except KeyboardInterrupt:
         interrupted = True
         log("bench: interrupted; cleaning up")
     finally:
-        for name in names:
-            mnt = workdir / f"{name}.mnt"
-            if is_mounted(mnt):
-                run([fusermount() or "fusermount3", "-u", "-z", mnt], check=False, timeout=30)
-            reap_daemons(workdir / f"{name}.img", timeout=10)
-        shutil.rmtree(workdir, onerror=lambda _f, path, exc: log(f"bench: cannot remove {path}: {exc[1]}"))
+        cleanup(workdir, "bench")
     if interrupted:
         return 130
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""fsync scaling benchmark (the shape of Tux3's 2015 fsync test): tux3fuse, fuse2fs and kernel ext4 on a loop device.
+"""fsync scaling benchmark (the shape of Tux3's 2015 fsync test): tux3fuse, fuse2fs and kernel ext4 on a loop device,
+with the floor that any pyfuse3 filesystem pays.
 
 N tasks each append 1 KiB to a file of their own and fsync it, 10 times, for N = 1, 10, 100 and 1000 (1, 10 and 100
 with --quick); then 1 task does 1,000 appends + fsyncs. Tasks are threads of this process (os.write and os.fsync
@@ -8,20 +9,26 @@ starts, then committed (fsync of the directory, `tux3 sync` on tux3fuse, sync())
 appends and fsyncs. A threading.Barrier releases all tasks at once; the wall time runs from the barrier to the end of
 the last task. Afterwards every file must be exactly 10 KiB (or 1,000 KiB) long.
 
-Filesystems, each on a 2 GiB sparse image in a temporary directory on local disk (default /var/tmp, never tmpfs):
+Filesystems (--only takes their names), each in a temporary directory on local disk (default /var/tmp, never tmpfs);
+the first three on a 2 GiB sparse image:
 
-  tux3fuse   mkfs.tux3 -s 2G -f IMAGE; tux3fuse IMAGE MNT (default options); tux3 umount MNT
-  fuse2fs    truncate -s 2G IMAGE; mkfs.ext4 -F -q IMAGE; fuse2fs IMAGE MNT -o fakeroot; fusermount -u MNT
-  ext4       losetup --find --show IMAGE; mkfs.ext4 -F -q LOOP; mount -t ext4 -o noinit_itable LOOP MNT (kernel
-             ext4; noinit_itable keeps the lazy inode-table zeroing thread from writing during the runs);
-             umount MNT; losetup -d LOOP. Needs root and loop devices: skipped, with the reason, without them.
+  tux3fuse        mkfs.tux3 -s 2G -f IMAGE; tux3fuse IMAGE MNT (default options); tux3 umount MNT
+  fuse2fs         truncate -s 2G IMAGE; mkfs.ext4 -F -q IMAGE; fuse2fs IMAGE MNT -o fakeroot; fusermount -u MNT
+  ext4            losetup --find --show IMAGE; mkfs.ext4 -F -q LOOP; mount -t ext4 -o noinit_itable LOOP MNT (kernel
+                  ext4; noinit_itable keeps the lazy inode-table zeroing thread from writing during the runs);
+                  umount MNT; losetup -d LOOP. Needs root and loop devices: skipped, with the reason, without them.
+  null            "pyfuse3-null": scripts/nullfs.py MNT, an in-memory pyfuse3 filesystem with tux3fuse's FUSE
+                  options whose fsync returns at once: what the same requests cost any pyfuse3 filesystem
+  null-fdatasync  "pyfuse3-null+fdatasync": scripts/nullfs.py --fdatasync SCRATCH MNT, whose every fsync writes
+                  and fdatasyncs 4 KiB of a scratch file on the same disk (one flush per fsync, no grouping)
 
-All three end up calling fsync on their image file on the same local disk. On tux3fuse the script also reads
-`tux3 stat --json MNT` before and after each configuration and reports the commits and device flushes per fsync
-(the counters' deltas divided by the number of fsyncs).
+tux3fuse, fuse2fs and ext4 end up calling fsync on their image file on the same local disk. On tux3fuse the script
+also reads `tux3 stat --json MNT` before and after each configuration and reports the commits and device flushes per
+fsync (the counters' deltas divided by the number of fsyncs).
 
 Goal line (printed as PASS/FAIL; it does not change the exit status): tux3fuse runs 100 tasks x 10 in at most
-1.0 x the time of kernel ext4 on the loop device.
+1.0 x the time of kernel ext4 on the loop device. Beside it: the pyfuse3 floor (pyfuse3-null's time for the same
+configuration), its ratio to ext4, and the share of tux3fuse's excess over ext4 that it accounts for.
 
 Output: a table on stdout, OUTDIR/bench_fsync.png (time vs tasks, log-log, one line per filesystem, and the
 1 x 1,000 run beside it; needs matplotlib) and a section "## fsync scaling" in OUTDIR/PERFORMANCE.md (replaced if
@@ -34,11 +41,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -48,17 +53,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from procutil import call, default_workdir, interrupt_on_signals, log, reap_daemons, wait_until
+from benchfs import BenchError, Fs, Unavailable, cleanup, make_fs, which
+from procutil import default_workdir, interrupt_on_signals, log
 from report import md_table, text_table, update_section
 
 REPO = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
-SBIN_PATH = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
-FILESYSTEMS = ("tux3fuse", "fuse2fs", "ext4")
-LABELS = {"tux3fuse": "tux3fuse", "fuse2fs": "fuse2fs", "ext4": "ext4-loop"}
-COLORS = {"tux3fuse": "#1f77b4", "fuse2fs": "#ff7f0e", "ext4": "#2ca02c"}
+FILESYSTEMS = ("tux3fuse", "fuse2fs", "ext4", "null", "null-fdatasync")
+LABELS = {"tux3fuse": "tux3fuse", "fuse2fs": "fuse2fs", "ext4": "ext4-loop", "null": "pyfuse3-null",
+          "null-fdatasync": "pyfuse3-null+fdatasync"}
+COLORS = {"tux3fuse": "#1f77b4", "fuse2fs": "#ff7f0e", "ext4": "#2ca02c", "null": "#7f7f7f",
+          "null-fdatasync": "#bcbd22"}
 IMAGE_SIZE = "2G"
-IMAGE_BYTES = 2 << 30
 APPEND = 1024
 SECTION = "## fsync scaling"
 GOAL = (100, 10)  # tux3fuse time for this configuration <= GOAL_RATIO x ext4-loop's
@@ -91,266 +96,6 @@ class FsResult:
     flushes: dict[Config, float] = field(default_factory=dict)  # per fsync (tux3fuse)
     errors: dict[str, str] = field(default_factory=dict)
     skipped: str | None = None
-
-
-class BenchError(Exception):
-    pass
-
-
-class Unavailable(Exception):
-    """The filesystem cannot be set up on this machine (for instance: no loop devices); it is skipped."""
-
-
-def run(cmd: Sequence[str | os.PathLike[str]], timeout: float = 120, check: bool = True
-        ) -> subprocess.CompletedProcess[str]:
-    args = [str(c) for c in cmd]
-    try:
-        proc = call(args, timeout)
-    except subprocess.TimeoutExpired as e:
-        raise BenchError(f"timed out after {timeout:.0f}s: {shlex.join(args)}") from e
-    except OSError as e:
-        raise BenchError(f"cannot run {shlex.join(args)}: {e}") from e
-    if check and proc.returncode != 0:
-        detail = (proc.stderr.strip() or proc.stdout.strip())[-2000:]
-        raise BenchError(f"exit status {proc.returncode}: {shlex.join(args)}\n{detail}")
-    return proc
-
-
-def which(tool: str) -> str | None:
-    return shutil.which(tool, path=SBIN_PATH)
-
-
-def mount_fstype(path: Path) -> str | None:
-    """The filesystem type mounted on PATH, or None if nothing is."""
-    target = str(path.resolve())
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                parts = line.split()
-                if parts[4].replace("\\040", " ") == target:
-                    return parts[parts.index("-") + 1]
-    except (OSError, ValueError, IndexError):
-        return "unknown" if os.path.ismount(path) else None
-    return None
-
-
-def is_mounted(path: Path) -> bool:
-    return mount_fstype(path) is not None
-
-
-def fusermount() -> str:
-    return shutil.which("fusermount") or shutil.which("fusermount3") or "fusermount3"
-
-
-def force_umount(mnt: Path) -> None:
-    """Lazy unmount of whatever is mounted on MNT (cleanup after a failure or an interrupt)."""
-    kind = mount_fstype(mnt)
-    if kind is None:
-        return
-    if kind.startswith("fuse") and os.geteuid() != 0:
-        run([fusermount(), "-u", "-z", mnt], check=False, timeout=60)
-    else:
-        run(["umount", "-l", mnt], check=False, timeout=60)
-
-
-def loop_devices(image: Path) -> list[str]:
-    """Loop devices backed by IMAGE (`losetup -j`)."""
-    if not which("losetup"):
-        return []
-    try:
-        out = run([which("losetup") or "losetup", "-j", image], check=False, timeout=30).stdout
-    except BenchError:
-        return []
-    return [line.split(":", 1)[0] for line in out.splitlines() if line.startswith("/dev/")]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# filesystems
-
-
-class Fs:
-    """One filesystem under test: set up (image, mkfs, mount), commit, counters, tear down."""
-
-    name = ""
-
-    def __init__(self, workdir: Path) -> None:
-        self.image = workdir / f"{self.name}.img"
-        self.mnt = workdir / f"{self.name}.mnt"
-
-    def missing(self) -> str | None:
-        raise NotImplementedError
-
-    def setup(self) -> None:
-        raise NotImplementedError
-
-    def teardown(self) -> None:
-        raise NotImplementedError
-
-    def sync(self) -> None:
-        """Make what was done so far durable before a timed phase (beyond the directory fsync)."""
-
-    def stats(self) -> dict[str, float] | None:
-        return None
-
-    def mounted_check(self) -> None:
-        if not is_mounted(self.mnt):
-            raise BenchError(f"{self.mnt} is no longer mounted")
-
-
-class FuseFs(Fs):
-    def _mount(self) -> None:
-        raise NotImplementedError
-
-    def _umount(self) -> None:
-        raise NotImplementedError
-
-    def mount(self) -> None:
-        self.mnt.mkdir(exist_ok=True)
-        self._mount()
-        if not wait_until(lambda: is_mounted(self.mnt), 30):
-            raise BenchError(f"{self.name}: {self.mnt} is not mounted after the mount command returned")
-
-    def teardown(self) -> None:
-        """Unmount and wait for the daemon to exit; falls back to a lazy unmount."""
-        error: BenchError | None = None
-        for attempt in range(3):
-            if not is_mounted(self.mnt):
-                break
-            if attempt:
-                time.sleep(1)
-            try:
-                self._umount()
-                error = None
-            except BenchError as e:
-                error = e
-        if is_mounted(self.mnt):
-            log(f"  {self.name}: unmount failed ({error}); lazy unmount")
-            force_umount(self.mnt)
-        reap_daemons(self.image)
-        if error is not None:
-            raise error
-
-
-class Tux3Fs(FuseFs):
-    name = "tux3fuse"
-
-    def missing(self) -> str | None:
-        for tool in ("mkfs.tux3", "tux3fuse", "tux3"):
-            if not (VENV_BIN / tool).exists():
-                return f"{VENV_BIN / tool} not found (run 'make install')"
-        if not os.path.exists("/dev/fuse"):
-            return "/dev/fuse not found"
-        return None
-
-    def setup(self) -> None:
-        run([VENV_BIN / "mkfs.tux3", "-s", IMAGE_SIZE, "-f", self.image])
-        self.mount()
-
-    def _mount(self) -> None:
-        run([VENV_BIN / "tux3fuse", self.image, self.mnt], timeout=60)
-
-    def _umount(self) -> None:
-        run([VENV_BIN / "tux3", "umount", self.mnt], timeout=300)
-
-    def sync(self) -> None:
-        run([VENV_BIN / "tux3", "sync", self.mnt], timeout=300)
-
-    def stats(self) -> dict[str, float]:
-        proc = run([VENV_BIN / "tux3", "stat", "--json", self.mnt], timeout=60, check=False)
-        try:
-            data = json.loads(proc.stdout)
-            return {"commits": float(data["commits"]), "flushes": float(data["flushes"])}
-        except (ValueError, KeyError, TypeError) as e:
-            raise BenchError(f"tux3 stat --json {self.mnt}: exit status {proc.returncode}, unusable output "
-                             f"({type(e).__name__}: {e}): {(proc.stdout + proc.stderr).strip()[:500]}") from e
-
-
-class Fuse2Fs(FuseFs):
-    name = "fuse2fs"
-
-    def missing(self) -> str | None:
-        for tool in ("fuse2fs", "mkfs.ext4"):
-            if not which(tool):
-                return f"{tool} not found (apt-get install fuse2fs e2fsprogs)"
-        if not (shutil.which("fusermount") or shutil.which("fusermount3")):
-            return "neither fusermount nor fusermount3 found"
-        return None
-
-    def setup(self) -> None:
-        with open(self.image, "wb") as f:
-            f.truncate(IMAGE_BYTES)
-        run([which("mkfs.ext4") or "mkfs.ext4", "-F", "-q", self.image])
-        self.mount()
-
-    def _mount(self) -> None:
-        run([which("fuse2fs") or "fuse2fs", self.image, self.mnt, "-o", "fakeroot"], timeout=60)
-
-    def _umount(self) -> None:
-        run([fusermount(), "-u", self.mnt], timeout=60)
-
-
-class Ext4LoopFs(Fs):
-    name = "ext4"
-
-    def __init__(self, workdir: Path) -> None:
-        super().__init__(workdir)
-        self.device: str | None = None
-
-    def missing(self) -> str | None:
-        if os.geteuid() != 0:
-            return "loop devices unavailable: losetup and mount need root"
-        for tool in ("losetup", "mkfs.ext4", "mount", "umount"):
-            if not which(tool):
-                return f"{tool} not found"
-        if not os.path.exists("/dev/loop-control") and not os.path.exists("/dev/loop0"):
-            return "loop devices unavailable: neither /dev/loop-control nor /dev/loop0 exists"
-        return None
-
-    def setup(self) -> None:
-        with open(self.image, "wb") as f:
-            f.truncate(IMAGE_BYTES)
-        proc = run([which("losetup") or "losetup", "--find", "--show", self.image], check=False, timeout=60)
-        if proc.returncode != 0 or not proc.stdout.strip().startswith("/dev/"):
-            raise Unavailable(f"loop devices unavailable: losetup --find --show: exit status {proc.returncode}: "
-                              f"{(proc.stderr or proc.stdout).strip()}")
-        self.device = proc.stdout.strip()
-        run([which("mkfs.ext4") or "mkfs.ext4", "-F", "-q", self.device])
-        self.mnt.mkdir(exist_ok=True)
-        run([which("mount") or "mount", "-t", "ext4", "-o", "noinit_itable", self.device, self.mnt], timeout=60)
-
-    def sync(self) -> None:
-        os.sync()
-
-    def teardown(self) -> None:
-        error: BenchError | None = None
-        try:
-            for attempt in range(3):
-                if not is_mounted(self.mnt):
-                    break
-                if attempt:
-                    time.sleep(1)
-                try:
-                    run([which("umount") or "umount", self.mnt], timeout=120)
-                    error = None
-                except BenchError as e:
-                    error = e
-            if is_mounted(self.mnt):
-                log(f"  ext4: unmount failed ({error}); lazy unmount")
-                force_umount(self.mnt)
-        finally:
-            devices = {self.device} if self.device else set()
-            devices.update(loop_devices(self.image))
-            for dev in sorted(d for d in devices if d):
-                proc = run([which("losetup") or "losetup", "-d", dev], check=False, timeout=60)
-                if proc.returncode != 0:
-                    error = error or BenchError(f"losetup -d {dev}: {proc.stderr.strip()}")
-            self.device = None
-        if error is not None:
-            raise error
-
-
-def make_fs(name: str, workdir: Path) -> Fs:
-    return {"tux3fuse": Tux3Fs, "fuse2fs": Fuse2Fs, "ext4": Ext4LoopFs}[name](workdir)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -452,7 +197,7 @@ def bench_fs(fs: Fs, configs: Sequence[Config], timeout: float) -> FsResult:
         log(f"{LABELS[fs.name]}: skipped: {why}")
         result.skipped = why
         return result
-    log(f"{LABELS[fs.name]}: mkfs ({IMAGE_SIZE}) and mount")
+    log(f"{LABELS[fs.name]}: " + (f"mkfs ({IMAGE_SIZE}) and mount" if fs.persistent else "mount (in memory)"))
     try:
         fs.setup()
         for cfg in configs:
@@ -512,7 +257,7 @@ def fmt_ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-TABLE_HEADER = ["configuration", "tux3fuse s", "fuse2fs s", "ext4-loop s", "tux3fuse commits/fsync",
+TABLE_HEADER = ["configuration", *(f"{LABELS[n]} s" for n in FILESYSTEMS), "tux3fuse commits/fsync",
                 "flushes/fsync"]
 
 
@@ -543,7 +288,29 @@ def goal_line(results: dict[str, FsResult]) -> str:
         missing = [n for n, v in (("tux3fuse", t), ("ext4-loop", e)) if v is None]
         return f"FAIL: {what}: {' and '.join(missing)} not measured"
     verdict = "PASS" if t <= GOAL_RATIO * e else "FAIL"
-    return f"{verdict}: {what}: {t:.3f} s vs {e:.3f} s ({t / e:.2f} x)"
+    return f"{verdict}: {what}: {t:.3f} s vs {e:.3f} s ({t / e:.2f} x)" + floor_text(results, cfg, t, e)
+
+
+def floor_text(results: dict[str, FsResult], cfg: Config, t: float, e: float) -> str:
+    """What the pyfuse3 floor says about tux3fuse's time T against ext4's E: '' if pyfuse3-null was not measured.
+
+    The share of the gap is (floor - E) / (T - E): the part of tux3fuse's excess over ext4 that a pyfuse3
+    filesystem doing nothing pays too."""
+    n = results.get("null", FsResult()).seconds.get(cfg)
+    if n is None:
+        return ""
+    text = f"; pyfuse3 floor: {n:.3f} s (a filesystem doing nothing takes {n / e:.2f} x ext4"
+    if t > e:
+        text += f", {max(0.0, n - e) / (t - e):.0%} of tux3fuse's excess over ext4"
+    text += ")"
+    d = results.get("null-fdatasync", FsResult()).seconds.get(cfg)
+    if d is not None:
+        text += f"; with one fdatasync per fsync: {d:.3f} s ({d / e:.2f} x ext4)"
+    return text
+
+
+def chart_label(name: str) -> str:
+    return LABELS[name].replace("-null", "\nnull").replace("+", "\n+")
 
 
 def write_chart(path: Path, results: dict[str, FsResult], configs: Sequence[Config]) -> bool:
@@ -561,7 +328,7 @@ def write_chart(path: Path, results: dict[str, FsResult], configs: Sequence[Conf
         return False
     scaling = [c for c in configs if c.appends == 10]
     single = [c for c in configs if c.appends != 10]
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4.5), gridspec_kw={"width_ratios": [2.2, 1]})
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [2, 1.2]})
     for name in names:
         pts = [(c.tasks, results[name].seconds[c]) for c in scaling if c in results[name].seconds]
         if pts:
@@ -576,7 +343,7 @@ def write_chart(path: Path, results: dict[str, FsResult], configs: Sequence[Conf
     if single:
         cfg = single[0]
         vals = [results[n].seconds.get(cfg, 0.0) for n in names]
-        bars = bx.bar([LABELS[n] for n in names], vals, color=[COLORS[n] for n in names])
+        bars = bx.bar([chart_label(n) for n in names], vals, color=[COLORS[n] for n in names])
         bx.bar_label(bars, labels=[fmt_s(results[n].seconds.get(cfg)) for n in names], fontsize=8)
         bx.set_title(f"1 task x {cfg.appends:,} appends + fsyncs")
         bx.set_ylabel("wall time (s)")
@@ -632,8 +399,8 @@ def section_text(results: dict[str, FsResult], configs: Sequence[Config], argv: 
                "10 times; then 1 task does 1,000 appends + fsyncs. Tasks are threads of one Python process "
                "released together by a barrier; files are created, opened and committed before the clock starts; "
                "the time is the wall time until the last task is done (one run per configuration, so the small "
-               "ones are noisy). Every filesystem is a 2 GiB sparse image in "
-               f"{workdir} (local disk):")
+               "ones are noisy). tux3fuse, fuse2fs and ext4-loop are each on a 2 GiB sparse image in "
+               f"{workdir} (local disk); the pyfuse3 floors are measured on an in-memory filesystem:")
     out.append("")
     out.append(f"- tux3fuse: `mkfs.tux3 -s {IMAGE_SIZE} -f IMAGE`; `tux3fuse IMAGE MNT` (default options); "
                "`tux3 umount MNT`. Commits and flushes per fsync are the deltas of `commits` and `flushes` in "
@@ -643,6 +410,13 @@ def section_text(results: dict[str, FsResult], configs: Sequence[Config], argv: 
     out.append(f"- ext4-loop (kernel ext4): `truncate -s {IMAGE_SIZE} IMAGE; losetup --find --show IMAGE`; "
                "`mkfs.ext4 -F -q LOOP`; `mount -t ext4 -o noinit_itable LOOP MNT` (no lazy inode-table zeroing "
                "during the runs); `umount MNT; losetup -d LOOP`")
+    out.append("- pyfuse3-null: `python scripts/nullfs.py MNT`; `fusermount -u MNT`. An in-memory pyfuse3 + trio "
+               "filesystem with tux3fuse's FUSE options (default_permissions, writeback cache, 300 s timeouts, "
+               "up to 256 requests at once) whose fsync returns at once: what the same requests cost any pyfuse3 "
+               "filesystem, the kernel round trips and pyfuse3's per-request machinery.")
+    out.append("- pyfuse3-null+fdatasync: `python scripts/nullfs.py --fdatasync SCRATCH MNT`: the same, but every "
+               "fsync writes 4 KiB of a scratch file in the same directory and fdatasyncs it in a worker thread "
+               "(one device flush per fsync, concurrent fsyncs not grouped).")
     out.append("")
     out += md_table(TABLE_HEADER, table_rows(results, configs))
     out.append("")
@@ -673,26 +447,12 @@ def parse_only(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def cleanup(workdir: Path) -> None:
-    """Whatever is left in WORKDIR: lazy unmounts, FUSE daemons, loop devices, then the directory itself."""
-    for name in FILESYSTEMS:
-        mnt, image = workdir / f"{name}.mnt", workdir / f"{name}.img"
-        if is_mounted(mnt):
-            log(f"bench_fsync: lazy unmount of {mnt}")
-            force_umount(mnt)
-        reap_daemons(image, timeout=10)
-        for dev in loop_devices(image):
-            log(f"bench_fsync: detaching {dev}")
-            run([which("losetup") or "losetup", "-d", dev], check=False, timeout=60)
-    shutil.rmtree(workdir, onerror=lambda _f, p, exc: log(f"bench_fsync: cannot remove {p}: {exc[1]}"))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="up to 100 tasks, output in bench-out/ (smoke run)")
     ap.add_argument("--only", type=parse_only, default=list(FILESYSTEMS),
-                    help="comma-separated filesystems to run: tux3fuse,fuse2fs,ext4 (default: all)")
+                    help=f"comma-separated filesystems to run: {','.join(FILESYSTEMS)} (default: all)")
     ap.add_argument("--outdir", type=Path, help="where PERFORMANCE.md and bench_fsync.png go "
                     "(default: docs/, or bench-out/ with --quick)")
     ap.add_argument("--workdir", type=Path, help="parent of the temporary image directory (default: /var/tmp)")
@@ -714,12 +474,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     interrupted = False
     try:
         for name in args.only:
-            results[name] = bench_fs(make_fs(name, workdir), configs, CONFIG_TIMEOUT)
+            results[name] = bench_fs(make_fs(name, workdir, IMAGE_SIZE), configs, CONFIG_TIMEOUT)
     except KeyboardInterrupt:
         interrupted = True
         log("bench_fsync: interrupted; cleaning up")
     finally:
-        cleanup(workdir)
+        cleanup(workdir, "bench_fsync")
     if interrupted:
         return 130
 

@@ -1,4 +1,5 @@
-"""Process helpers shared by scripts/bench.py, scripts/demo.py and scripts/bench_fork.py.
+"""Process helpers shared by scripts/bench.py, scripts/bench_fsync.py, scripts/benchfs.py, scripts/demo.py and
+scripts/bench_fork.py.
 
 What they guarantee:
 

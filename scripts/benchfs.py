@@ -1,0 +1,416 @@
+"""The filesystems that scripts/bench.py and scripts/bench_fsync.py measure: make, mount, unmount, clean up.
+
+  tux3fuse        mkfs.tux3 -s SIZE -f IMAGE; tux3fuse [-o OPTS] IMAGE MNT; tux3 umount MNT
+  fuse2fs         truncate -s SIZE IMAGE; mkfs.ext4 -F -q IMAGE; fuse2fs IMAGE MNT -o fakeroot; fusermount -u MNT
+  ext4            losetup --find --show IMAGE; mkfs.ext4 -F -q LOOP; mount -t ext4 -o noinit_itable LOOP MNT;
+                  umount MNT; losetup -d LOOP (kernel ext4; needs root and loop devices)
+  null            python scripts/nullfs.py MNT, a child of the script; fusermount -u MNT
+  null-fdatasync  python scripts/nullfs.py --fdatasync IMAGE MNT (IMAGE: the 4 KiB scratch file)
+
+Guarantees:
+- `Fs.setup` returns with the filesystem mounted, or raises BenchError, or Unavailable when the filesystem cannot be
+  set up on this machine (the caller skips it).
+- `Fs.teardown` leaves nothing mounted on the mountpoint and no daemon serving it: three unmount attempts, then a
+  lazy unmount, then the daemon is waited for and terminated after a timeout; loop devices are detached. It
+  raises the unmount error, if there was one, only after all that.
+- `cleanup` does the same for whatever a failed or interrupted run left in a work directory, then removes it.
+
+The scripts import this module as `benchfs` (scripts/ is on sys.path when they run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from procutil import call, log, reap_daemons, wait_until
+
+VENV_BIN = Path(sys.executable).parent
+NULLFS = Path(__file__).resolve().parent / "nullfs.py"
+SBIN_PATH = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+NAMES = ("tux3fuse", "fuse2fs", "ext4", "null", "null-fdatasync")
+
+
+class BenchError(Exception):
+    pass
+
+
+class Unavailable(Exception):
+    """The filesystem cannot be set up on this machine (for instance: no loop devices); it is skipped."""
+
+
+def run(cmd: Sequence[str | os.PathLike[str]], timeout: float = 120, check: bool = True, cwd: Path | None = None
+        ) -> subprocess.CompletedProcess[str]:
+    """Run CMD (see procutil.call); a timeout, a missing program or (with CHECK) a failure raises BenchError."""
+    args = [str(c) for c in cmd]
+    try:
+        proc = call(args, timeout, cwd=cwd)
+    except subprocess.TimeoutExpired as e:
+        raise BenchError(f"timed out after {timeout:.0f}s: {shlex.join(args)}") from e
+    except OSError as e:
+        raise BenchError(f"cannot run {shlex.join(args)}: {e}") from e
+    if check and proc.returncode != 0:
+        detail = (proc.stderr.strip() or proc.stdout.strip())[-2000:]
+        raise BenchError(f"exit status {proc.returncode}: {shlex.join(args)}\n{detail}")
+    return proc
+
+
+def which(tool: str) -> str | None:
+    return shutil.which(tool, path=SBIN_PATH)
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def mount_fstype(path: Path) -> str | None:
+    """The filesystem type mounted on PATH, or None if nothing is."""
+    target = str(path.resolve())
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                parts = line.split()
+                if parts[4].replace("\\040", " ") == target:
+                    return parts[parts.index("-") + 1]
+    except (OSError, ValueError, IndexError):
+        return "unknown" if os.path.ismount(path) else None
+    return None
+
+
+def is_mounted(path: Path) -> bool:
+    return mount_fstype(path) is not None
+
+
+def fusermount() -> str:
+    return shutil.which("fusermount") or shutil.which("fusermount3") or "fusermount3"
+
+
+def force_umount(mnt: Path) -> None:
+    """Lazy unmount of whatever is mounted on MNT (cleanup after a failure or an interrupt)."""
+    kind = mount_fstype(mnt)
+    if kind is None:
+        return
+    if kind.startswith("fuse") and os.geteuid() != 0:
+        run([fusermount(), "-u", "-z", mnt], check=False, timeout=60)
+    else:
+        run(["umount", "-l", mnt], check=False, timeout=60)
+
+
+def loop_devices(image: Path) -> list[str]:
+    """Loop devices backed by IMAGE (`losetup -j`)."""
+    if not which("losetup"):
+        return []
+    try:
+        out = run([which("losetup") or "losetup", "-j", image], check=False, timeout=30).stdout
+    except BenchError:
+        return []
+    return [line.split(":", 1)[0] for line in out.splitlines() if line.startswith("/dev/")]
+
+
+def drop_caches() -> None:
+    os.sync()
+    if os.geteuid() == 0:
+        try:
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("3\n")
+        except OSError:
+            pass
+
+
+class Fs:
+    """One filesystem under test in WORKDIR: IMAGE (NAME.img) mounted on MNT (NAME.mnt)."""
+
+    name = ""
+    persistent = True  # what is written survives an unmount (so remount makes sense)
+
+    def __init__(self, workdir: Path, size: str = "2G") -> None:
+        self.image = workdir / f"{self.name}.img"
+        self.mnt = workdir / f"{self.name}.mnt"
+        self.size = size
+
+    def missing(self) -> str | None:
+        """Why this filesystem cannot run here (a tool is missing), or None."""
+        raise NotImplementedError
+
+    def mkfs(self) -> None:
+        raise NotImplementedError
+
+    def _mount(self) -> None:
+        raise NotImplementedError
+
+    def _umount(self) -> None:
+        raise NotImplementedError
+
+    def _reap(self) -> None:
+        """Wait for the daemon serving the mount to exit (terminate it after a while)."""
+        reap_daemons(self.image)
+
+    def setup(self) -> None:
+        self.mkfs()
+        self.mount()
+
+    def mount(self) -> None:
+        self.mnt.mkdir(exist_ok=True)
+        self._mount()
+        if not wait_until(lambda: is_mounted(self.mnt), 30):
+            raise BenchError(f"{self.name}: {self.mnt} is not mounted after the mount command returned")
+
+    def umount(self) -> None:
+        """Unmount and wait for the daemon to exit; falls back to a lazy unmount. Raises the unmount error."""
+        error: BenchError | None = None
+        for attempt in range(3):
+            if not is_mounted(self.mnt):
+                break
+            if attempt:
+                time.sleep(1)  # busy: files of a killed job may still be being released
+            try:
+                self._umount()
+                error = None
+            except BenchError as e:
+                error = e
+        if is_mounted(self.mnt):
+            log(f"  {self.name}: unmount failed ({error}); lazy unmount")
+            force_umount(self.mnt)
+        self._reap()
+        if error is not None:
+            raise error
+
+    def teardown(self) -> None:
+        self.umount()
+
+    def remount(self) -> None:
+        """Unmount, drop the page cache (when root), mount again: the next job starts cold."""
+        self.umount()
+        drop_caches()
+        self.mount()
+
+    def sync(self) -> None:
+        """Make what was done so far durable before a timed phase (beyond a directory fsync)."""
+
+    def stats(self) -> dict[str, float] | None:
+        """The filesystem's own counters (commits, flushes), where it has them."""
+        return None
+
+    def mounted_check(self) -> None:
+        if not is_mounted(self.mnt):
+            raise BenchError(f"{self.mnt} is no longer mounted")
+
+
+def fuse_missing() -> str | None:
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse not found"
+    if not (shutil.which("fusermount") or shutil.which("fusermount3")):
+        return "neither fusermount nor fusermount3 found"
+    return None
+
+
+class Tux3Fs(Fs):
+    name = "tux3fuse"
+
+    def __init__(self, workdir: Path, size: str = "2G", options: str | None = None) -> None:
+        super().__init__(workdir, size)
+        self.options = options
+
+    def missing(self) -> str | None:
+        for tool in ("mkfs.tux3", "tux3fuse", "tux3"):
+            if not (VENV_BIN / tool).exists():
+                return f"{VENV_BIN / tool} not found (run 'make install')"
+        return fuse_missing()
+
+    def mkfs(self) -> None:
+        run([VENV_BIN / "mkfs.tux3", "-s", self.size, "-f", self.image])
+
+    def _mount(self) -> None:
+        opts = ["-o", self.options] if self.options else []
+        run([VENV_BIN / "tux3fuse", *opts, self.image, self.mnt], timeout=60)
+
+    def _umount(self) -> None:
+        run([VENV_BIN / "tux3", "umount", self.mnt], timeout=300)
+
+    def sync(self) -> None:
+        run([VENV_BIN / "tux3", "sync", self.mnt], timeout=300)
+
+    def stats(self) -> dict[str, float]:
+        proc = run([VENV_BIN / "tux3", "stat", "--json", self.mnt], timeout=60, check=False)
+        try:
+            data = json.loads(proc.stdout)
+            return {"commits": float(data["commits"]), "flushes": float(data["flushes"])}
+        except (ValueError, KeyError, TypeError) as e:
+            raise BenchError(f"tux3 stat --json {self.mnt}: exit status {proc.returncode}, unusable output "
+                             f"({type(e).__name__}: {e}): {(proc.stdout + proc.stderr).strip()[:500]}") from e
+
+
+class Fuse2Fs(Fs):
+    name = "fuse2fs"
+
+    def missing(self) -> str | None:
+        for tool in ("fuse2fs", "mkfs.ext4"):
+            if not which(tool):
+                return f"{tool} not found (apt-get install fuse2fs e2fsprogs)"
+        return fuse_missing()
+
+    def mkfs(self) -> None:
+        with open(self.image, "wb") as f:
+            f.truncate(parse_size(self.size))
+        run([which("mkfs.ext4") or "mkfs.ext4", "-F", "-q", self.image])
+
+    def _mount(self) -> None:
+        run([which("fuse2fs") or "fuse2fs", self.image, self.mnt, "-o", "fakeroot"], timeout=60)
+
+    def _umount(self) -> None:
+        run([fusermount(), "-u", self.mnt], timeout=60)
+
+
+class NullFs(Fs):
+    """scripts/nullfs.py in the foreground as a child process (its own session, so a Ctrl-C reaches only us).
+
+    With fdatasync, IMAGE is its scratch file: every fsync writes and fdatasyncs 4 KiB of it."""
+
+    name = "null"
+    persistent = False
+
+    def __init__(self, workdir: Path, size: str = "2G", fdatasync: bool = False) -> None:
+        if fdatasync:
+            self.name = "null-fdatasync"
+        super().__init__(workdir, size)
+        self.fdatasync = fdatasync
+        self.logpath = workdir / f"{self.name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def missing(self) -> str | None:
+        return fuse_missing()
+
+    def mkfs(self) -> None:
+        pass
+
+    def log_tail(self) -> str:
+        try:
+            return "\n".join(self.logpath.read_text(errors="replace").splitlines()[-20:])
+        except OSError:
+            return ""
+
+    def _mount(self) -> None:
+        args = [sys.executable, str(NULLFS), *(["--fdatasync", str(self.image)] if self.fdatasync else []),
+                str(self.mnt)]
+        with open(self.logpath, "ab") as out:
+            self.proc = proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                start_new_session=True)
+        if not wait_until(lambda: is_mounted(self.mnt) or proc.poll() is not None, 30, 0.02):
+            raise BenchError(f"{shlex.join(args)}: no mount after 30 s\n{self.log_tail()}")
+        if proc.poll() is not None:
+            raise BenchError(f"{shlex.join(args)}: exit status {proc.returncode}\n{self.log_tail()}")
+
+    def _umount(self) -> None:
+        run([fusermount(), "-u", self.mnt], timeout=60)
+
+    def _reap(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        for sig in (None, signal.SIGTERM, signal.SIGKILL):
+            if sig is not None:
+                log(f"  {self.name} daemon {proc.pid} did not exit, sending {sig.name}")
+                proc.send_signal(sig)
+            try:
+                code = proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                continue
+            if code and sig is None:
+                raise BenchError(f"nullfs exited with status {code}\n{self.log_tail()}")
+            return
+
+
+class Ext4LoopFs(Fs):
+    name = "ext4"
+
+    def __init__(self, workdir: Path, size: str = "2G") -> None:
+        super().__init__(workdir, size)
+        self.device: str | None = None
+
+    def missing(self) -> str | None:
+        if os.geteuid() != 0:
+            return "loop devices unavailable: losetup and mount need root"
+        for tool in ("losetup", "mkfs.ext4", "mount", "umount"):
+            if not which(tool):
+                return f"{tool} not found"
+        if not os.path.exists("/dev/loop-control") and not os.path.exists("/dev/loop0"):
+            return "loop devices unavailable: neither /dev/loop-control nor /dev/loop0 exists"
+        return None
+
+    def mkfs(self) -> None:
+        with open(self.image, "wb") as f:
+            f.truncate(parse_size(self.size))
+        proc = run([which("losetup") or "losetup", "--find", "--show", self.image], check=False, timeout=60)
+        if proc.returncode != 0 or not proc.stdout.strip().startswith("/dev/"):
+            raise Unavailable(f"loop devices unavailable: losetup --find --show: exit status {proc.returncode}: "
+                              f"{(proc.stderr or proc.stdout).strip()}")
+        self.device = proc.stdout.strip()
+        run([which("mkfs.ext4") or "mkfs.ext4", "-F", "-q", self.device])
+
+    def _mount(self) -> None:
+        run([which("mount") or "mount", "-t", "ext4", "-o", "noinit_itable", self.device, self.mnt], timeout=60)
+
+    def _umount(self) -> None:
+        run([which("umount") or "umount", self.mnt], timeout=120)
+
+    def _reap(self) -> None:
+        pass
+
+    def sync(self) -> None:
+        os.sync()
+
+    def teardown(self) -> None:
+        """Unmount, then detach the loop device (also when the unmount failed)."""
+        error: BenchError | None = None
+        try:
+            self.umount()
+        except BenchError as e:
+            error = e
+        finally:
+            devices = {self.device} if self.device else set()
+            devices.update(loop_devices(self.image))
+            for dev in sorted(d for d in devices if d):
+                proc = run([which("losetup") or "losetup", "-d", dev], check=False, timeout=60)
+                if proc.returncode != 0:
+                    error = error or BenchError(f"losetup -d {dev}: {proc.stderr.strip()}")
+            self.device = None
+        if error is not None:
+            raise error
+
+
+def make_fs(name: str, workdir: Path, size: str = "2G", tux3_options: str | None = None) -> Fs:
+    """The filesystem called NAME (one of NAMES) in WORKDIR."""
+    if name == "tux3fuse":
+        return Tux3Fs(workdir, size, tux3_options)
+    if name in ("null", "null-fdatasync"):
+        return NullFs(workdir, size, fdatasync=name == "null-fdatasync")
+    return {"fuse2fs": Fuse2Fs, "ext4": Ext4LoopFs}[name](workdir, size)
+
+
+def cleanup(workdir: Path, prog: str) -> None:
+    """Whatever is left in WORKDIR: lazy unmounts, FUSE daemons, loop devices, then the directory itself.
+
+    A daemon is found by its command line naming the image or the mountpoint (nullfs has no image)."""
+    for name in NAMES:
+        mnt, image = workdir / f"{name}.mnt", workdir / f"{name}.img"
+        if is_mounted(mnt):
+            log(f"{prog}: lazy unmount of {mnt}")
+            force_umount(mnt)
+        reap_daemons(image, timeout=10)
+        reap_daemons(mnt, timeout=10)
+        for dev in loop_devices(image):
+            log(f"{prog}: detaching {dev}")
+            run([which("losetup") or "losetup", "-d", dev], check=False, timeout=60)
+    shutil.rmtree(workdir, onerror=lambda _f, p, exc: log(f"{prog}: cannot remove {p}: {exc[1]}"))

@@ -1,0 +1,78 @@
+"""scripts/nullfs.py, the benchmarks' do-nothing pyfuse3 filesystem, mounted for real: it keeps what is written
+until the unmount, fsync succeeds (and with --fdatasync flushes the scratch file), and it exits 0 when unmounted."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT, is_mounted, require_fuse
+
+pytestmark = [pytest.mark.mounted, pytest.mark.timeout(120)]
+
+
+class NullMount:
+    def __init__(self, mnt, log, extra: list[str]) -> None:
+        self.mnt, self.log = mnt, log
+        mnt.mkdir()
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "nullfs.py"), *extra, str(mnt)],
+                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 20
+        while not is_mounted(str(mnt)):
+            assert self.proc.poll() is None, f"nullfs exited with {self.proc.returncode}: {log.read_text()}"
+            assert time.monotonic() < deadline, "mount did not appear within 20 s"
+            time.sleep(0.02)
+
+    def umount(self) -> int:
+        subprocess.run(["fusermount3", "-u", str(self.mnt)], check=True, timeout=60)
+        return self.proc.wait(timeout=30)
+
+    def cleanup(self) -> None:
+        if is_mounted(str(self.mnt)):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], check=False, timeout=60)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.mark.parametrize("variant", ["null", "fdatasync"])
+def test_written_bytes_read_back_through_fsync_until_unlink(tmp_path, variant):
+    require_fuse()
+    scratch = tmp_path / "scratch"
+    m = NullMount(tmp_path / "mnt", tmp_path / "nullfs.log",
+                  ["--fdatasync", str(scratch)] if variant == "fdatasync" else [])
+    try:
+        path = m.mnt / "dir" / "file"
+        path.parent.mkdir()
+        data = os.urandom(300_000)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            assert os.pwrite(fd, data, 0) == len(data)
+            os.fsync(fd)
+            assert os.pwrite(fd, b"tail", 1_000_000) == 4  # beyond the end: a hole of zeros in between
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        st = os.stat(path)
+        assert st.st_size == 1_000_004 and st.st_mode & 0o777 == 0o640
+        assert path.read_bytes() == data + bytes(1_000_000 - len(data)) + b"tail"
+        os.truncate(path, 10)
+        assert path.read_bytes() == data[:10]
+        assert os.listdir(path.parent) == ["file"]
+        os.unlink(path)
+        assert not path.exists() and os.listdir(path.parent) == []
+        os.rmdir(path.parent)
+        assert os.listdir(m.mnt) == []
+        assert os.statvfs(m.mnt).f_namemax == 255
+        assert m.umount() == 0, m.log.read_text()
+        assert not is_mounted(str(m.mnt))
+        if variant == "fdatasync":
+            assert scratch.stat().st_size == 4096
+    finally:
+        m.cleanup()
