@@ -20,7 +20,8 @@ help:
 	@echo "  make test       ruff check + pytest (extra args: PYTEST_ARGS='-k foo')"
 	@echo "  make demo       mkfs, mount, fio verify, fsx, stat, umount, fsck on a 1 GiB image"
 	@echo "  make crashtest  crash-consistency check of every flush point and reordered/torn writes (a few minutes)"
-	@echo "  make bench      fio benchmarks: tux3fuse vs fuse2fs (extra args: BENCH_ARGS='--quick')"
+	@echo "  make bench      fio benchmarks: tux3fuse vs fuse2fs, then page forking, fsync scaling and unify"
+	@echo "                  (extra args: BENCH_ARGS='--quick')"
 	@echo "  make clean      remove build artifacts and caches (keeps the venv)"
 	@echo "  make distclean  clean, and remove the venv"
 
@@ -71,6 +72,7 @@ bench: install
 	$(PY) scripts/bench.py $(BENCH_ARGS)
 	$(PY) scripts/bench_fork.py $(BENCH_ARGS)
 	$(PY) scripts/bench_fsync.py $(BENCH_ARGS)
+	$(PY) scripts/bench_unify.py $(BENCH_ARGS)
 
 CRASH_POINTS ?= 1000
 
