@@ -255,7 +255,8 @@ class Flusher:
         # no checkpoint from here to the transition in commit_async: the delta it commits is the current one
         self.inflight, self.inflight_delta = item, vol.deltas.current
         try:
-            await vol.commit_async(inline_small=item.kind is Kind.SYNC and item.waiters <= 1, only=item.inodes)
+            urgent = item.kind is Kind.SYNC
+            await vol.commit_async(inline_small=urgent and item.waiters <= 1, urgent=urgent, only=item.inodes)
         except VolumeError as e:
             log.error("commit of delta %d failed; the volume is read-only now", self.inflight_delta)
             self.inflight = None

@@ -43,6 +43,7 @@ DT_OF_MODE = {stat.S_IFREG: fmt.DT_REG, stat.S_IFDIR: fmt.DT_DIR, stat.S_IFCHR: 
               stat.S_IFLNK: fmt.DT_LNK}
 MAX_FILE_SIZE = 1 << 50  # logical blocks must fit the 48-bit range of the format at any block size
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+PREPARE_SLICE = 0.0003  # seconds: the longest the prepare stage holds the event loop between two frontend turns
 
 
 class VolumeError(Exception):
@@ -265,7 +266,7 @@ class Volume:
         return job
 
     async def commit_async(self, *, unify: bool = False, state: int | None = None, inline_small: bool = False,
-                           only: set[int] | None = None) -> int:
+                           only: set[int] | None = None, urgent: bool | None = None) -> int:
         """Commit the current delta with its I/O in a worker thread; the frontend keeps running meanwhile.
         Returns the delta committed. Waits for a commit already in flight first. ``only``: as in start_commit,
         re-checked once the commit in flight has ended (a whole-delta commit if it no longer holds)."""
@@ -275,15 +276,23 @@ class Volume:
             await self.wait_job(self.job)
         if only is not None and not self.commit_ahead_pays(only):
             only = None
-        job = self.start_commit(unify=unify, state=state, prepare=False, urgent=inline_small, only=only)
+        urgent = inline_small if urgent is None else urgent
+        job = self.start_commit(unify=unify, state=state, prepare=False, urgent=urgent, only=only)
+        clock = time.perf_counter
         with trio.CancelScope(shield=True):  # a commit once started always ends
             try:
+                started = last = clock()
                 for _ in job.prepare_steps():
-                    await trio.sleep(0)  # let the frontend in between chunks of the prepare stage
+                    if clock() - last >= PREPARE_SLICE:  # let the frontend in between slices of the prepare stage
+                        await trio.sleep(0)
+                        last = clock()
+                prepared = clock()
                 if inline_small and len(job.writes) <= self.options.inline_commit_blocks:
                     job.write()  # someone waits for this small commit: a thread hop costs more than it saves
                 else:
                     await trio.to_thread.run_sync(job.write)
+                self.counters["commit_prepare_seconds"] += prepared - started
+                self.counters["commit_write_seconds"] += clock() - prepared
             except Exception as e:
                 self.fail(f"commit of delta {job.delta} failed: {e}")
                 self.job = None
