@@ -267,6 +267,8 @@ async def serve() -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fdatasync", metavar="FILE", help="make every fsync write and fdatasync 4 KiB of FILE")
+    ap.add_argument("--nowriteback", action="store_true", help="kernel writeback cache off, as tux3fuse's -o "
+                    "nowriteback: every write() is a request")
     ap.add_argument("mountpoint")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="nullfs: %(levelname)s: %(message)s")
@@ -276,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         os.pwrite(scratch, bytes(BLOCK), 0)  # allocated now, so each fsync only overwrites it
         os.fsync(scratch)
     ops = NullOperations(scratch)
+    ops.enable_writeback_cache = not args.nowriteback
     options = set(pyfuse3.default_options) | {"fsname=nullfs", "subtype=nullfs"}
     try:
         pyfuse3.init(ops, args.mountpoint, options)

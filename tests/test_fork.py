@@ -356,3 +356,33 @@ def test_plain_embedded_writer_over_the_dirty_limit_commits_itself(make_vol):
     assert vol.cache.dirty_pages * BS <= 16 * BS
     assert vol.counters["commits"] >= 3
     vol.unmount()
+
+
+def test_writes_between_the_steps_of_a_completing_commit(vol):
+    """Stage 3 yields every few pages: a page it has completed is clean (a write dirties it for the new delta
+    without a fork), a page it has not reached is still under writeback (a write forks it), and no commit can
+    start before the last step."""
+    n = 200
+    f, job = written_and_committing(vol, b"".join(fill(i % 251) for i in range(n)))
+    job.write()
+    steps = job.complete_steps(step=64)
+    next(steps)  # the first 64 pages are complete
+    mapping = vol.iget(f.ino).mapping
+    done, pending = mapping.get(0), mapping.get(n - 1)
+    assert not done.writeback and not done.dirty and pending.writeback
+    vol.write(f.ino, 0, fill(7))
+    vol.write(f.ino, (n - 1) * BS, fill(8))
+    assert vol.counters["forks"] == 1  # the pending page only
+    assert mapping.get(0) is done and mapping.get(n - 1) is not pending
+    assert vol.job is job and vol.deltas.committed < job.delta
+    for _ in steps:
+        assert vol.job is job
+    assert vol.job is None and vol.deltas.committed == job.delta
+    snap = committed(vol)
+    assert snap.read(f.ino, 0, BS) == fill(0) and snap.read(f.ino, (n - 1) * BS, BS) == fill((n - 1) % 251)
+    snap.close_files()
+    vol.commit()
+    snap = committed(vol)
+    assert snap.read(f.ino, 0, BS) == fill(7) and snap.read(f.ino, (n - 1) * BS, BS) == fill(8)
+    snap.close_files()
+    assert vol.forks.live == 0

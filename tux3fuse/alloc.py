@@ -12,6 +12,8 @@ Guarantees:
 from __future__ import annotations
 
 import re
+from collections import deque
+from collections.abc import Iterator
 
 from .format import LOG_ALLOC, LOG_FREE
 
@@ -142,10 +144,16 @@ class Allocator:
 
     def release_pending(self) -> None:
         """The delta that freed the pending ranges is durable: hand them out again."""
-        for start, count in self.pending:
+        deque(self.release_pending_steps(), maxlen=0)
+
+    def release_pending_steps(self, step: int = 64) -> Iterator[None]:
+        """``release_pending`` that yields every ``step`` ranges (free space only grows meanwhile)."""
+        pending, self.pending = self.pending, []
+        for i, (start, count) in enumerate(pending):
             self._set_range(start, count, False)
             self.free += count
-        self.pending.clear()
+            if i % step == step - 1:
+                yield
 
     def take_records(self) -> list[tuple[int, int, int]]:
         records, self.records = self.records, []

@@ -158,13 +158,26 @@ class Super:
         return sb
 
 
-def delta_digest(blocks: dict[int, bytes | bytearray | memoryview]) -> int:
+class DeltaDigest:
     """The superblock's proof that a delta's blocks reached the disk: xxh3-64 over (block number, xxh3-64 of the
-    block) for every block, in block order. Never 0 (0 means: no proof needed)."""
-    h = xxhash.xxh3_64()
+    block) for every block, added in block order. Never 0 (0 means: no proof needed)."""
+
+    def __init__(self) -> None:
+        self.h = xxhash.xxh3_64()
+
+    def add(self, block: int, data: bytes | bytearray | memoryview) -> None:
+        self.h.update(struct.pack("<QQ", block, xxhash.xxh3_64_intdigest(data)))
+
+    def value(self) -> int:
+        return self.h.intdigest() or 1
+
+
+def delta_digest(blocks: dict[int, bytes | bytearray | memoryview]) -> int:
+    """``DeltaDigest`` of every block of ``blocks``, in block order."""
+    digest = DeltaDigest()
     for block in sorted(blocks):
-        h.update(struct.pack("<QQ", block, xxhash.xxh3_64_intdigest(blocks[block])))
-    return h.intdigest() or 1
+        digest.add(block, blocks[block])
+    return digest.value()
 
 
 def delta_blocks(records: list[tuple]) -> set[int]:

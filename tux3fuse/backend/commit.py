@@ -37,6 +37,9 @@ if TYPE_CHECKING:
     from ..inode import Inode
 
 
+RUN_PAGES = 32  # pages written and mapped in one step of the prepare stage (runs on disk still merge into extents)
+
+
 class CommitJob:
     def __init__(self, vol: Volume, delta: int, *, unify: bool = False, state: int | None = None,
                  urgent: bool = False) -> None:
@@ -106,9 +109,10 @@ class CommitJob:
         vol.deltas_since_unify += 1
         records = vol.alloc.take_records() + self.records
         log_blocks = len(split_log(records, vol.blocksize))
+        yield
         if (self.unify or (vol.deltas_since_unify >= vol.unify_deltas and not self.urgent)
                 or sb.log_count + log_blocks > vol.unify_log_blocks):
-            self._unify()
+            yield from self._unify()
             sb.delta_csum = 0
         else:
             head, blocks = write_log(records, vol.blocksize, sb.log_head, delta, vol.alloc_log_block,
@@ -116,7 +120,8 @@ class CommitJob:
             sb.log_head = head
             sb.log_count += len(blocks)
             vol.log_blocks.extend(blocks)
-            sb.delta_csum = self._proof(records, blocks)
+            yield
+            sb.delta_csum = yield from self._proof(records, blocks)
         sb.seq = delta
         sb.free_blocks = vol.alloc.free + vol.alloc.pending_count()
         sb.used_inodes = self.used_inodes
@@ -127,7 +132,7 @@ class CommitJob:
         vol.writes = []
         self.writes.sort(key=lambda w: w[0])
 
-    def _proof(self, records: list[tuple[int, int, int]], log_blocks: list[int]) -> int:
+    def _proof(self, records: list[tuple[int, int, int]], log_blocks: list[int]) -> Iterator[None]:
         """The digest that lets the superblock go out with the delta's blocks under one flush: a mount checks
         it against the blocks the delta's log names, and falls back to the other superblock copy if any of them
         did not reach the disk. 0 (two flushes) when the log does not name exactly the blocks written."""
@@ -139,13 +144,20 @@ class CommitJob:
         named = fmt.delta_blocks(records) | set(log_blocks)
         if named != written.keys():
             return 0
-        return fmt.delta_digest(written)
+        digest = fmt.DeltaDigest()
+        for i, block in enumerate(sorted(written)):
+            digest.add(block, written[block])
+            if i % 128 == 127:
+                yield
+        return digest.value()
 
-    def _unify(self) -> None:
+    def _unify(self) -> Iterator[None]:
         """Fold the log into the trees and the bitmap: write every tree node changed since the last unify (each
         to a new block), the stale bitmap blocks to the other region, and start a new log."""
         vol, sb, alloc, delta = self.vol, self.vol.sb, self.vol.alloc, self.delta
-        for ino in sorted(vol.unflushed):
+        for i, ino in enumerate(sorted(vol.unflushed)):
+            if i % 16 == 15:
+                yield  # the frontend only reads trees, and every inode with unwritten nodes stays in memory
             inode = vol.unflushed[ino]
             root = vol.dtree(inode).flush(delta)
             if root == inode.rec.dtree_root:
@@ -161,6 +173,7 @@ class CommitJob:
         vol.unify_nodes = 0
         sb.itree_root = vol.itable.flush(delta)
         sb.otree_root = vol.otree.flush(delta)
+        yield
         for block in vol.log_blocks + vol.unify_frees:  # nothing on disk references these any more
             alloc.free_later(block, 1)
         vol.log_blocks = []
@@ -197,20 +210,16 @@ class CommitJob:
         self.changes = changes
         end = -(-size // vol.blocksize)
         run: list[Page] = []
-        since_yield = 0
         for index in sorted(pages):
             page = pages[index]
             if index >= end:  # past the size of this delta: nothing to write
                 self._finish_page(inode, page)
                 continue
-            if run and (index != run[-1].index + 1 or len(run) >= 256):
+            if run and (index != run[-1].index + 1 or len(run) >= RUN_PAGES):
                 blocks += self._write_run(inode, size, tree, run)
-                since_yield += len(run)
                 run = []
-                if since_yield >= 32:
-                    vol.writes = self.writes
-                    yield
-                    since_yield = 0
+                vol.writes = self.writes
+                yield  # after every run: the caller decides by the clock whether the frontend gets a turn
             run.append(page)
         if run:
             blocks += self._write_run(inode, size, tree, run)
@@ -335,21 +344,33 @@ class CommitJob:
     # -- stage 3 ---------------------------------------------------------------------------------------------------
 
     def complete(self) -> None:
+        """All of stage 3 at once."""
+        deque(self.complete_steps(), maxlen=0)
+
+    def complete_steps(self, step: int = 64) -> Iterator[None]:
+        """Stage 3 as a generator that yields every ``step`` pages, so that the frontend gets turns while a large
+        delta completes. Until the last step the job stays in flight: a page not yet completed is still under
+        writeback (a write to it forks), one completed is clean, and no new commit can start."""
         vol = self.vol
-        if not self.empty:
-            vol.alloc.release_pending()
         done: dict[int, tuple[Inode, list[Page]]] = {}
-        for inode, page in self.pages:
+        for i, (inode, page) in enumerate(self.pages):
             page.writeback = False
             if page.redirty != CLEAN:  # stable=none: changed during I/O, so dirty for that later delta
                 target, page.redirty = page.redirty, CLEAN
                 page.delta = target
                 if not page.forked:
                     inode.mapping.dirty.setdefault(target, {})[page.index] = page
-                continue
-            done.setdefault(inode.ino, (inode, []))[1].append(page)
+            else:
+                done.setdefault(inode.ino, (inode, []))[1].append(page)
+            if i % step == step - 1:
+                for mapping_inode, pages in done.values():
+                    mapping_inode.mapping.mark_clean_many(pages)
+                done = {}
+                yield
         for inode, pages in done.values():
             inode.mapping.mark_clean_many(pages)
+        if not self.empty:
+            yield from vol.alloc.release_pending_steps()
         for inode in self.inodes:
             inode.committed(self.delta)
         vol.deltas.committed_to(self.delta)
