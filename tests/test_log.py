@@ -253,3 +253,21 @@ def test_fsck_reports_a_log_record_that_does_not_apply(image) -> None:
     report = fsck(image)
     assert report.status == 4
     assert any(f"block {head}" in line and "inode 999 does not apply" in line for line in report.lines)
+
+
+def test_the_log_limit_counts_bytes_so_large_blocks_do_not_lengthen_the_replay(tmp_path) -> None:
+    path = str(tmp_path / "big.img")
+    mkfs(path, 65536, 64 << 20)
+    vol = opened(path, unify_log_blocks=8)  # 8 x 4 KiB: not even one 64 KiB log block beyond the first
+    f = vol.create(1, b"f", 0o644)
+
+    async def main():
+        for i in range(6):
+            vol.write(f.ino, i * 65536, bytes([i + 1]) * 65536)
+            await vol.sync()
+            assert vol.sb.log_count * 65536 <= 8 * fmt.LOG_UNIT or vol.sb.log_count == 1
+
+    trio.run(main)
+    assert vol.counters["unifies"] >= 3
+    vol.unmount()
+    assert fsck(path).status == 0

@@ -390,6 +390,7 @@ def decode_rec_len(raw: int) -> int:
 # Log blocks: what the deltas since the last unify changed, as records replayed at mount
 
 _LOG_HEAD = struct.Struct("<QI")  # previous log block, bytes of records
+LOG_UNIT = 4096  # the log limit (Options.unify_log_blocks) counts 4 KiB: the replay time follows the bytes
 LOG_ALLOC, LOG_FREE = 1, 2  # code, first block (u64), blocks (u32)
 LOG_INODE = 3  # code, inode (u64), length (u16), inode record
 LOG_MAP = 4  # code, inode (u64), logical block (u64), physical block (u64), blocks (u16), xxh3 per block

@@ -90,7 +90,7 @@ class Options:
     stable: str = FORK  # what a write to a page under writeback does: fork, wait or none
     cache_bytes: int = 256 << 20
     unify_deltas: int = 16  # unify every this many deltas (not in a commit an fsync waits for): PERFORMANCE.md
-    unify_log_blocks: int = 64  # ... or when the log would pass this many blocks (it bounds the replay at mount)
+    unify_log_blocks: int = 64  # ... or when the log would pass this many 4 KiB (it bounds the replay at mount)
     background_bytes: int = 32 << 20  # dirty data that starts a commit without waiting for the timer
     dirty_limit: int = 128 << 20  # above this much dirty data writers are throttled (0: no limit)
     one_flush: bool = True  # commit with one flush, the superblock proving the delta's blocks (docs/FORMAT.md)

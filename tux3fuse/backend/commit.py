@@ -111,7 +111,7 @@ class CommitJob:
         log_blocks = len(split_log(records, vol.blocksize))
         yield
         if (self.unify or (vol.deltas_since_unify >= vol.unify_deltas and not self.urgent)
-                or sb.log_count + log_blocks > vol.unify_log_blocks):
+                or (sb.log_count + log_blocks) * vol.blocksize > vol.unify_log_blocks * fmt.LOG_UNIT):
             yield from self._unify()
             sb.delta_csum = 0
         else:
