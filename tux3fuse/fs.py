@@ -44,6 +44,7 @@ DT_OF_MODE = {stat.S_IFREG: fmt.DT_REG, stat.S_IFDIR: fmt.DT_DIR, stat.S_IFCHR: 
 MAX_FILE_SIZE = 1 << 50  # logical blocks must fit the 48-bit range of the format at any block size
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 PREPARE_SLICE = 0.0002  # seconds: the longest a commit's prepare or complete stage holds the event loop at once
+COMMIT_DEFER = 0.002  # seconds: how long a commit lets runnable frontend tasks go first between two slices
 
 
 class VolumeError(Exception):
@@ -286,7 +287,7 @@ class Volume:
                 for _ in job.prepare_steps():
                     if (now := clock()) - last >= PREPARE_SLICE:  # let the frontend in between slices
                         hold = max(hold, now - last)
-                        await trio.sleep(0)
+                        await self._frontend_first()
                         last = clock()
                 prepared = clock()
                 hold = max(hold, prepared - last)
@@ -306,7 +307,7 @@ class Volume:
             for _ in job.complete_steps():
                 if (now := clock()) - last >= PREPARE_SLICE:
                     hold = max(hold, now - last)
-                    await trio.sleep(0)
+                    await self._frontend_first()
                     last = clock()
             completed = clock()
             c = self.counters
@@ -314,6 +315,17 @@ class Volume:
             c["loop_hold_max_seconds"] = max(c["loop_hold_max_seconds"], hold, completed - last)
             c["flushes"] = self.dev.stats.flushes
         return job.delta
+
+    @staticmethod
+    async def _frontend_first() -> None:
+        """Between two slices of a commit: give the loop to every runnable task (frontend requests first), for at
+        most ``COMMIT_DEFER`` seconds, so that a request waits behind at most one slice of a commit."""
+        import trio
+
+        await trio.sleep(0)
+        until = time.perf_counter() + COMMIT_DEFER
+        while trio.lowlevel.current_statistics().tasks_runnable and time.perf_counter() < until:
+            await trio.sleep(0)
 
     async def wait_job(self, job: CommitJob) -> None:
         import trio
