@@ -47,7 +47,7 @@ from pathlib import Path
 
 from benchfs import BenchError, Fs, cleanup, is_mounted, make_fs, run
 from procutil import default_workdir, interrupt_on_signals, log
-from report import md_table, text_table
+from report import comma_choices, md_table, text_table
 
 REPO = Path(__file__).resolve().parent.parent
 FILESYSTEMS = ("tux3fuse", "fuse2fs", "null", "null-fdatasync")
@@ -403,18 +403,12 @@ def write_chart(path: Path, results: dict[str, FsResult]) -> str | None:
     return path.name
 
 
-def parse_only(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    bad = [n for n in names if n not in FILESYSTEMS]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"a comma-separated list of {', '.join(FILESYSTEMS)}")
-    return list(dict.fromkeys(names))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes and short runtimes (smoke run)")
-    ap.add_argument("--only", type=parse_only, default=list(FILESYSTEMS),
+    ap.add_argument("--only", type=comma_choices(FILESYSTEMS), default=list(FILESYSTEMS),
                     help=f"comma-separated filesystems to run: {','.join(FILESYSTEMS)} (default: all)")
     ap.add_argument("--outdir", type=Path,
                     help="where PERFORMANCE.md and bench.png go (default: docs/, or bench-out/ with --quick)")

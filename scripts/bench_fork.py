@@ -70,7 +70,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from procutil import default_workdir, interrupt_on_signals, log, wait_until
-from report import md_table, text_table, update_section
+from report import comma_choices, md_table, text_table, update_section
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -630,12 +630,6 @@ def section_text(results: list[Result], cfg: Config, argv: Sequence[str], goals:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def parse_modes(text: str) -> list[str]:
-    modes = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
-    if bad or not modes:
-        raise argparse.ArgumentTypeError(f"modes are a comma-separated list of {', '.join(MODES)}")
-    return list(dict.fromkeys(modes))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -644,7 +638,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="1 s runs, output in bench-out/ (smoke run)")
     ap.add_argument("--seconds", type=float, help="timed phase of each run (default 5, or 1 with --quick)")
     ap.add_argument("--only", choices=PATHS, help="run one path only")
-    ap.add_argument("--modes", type=parse_modes, default=list(MODES), help="stable modes (default fork,wait,none)")
+    ap.add_argument("--modes", type=comma_choices(MODES), default=list(MODES),
+                    help="stable modes (default fork,wait,none)")
     ap.add_argument("--workdir", type=Path, help="parent of the temporary image directory (default: /var/tmp)")
     ap.add_argument("--outdir", type=Path, help="where PERFORMANCE.md and bench_fork.png go "
                     "(default: docs/, or bench-out/ with --quick)")

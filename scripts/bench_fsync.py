@@ -55,7 +55,7 @@ from pathlib import Path
 
 from benchfs import BenchError, Fs, Unavailable, cleanup, make_fs, which
 from procutil import default_workdir, interrupt_on_signals, log
-from report import md_table, text_table, update_section
+from report import comma_choices, md_table, text_table, update_section
 
 REPO = Path(__file__).resolve().parent.parent
 FILESYSTEMS = ("tux3fuse", "fuse2fs", "ext4", "null", "null-fdatasync")
@@ -439,19 +439,13 @@ def section_text(results: dict[str, FsResult], configs: Sequence[Config], argv: 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def parse_only(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    bad = [n for n in names if n not in FILESYSTEMS]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"a comma-separated list of {', '.join(FILESYSTEMS)}")
-    return list(dict.fromkeys(names))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="up to 100 tasks, output in bench-out/ (smoke run)")
-    ap.add_argument("--only", type=parse_only, default=list(FILESYSTEMS),
+    ap.add_argument("--only", type=comma_choices(FILESYSTEMS), default=list(FILESYSTEMS),
                     help=f"comma-separated filesystems to run: {','.join(FILESYSTEMS)} (default: all)")
     ap.add_argument("--outdir", type=Path, help="where PERFORMANCE.md and bench_fsync.png go "
                     "(default: docs/, or bench-out/ with --quick)")

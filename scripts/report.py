@@ -1,4 +1,5 @@
-"""Benchmark reports: aligned text tables, markdown tables, and a section of docs/PERFORMANCE.md.
+"""Benchmark reports: aligned text tables, markdown tables, a section of docs/PERFORMANCE.md, and the parser of
+the scripts' comma-separated choice options (``--only``, ``--modes``).
 
 Guarantee: ``update_section`` replaces exactly one level-2 section (its heading up to the next level-2 heading)
 or appends it, and leaves every other line of the file as it was.
@@ -6,7 +7,19 @@ or appends it, and leaves every other line of the file as it was.
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+
+def comma_choices(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """An argparse ``type`` for a comma-separated, non-empty list of ``choices`` (duplicates dropped, order kept)."""
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        if not names or any(n not in choices for n in names):
+            raise argparse.ArgumentTypeError(f"a comma-separated list of {', '.join(choices)}")
+        return list(dict.fromkeys(names))
+    return parse
 
 
 def text_table(header: list[str], rows: list[list[str]], left: int = 1) -> list[str]:

@@ -56,6 +56,31 @@ def mkfs(image: Path, size: str = "256M", blocksize: int = 4096) -> None:
     subprocess.run([tool("mkfs.tux3"), "-q", "-f", "-b", str(blocksize), "-s", size, str(image)], check=True)
 
 
+def opened(path: str, **options):
+    """An embedded Volume on ``path``, mounted as a mount would (orphans reclaimed, a commit)."""
+    from tux3fuse.fs import Options, Volume
+
+    vol = Volume(path, Options(**options))
+    vol.mount()
+    return vol
+
+
+def read_all(vol, name: bytes, parent: int = 1) -> bytes:
+    """The content of ``name`` in directory ``parent`` through the embedded API."""
+    attr = vol.lookup(parent, name)
+    return vol.read(attr.ino, 0, attr.size)
+
+
+@pytest.fixture
+def image(tmp_path) -> str:
+    """A fresh 64 MiB image with 4 KiB blocks, for the embedded API."""
+    from tux3fuse.mkfs import mkfs as make_volume
+
+    path = str(tmp_path / "a.img")
+    make_volume(path, 4096, 64 << 20)
+    return path
+
+
 def fsck(image: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([tool("fsck.tux3"), *args, str(image)], capture_output=True, text=True)
 

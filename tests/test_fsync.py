@@ -7,32 +7,17 @@ import os
 
 import pytest
 import trio
+from conftest import opened, read_all
 
 from tux3fuse.flusher import Flusher
 from tux3fuse.fs import Options, Volume
 from tux3fuse.fsck import Checker, fsck
-from tux3fuse.mkfs import mkfs
 
 BS = 4096
 BIG = 4 << 20  # the rest of the delta: well over Options.fsync_ahead_bytes (1 MiB)
 
 
-@pytest.fixture
-def image(tmp_path):
-    path = str(tmp_path / "a.img")
-    mkfs(path, BS, 64 << 20)
-    return path
 
-
-def opened(path: str, **options) -> Volume:
-    vol = Volume(path, Options(**options))
-    vol.mount()
-    return vol
-
-
-def read_all(vol: Volume, name: bytes) -> bytes:
-    attr = vol.lookup(1, name)
-    return vol.read(attr.ino, 0, attr.size)
 
 
 def committed_errors(image: str) -> list[str]:

@@ -11,6 +11,7 @@ import random
 
 import pytest
 import trio
+from conftest import opened, read_all
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -65,27 +66,12 @@ def test_largest_map_record_fits_one_log_block() -> None:
         assert fmt.log_record_size((fmt.LOG_MAP, 1, 0, 1, [0] * n)) <= fmt.log_room(bs)
 
 
-@pytest.fixture
-def image(tmp_path):
-    path = str(tmp_path / "a.img")
-    mkfs(path, BS, 64 << 20)
-    return path
-
-
-def opened(path: str, **options) -> Volume:
-    vol = Volume(path, Options(**options))
-    vol.mount()
-    return vol
 
 
 def crash(vol: Volume) -> None:
     """Drop the volume with no further commit, as a power cut after its last commit would."""
     vol.close_files()
 
-
-def read_all(vol: Volume, name: bytes) -> bytes:
-    attr = vol.lookup(1, name)
-    return vol.read(attr.ino, 0, attr.size)
 
 
 def names(vol: Volume) -> list[bytes]:
