@@ -15,11 +15,12 @@ Guarantees:
 - A request returns once the delta it names is durable, or raises: ``VolumeError`` when the commit failed (the
   volume is read-only from then on), EROFS when the volume had already failed. A request names the current delta
   if that holds a change, otherwise the delta before it: a sync with nothing new to commit causes no commit.
-- Coalescing: a request is covered by the commit in flight when that commit's delta is at least the one it names,
-  and by any queued item (a queued item commits the delta current when it starts, which is at least the one any
-  request names now). A covered request merges into that item (``flusher_coalesced``); otherwise it becomes a new
-  item (``flusher_items``). So the queue never holds more than one item, and N concurrent syncs share commits:
-  those that arrive while a commit is in flight share the next one (group commit).
+- Coalescing: a request is covered by the commit in flight when that commit's delta is at least the one it names
+  (and, for a commit ahead of its delta, holds the requesting file), and by any queued item (a queued item commits
+  the delta current when it starts, which is at least the one any request names now). A covered request merges
+  into that item (``flusher_coalesced``); otherwise it becomes a new item (``flusher_items``). So the queue never
+  holds more than one item, and N concurrent syncs share commits: those that arrive while a commit is in flight
+  share the next one (group commit).
 - Dirty expiry: ``vol.dirty_inodes[delta]`` is ordered by ``Inode.dirtied`` (``Volume.clock()``) and its head's
   ``dirtied`` is never later than the oldest change still pending in the delta. The flusher sleeps until
   ``head.dirtied + interval`` (no fixed timer) and then commits, so a change is durable at most ``interval`` plus
@@ -34,6 +35,11 @@ Guarantees:
 - Background writeback: once dirty data passes ``Options.background_bytes`` the flusher commits at once instead of
   waiting for expiry, so one commit never prepares much more than that (the prepare stage runs on the event loop).
 - Time is ``trio.current_time`` while the flusher runs (``Volume.clock``), so tests drive it with a MockClock.
+
+- fsync of one file (``sync(ino)``) names that file: a queued item of such requests carries the set of files, and
+  its commit goes ahead of the rest of the delta with only those files when ``Volume.commit_ahead_pays`` says so
+  (their names are committed, and the rest of the delta is large); a request for the whole delta turns the item
+  into a whole-delta one.
 
 Cancellation: a caller cancelled while it waits only stops waiting; a commit once started always ends. When the
 flusher task ends, every request still waiting gets ``VolumeError`` and the volume goes back to embedded mode
