@@ -35,7 +35,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -45,9 +44,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchfs import BenchError, Fs, cleanup, is_mounted, make_fs, run
+from benchfs import BenchError, Fs, cleanup, dispose, is_mounted, make_fs, run
 from procutil import default_workdir, interrupt_on_signals, log
 from report import comma_choices, md_table, text_table
+from report import machine_info as report_machine_info
 
 REPO = Path(__file__).resolve().parent.parent
 FILESYSTEMS = ("tux3fuse", "fuse2fs", "null", "null-fdatasync")
@@ -187,15 +187,10 @@ def bench_fs(fs: Fs, params: Params, scratch: Path) -> FsResult:
         result.skipped = str(e).splitlines()[0]
         log(f"{fs.name}: aborted: {e}")
     finally:
-        try:
-            fs.teardown()
-        except BenchError as e:
-            log(f"{fs.name}: unmount: {e}")
-            result.errors.setdefault("umount", str(e).splitlines()[0])
-        try:
-            fs.image.unlink(missing_ok=True)
-        except OSError:
-            pass
+        error = dispose(fs)
+        if error is not None:
+            log(f"{fs.name}: unmount: {error}")
+            result.errors.setdefault("umount", str(error).splitlines()[0])
     return result
 
 
@@ -271,19 +266,8 @@ def pyfuse3_floor_text(results: dict[str, FsResult], job: str, floor: float) -> 
 
 
 def machine_info() -> dict[str, str]:
-    info = {"nproc": str(os.cpu_count()), "kernel": platform.release(), "python": platform.python_version(),
-            "load average (1/5/15 min, at the end)": " ".join(f"{x:.2f}" for x in os.getloadavg())}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                info["memory"] = f"{int(line.split()[1]) // 1024:,} MiB"
-                break
-    except OSError:
-        pass
+    info = report_machine_info()
+    info["load average (1/5/15 min, at the end)"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     for key, cmd in (("fio", ["fio", "--version"]), ("fuse2fs", ["fuse2fs", "-V"])):
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)

@@ -54,7 +54,6 @@ import gc
 import json
 import math
 import os
-import platform
 import random
 import shlex
 import shutil
@@ -70,7 +69,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from procutil import default_workdir, interrupt_on_signals, log, wait_until
-from report import comma_choices, md_table, text_table, update_section
+from report import comma_choices, machine_info, md_table, text_table, update_section
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -575,17 +574,6 @@ def write_chart(path: Path, results: list[Result], commit_interval: float) -> bo
     plt.close(fig)
     return True
 
-
-def machine_info() -> dict[str, str]:
-    info = {"nproc": str(os.cpu_count()), "kernel": platform.release(), "python": platform.python_version()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return info
 
 
 def section_text(results: list[Result], cfg: Config, argv: Sequence[str], goals: list[str], chart: str | None,

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -53,9 +52,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchfs import BenchError, Fs, Unavailable, cleanup, make_fs, which
+from benchfs import BenchError, Fs, Unavailable, cleanup, dispose, make_fs, which
 from procutil import default_workdir, interrupt_on_signals, log
 from report import comma_choices, md_table, text_table, update_section
+from report import machine_info as report_machine_info
 
 REPO = Path(__file__).resolve().parent.parent
 FILESYSTEMS = ("tux3fuse", "fuse2fs", "ext4", "null", "null-fdatasync")
@@ -233,15 +233,10 @@ def bench_fs(fs: Fs, configs: Sequence[Config], timeout: float) -> FsResult:
         result.skipped = f"aborted: {str(e).splitlines()[0]}"
         log(f"{LABELS[fs.name]}: aborted: {e}")
     finally:
-        try:
-            fs.teardown()
-        except BenchError as e:
-            log(f"{LABELS[fs.name]}: teardown: {e}")
-            result.errors.setdefault("teardown", str(e).splitlines()[0])
-        try:
-            fs.image.unlink(missing_ok=True)
-        except OSError:
-            pass
+        error = dispose(fs)
+        if error is not None:
+            log(f"{LABELS[fs.name]}: teardown: {error}")
+            result.errors.setdefault("teardown", str(error).splitlines()[0])
     return result
 
 
@@ -358,18 +353,7 @@ def write_chart(path: Path, results: dict[str, FsResult], configs: Sequence[Conf
 
 
 def machine_info() -> dict[str, str]:
-    info = {"nproc": str(os.cpu_count()), "kernel": platform.release(), "python": platform.python_version()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                info["memory"] = f"{int(line.split()[1]) // 1024:,} MiB"
-                break
-    except OSError:
-        pass
+    info = report_machine_info()
     try:
         out = subprocess.run([which("fuse2fs") or "fuse2fs", "-V"], capture_output=True, text=True, timeout=10)
         lines = (out.stdout + out.stderr).strip().splitlines()

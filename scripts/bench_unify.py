@@ -56,7 +56,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import random
 import shlex
 import shutil
@@ -70,7 +69,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from procutil import default_workdir, interrupt_on_signals, log
-from report import md_table, text_table, update_section
+from report import machine_info, md_table, text_table, update_section
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -644,17 +643,6 @@ def write_chart(path: Path, fsync: dict[int, FsyncResult], mixed: dict[tuple[int
     plt.close(fig)
     return True
 
-
-def machine_info() -> dict[str, str]:
-    info = {"nproc": str(os.cpu_count()), "kernel": platform.release(), "python": platform.python_version()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return info
 
 
 @dataclass

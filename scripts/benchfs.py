@@ -390,6 +390,20 @@ class Ext4LoopFs(Fs):
             raise error
 
 
+def dispose(fs: Fs) -> BenchError | None:
+    """Tear ``fs`` down and remove its image (also when the teardown failed); the teardown's error, if any."""
+    error = None
+    try:
+        fs.teardown()
+    except BenchError as e:
+        error = e
+    try:
+        fs.image.unlink(missing_ok=True)
+    except OSError:
+        pass
+    return error
+
+
 def make_fs(name: str, workdir: Path, size: str = "2G", tux3_options: str | None = None) -> Fs:
     """The filesystem called NAME (one of NAMES) in WORKDIR."""
     if name == "tux3fuse":

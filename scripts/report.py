@@ -1,5 +1,5 @@
-"""Benchmark reports: aligned text tables, markdown tables, a section of docs/PERFORMANCE.md, and the parser of
-the scripts' comma-separated choice options (``--only``, ``--modes``).
+"""Benchmark reports: aligned text tables, markdown tables, a section of docs/PERFORMANCE.md, the machine line,
+and the parser of the scripts' comma-separated choice options (``--only``, ``--modes``).
 
 Guarantee: ``update_section`` replaces exactly one level-2 section (its heading up to the next level-2 heading)
 or appends it, and leaves every other line of the file as it was.
@@ -8,8 +8,27 @@ or appends it, and leaves every other line of the file as it was.
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+
+def machine_info() -> dict[str, str]:
+    """What a benchmark ran on: CPUs, kernel, Python, CPU model and memory (when /proc tells)."""
+    info = {"nproc": str(os.cpu_count()), "kernel": platform.release(), "python": platform.python_version()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                info["memory"] = f"{int(line.split()[1]) // 1024:,} MiB"
+                break
+    except OSError:
+        pass
+    return info
 
 
 def comma_choices(choices: Sequence[str]) -> Callable[[str], list[str]]:
