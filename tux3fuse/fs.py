@@ -282,15 +282,9 @@ class Volume:
         clock = time.perf_counter
         with trio.CancelScope(shield=True):  # a commit once started always ends
             try:
-                started = last = clock()
-                hold = 0.0
-                for _ in job.prepare_steps():
-                    if (now := clock()) - last >= PREPARE_SLICE:  # let the frontend in between slices
-                        hold = max(hold, now - last)
-                        await self._frontend_first()
-                        last = clock()
+                started = clock()
+                hold = await self._sliced(job.prepare_steps())
                 prepared = clock()
-                hold = max(hold, prepared - last)
                 if inline_small and len(job.writes) <= self.options.inline_commit_blocks:
                     job.write()  # someone waits for this small commit: a thread hop costs more than it saves
                 else:
@@ -303,18 +297,26 @@ class Volume:
                 for event in job.waiters:
                     event.set()
                 raise VolumeError(self.failed) from e
-            done = last = clock()
-            for _ in job.complete_steps():
-                if (now := clock()) - last >= PREPARE_SLICE:
-                    hold = max(hold, now - last)
-                    await self._frontend_first()
-                    last = clock()
-            completed = clock()
+            done = clock()
+            hold = max(hold, await self._sliced(job.complete_steps()))
             c = self.counters
-            c["commit_complete_seconds"] += completed - done
-            c["loop_hold_max_seconds"] = max(c["loop_hold_max_seconds"], hold, completed - last)
+            c["commit_complete_seconds"] += clock() - done
+            c["loop_hold_max_seconds"] = max(c["loop_hold_max_seconds"], hold)
             c["flushes"] = self.dev.stats.flushes
         return job.delta
+
+    async def _sliced(self, steps: Iterator[None]) -> float:
+        """Run a commit stage's steps on the event loop in slices of about ``PREPARE_SLICE``, letting the frontend
+        go first between two slices; return the longest the loop was held at once."""
+        clock = time.perf_counter
+        last = clock()
+        hold = 0.0
+        for _ in steps:
+            if (now := clock()) - last >= PREPARE_SLICE:
+                hold = max(hold, now - last)
+                await self._frontend_first()
+                last = clock()
+        return max(hold, clock() - last)
 
     @staticmethod
     async def _frontend_first() -> None:

@@ -58,7 +58,6 @@ class CommitJob:
         self.dirty: dict[int, Inode] = {}
         self.used_inodes = 0
         self.records: list[fmt.LogRecord] = []  # tree changes for the log, in the order replay applies them
-        self.changes: list[fmt.LogRecord] = []  # those of the inode being flushed
         self.waiters: list = []  # trio.Events set when the job completes
         self.started = time.perf_counter()
 
@@ -207,7 +206,6 @@ class CommitJob:
         if hole is not None:
             blocks -= extents.unmap(tree, hole, None, free)
         changes: list[fmt.LogRecord] = [] if hole is None else [(fmt.LOG_UNMAP, inode.ino, hole)]
-        self.changes = changes
         end = -(-size // vol.blocksize)
         run: list[Page] = []
         for index in sorted(pages):
@@ -216,13 +214,13 @@ class CommitJob:
                 self._finish_page(inode, page)
                 continue
             if run and (index != run[-1].index + 1 or len(run) >= RUN_PAGES):
-                blocks += self._write_run(inode, size, tree, run)
+                blocks += self._write_run(inode, size, tree, run, changes)
                 run = []
                 vol.writes = self.writes
                 yield  # after every run: the caller decides by the clock whether the frontend gets a turn
             run.append(page)
         if run:
-            blocks += self._write_run(inode, size, tree, run)
+            blocks += self._write_run(inode, size, tree, run, changes)
         if changes:
             vol.unflushed[inode.ino] = inode  # its extent tree has changes the next unify writes
             vol.unify_nodes += tree.dirty_nodes - nodes_before
@@ -255,7 +253,7 @@ class CommitJob:
         vol.counters["bytes_copied"] += vol.blocksize
         return copy
 
-    def _write_run(self, inode: Inode, size: int, tree, run: list[Page]) -> int:
+    def _write_run(self, inode: Inode, size: int, tree, run: list[Page], changes: list[fmt.LogRecord]) -> int:
         vol = self.vol
         bs = vol.blocksize
         last = run[-1]
@@ -283,7 +281,7 @@ class CommitJob:
             dropped = extents.map_run(tree, pages[0].index, physical, csums, vol.alloc.free_later, bs)
             step = fmt.log_map_blocks(bs)
             for at in range(0, count, step):
-                self.changes.append((fmt.LOG_MAP, inode.ino, pages[0].index + at, physical + at,
+                changes.append((fmt.LOG_MAP, inode.ino, pages[0].index + at, physical + at,
                                      csums[at: at + step]))
             added += count - dropped
             done += count
