@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from itertools import pairwise
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -101,7 +102,10 @@ class AllocMachine(RuleBasedStateMachine):
 
     @rule()
     def take_records(self) -> None:
-        assert self.alloc.take_records() == self.records
+        records = self.alloc.take_records()
+        assert blockwise(records) == blockwise(self.records)  # the same events, block by block, in order
+        for (code, start, count), (code2, start2, _) in pairwise(records):
+            assert not (code == code2 and start + count == start2), "a range continuing the one before is merged"
         self.records = []
         assert self.alloc.take_records() == []
 
@@ -187,12 +191,26 @@ def test_goal_past_the_last_free_block_wraps_to_the_start() -> None:
     assert a.alloc_run(4, goal=20) == (5, 1)
 
 
+def blockwise(records: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
+    return [(code, block) for code, start, count in records for block in range(start, start + count)]
+
+
 def test_records_log_allocations_and_frees_in_order() -> None:
     a = Allocator(100, 64)
     s1 = a.alloc_run(3)
     a.free_later(1, 1)
     s2 = a.alloc_run(2)
     assert a.take_records() == [(LOG_ALLOC, *s1), (LOG_FREE, 1, 1), (LOG_ALLOC, *s2)]
+
+
+def test_records_merge_a_range_that_continues_the_one_before() -> None:
+    a = Allocator(100, 64)
+    assert [a.alloc() for _ in range(3)] == [0, 1, 2]
+    a.free_later(40, 2)
+    a.free_later(42, 1)
+    a.free_later(10, 1)  # not contiguous: a record of its own
+    a.alloc()
+    assert a.take_records() == [(LOG_ALLOC, 0, 3), (LOG_FREE, 40, 3), (LOG_FREE, 10, 1), (LOG_ALLOC, 3, 1)]
 
 
 def test_mark_used_and_free_mark_bitmap_blocks_stale_in_both_regions() -> None:

@@ -386,3 +386,60 @@ def test_writes_between_the_steps_of_a_completing_commit(vol):
     assert snap.read(f.ino, 0, BS) == fill(7) and snap.read(f.ino, (n - 1) * BS, BS) == fill(8)
     snap.close_files()
     assert vol.forks.live == 0
+
+
+class StepCounter(trio.abc.Instrument):
+    """Counts the scheduler steps of one task: each is a time it gave the loop back and got it again."""
+
+    def __init__(self) -> None:
+        self.task = None
+        self.steps = 0
+
+    def before_task_step(self, task) -> None:
+        if task is self.task:
+            self.steps += 1
+
+
+@pytest.mark.parametrize("pending, frontend, yields", [(False, False, False), (True, False, True),
+                                                        (False, True, True)])
+def test_a_commit_gives_the_loop_back_only_when_the_frontend_has_work(make_vol, monkeypatch, pending, frontend,
+                                                                       yields):
+    """Between two slices a commit passes through the scheduler when a request waits unread (the daemon's poll
+    of /dev/fuse: ``frontend_pending``) or a task is runnable; otherwise it goes on without the trip."""
+    import tux3fuse.fs as fs
+
+    monkeypatch.setattr(fs, "PREPARE_SLICE", 0.0)  # every step ends a slice: the counts do not depend on speed
+    monkeypatch.setattr(fs, "COMMIT_YIELD", 3600.0)
+    vol = make_vol()
+    f = vol.create(1, b"f", 0o644)
+    for i in range(0, 600, 2):  # runs of one page: one prepare step each
+        vol.write(f.ino, i * BS, fill(i % 251))
+    vol.frontend_pending = lambda: pending
+    counter = StepCounter()
+    frontend_turns = 0
+
+    async def main() -> None:
+        nonlocal frontend_turns
+        counter.task = trio.lowlevel.current_task()
+        async with trio.open_nursery() as nursery:
+            if frontend:
+                async def busy() -> None:  # a frontend task that is always runnable
+                    nonlocal frontend_turns
+                    while True:
+                        frontend_turns += 1
+                        await trio.sleep(0)
+                nursery.start_soon(busy)
+                await trio.sleep(0)
+            await vol.commit_async()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, instruments=[counter])
+    if yields:
+        assert counter.steps >= 300 * 2  # two checkpoints after every run of the prepare stage
+    else:
+        assert counter.steps < 20  # the worker thread's hand-back and a few stage boundaries only
+    if frontend:
+        assert frontend_turns >= 300  # the runnable task ran between every two slices
+    snap = committed(vol)
+    assert all(snap.read(f.ino, i * BS, BS) == fill(i % 251) for i in range(0, 600, 2))
+    snap.close_files()

@@ -128,8 +128,18 @@ class Allocator:
             self.meta_goal = start + count
         else:
             self.goal = start + count
-        self.records.append((LOG_ALLOC, start, count))
+        self._record(LOG_ALLOC, start, count)
         return start, count
+
+    def _record(self, code: int, start: int, count: int) -> None:
+        """Log an allocation or a free; one that continues the range of the record before it extends it."""
+        records = self.records
+        if records:
+            last_code, last_start, last_count = records[-1]
+            if last_code == code and last_start + last_count == start and last_count + count < 1 << 32:
+                records[-1] = (code, last_start, last_count + count)
+                return
+        records.append((code, start, count))
 
     def alloc(self, goal: int | None = None) -> int:
         return self.alloc_run(1, goal)[0]
@@ -137,7 +147,7 @@ class Allocator:
     def free_later(self, start: int, count: int) -> None:
         """Free a range once the delta being committed is durable."""
         self.pending.append((start, count))
-        self.records.append((LOG_FREE, start, count))
+        self._record(LOG_FREE, start, count)
         for i in range(start // self.bpb, (start + count - 1) // self.bpb + 1):  # a unify writes them as free
             self.stale[0].add(i)
             self.stale[1].add(i)

@@ -17,8 +17,10 @@ import json
 import logging
 import logging.handlers
 import os
+import select
 import signal
 import sys
+from collections.abc import Callable
 
 import pyfuse3
 import trio
@@ -50,6 +52,24 @@ def write_state(path: str, **fields) -> None:
     with open(tmp, "w") as f:
         json.dump(fields, f)
     os.replace(tmp, path)
+
+
+def requests_waiting() -> Callable[[], bool]:
+    """A check whether the kernel holds a request for this process that no task has read yet: a poll of the
+    /dev/fuse descriptor (pyfuse3 does not export it, so it is found among the open descriptors)."""
+    fds = [int(fd) for fd in os.listdir("/proc/self/fd") if _points_to(fd, "/dev/fuse")]
+    if not fds:
+        return lambda: False
+    poller = select.poll()
+    poller.register(max(fds), select.POLLIN)
+    return lambda: bool(poller.poll(0))
+
+
+def _points_to(fd: str, path: str) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == path
+    except OSError:  # closed meanwhile (the listing's own descriptor)
+        return False
 
 
 class Daemon:
@@ -113,6 +133,7 @@ class Daemon:
     def run(self) -> int:
         """Serve until unmounted; then commit and close. Returns the exit status."""
         self._record("running")
+        self.vol.frontend_pending = requests_waiting()
         # The cache holds many long-lived objects; full collections of them would stall requests for tens of
         # milliseconds. Freeze what exists now and collect the young generation less often.
         gc.collect()

@@ -18,7 +18,7 @@ import os
 import stat
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from . import format as fmt
@@ -43,8 +43,9 @@ DT_OF_MODE = {stat.S_IFREG: fmt.DT_REG, stat.S_IFDIR: fmt.DT_DIR, stat.S_IFCHR: 
               stat.S_IFLNK: fmt.DT_LNK}
 MAX_FILE_SIZE = 1 << 50  # logical blocks must fit the 48-bit range of the format at any block size
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
-PREPARE_SLICE = 0.0002  # seconds: the longest a commit's prepare or complete stage holds the event loop at once
+PREPARE_SLICE = 0.00005  # seconds: the longest a commit's prepare or complete stage holds the event loop at once
 COMMIT_DEFER = 0.002  # seconds: how long a commit lets runnable frontend tasks go first between two slices
+COMMIT_YIELD = 0.001  # seconds: a commit passes through the scheduler at least this often, even with no request
 
 
 class VolumeError(Exception):
@@ -79,6 +80,29 @@ class Attr:
     atime_ns: int
     mtime_ns: int
     ctime_ns: int
+
+
+def _nothing_pending() -> bool:
+    return False
+
+
+class RunnableTasks:
+    """A trio instrument that knows which tasks are runnable: scheduled and not yet stepped. Unlike the run
+    queue's length it also counts the tasks of the batch being run, so a commit between two slices sees a
+    request task that the scheduler happened to put behind it."""
+
+    def __init__(self, root) -> None:
+        self.root = root  # the root task of the trio run it is added to
+        self.tasks: set = set()
+
+    def task_scheduled(self, task) -> None:
+        self.tasks.add(task)
+
+    def before_task_step(self, task) -> None:
+        self.tasks.discard(task)
+
+    def task_exited(self, task) -> None:
+        self.tasks.discard(task)
 
 
 def _err(code: int, what: str = "") -> OSError:
@@ -120,6 +144,10 @@ class Volume:
         self.on_dirty = None  # called when a delta gets its first dirty inode (the flusher)
         self.flusher = None  # the attached Flusher, which then starts every commit (flusher.py)
         self.clock = time.monotonic  # dirtied times; the flusher sets trio's clock while it runs
+        # True when a request waits that no task has picked up yet (the FUSE daemon polls /dev/fuse); a commit's
+        # slices then let the frontend go first
+        self.frontend_pending: Callable[[], bool] = _nothing_pending
+        self._runnable: RunnableTasks | None = None  # added to the trio run by the first commit stage run in it
         self.touch_after = 1.0  # seconds: a re-dirtied inode moves to its list's tail at most this often
         self.failed: str | None = None
         try:
@@ -307,26 +335,43 @@ class Volume:
 
     async def _sliced(self, steps: Iterator[None]) -> float:
         """Run a commit stage's steps on the event loop in slices of about ``PREPARE_SLICE``, letting the frontend
-        go first between two slices; return the longest the loop was held at once."""
+        go first between two slices when it has work; return the longest the loop was held at once."""
+        import trio
+
         clock = time.perf_counter
-        last = clock()
+        pending = self.frontend_pending
+        root = trio.lowlevel.current_root_task()
+        runnable = self._runnable
+        first = runnable is None or runnable.root is not root
+        if first:  # once per trio run: the instrument stays until the run ends
+            runnable = self._runnable = RunnableTasks(root)
+            trio.lowlevel.add_instrument(runnable)
+        last = yielded = clock()
         hold = 0.0
         for _ in steps:
             if (now := clock()) - last >= PREPARE_SLICE:
-                hold = max(hold, now - last)
-                await self._frontend_first()
-                last = clock()
-        return max(hold, clock() - last)
+                # first: tasks made runnable before the instrument was added are seen once they have run
+                if first or runnable.tasks or pending() or now - yielded >= COMMIT_YIELD:
+                    hold = max(hold, now - yielded)
+                    await self._frontend_first(runnable)
+                    last = yielded = clock()
+                    first = False
+                else:  # nobody waits for the loop: go on without a trip through the scheduler
+                    last = now
+        return max(hold, clock() - yielded)
 
     @staticmethod
-    async def _frontend_first() -> None:
+    async def _frontend_first(runnable: RunnableTasks) -> None:
         """Between two slices of a commit: give the loop to every runnable task (frontend requests first), for at
-        most ``COMMIT_DEFER`` seconds, so that a request waits behind at most one slice of a commit."""
+        most ``COMMIT_DEFER`` seconds, so that a request waits behind at most one slice of a commit. The first
+        checkpoint lets the loop poll for requests and wake their tasks; the second lets those tasks run even when
+        the scheduler puts this task first in their batch."""
         import trio
 
         await trio.sleep(0)
+        await trio.sleep(0)
         until = time.perf_counter() + COMMIT_DEFER
-        while trio.lowlevel.current_statistics().tasks_runnable and time.perf_counter() < until:
+        while runnable.tasks and time.perf_counter() < until:
             await trio.sleep(0)
 
     async def wait_job(self, job: CommitJob) -> None:
@@ -1222,7 +1267,8 @@ class Volume:
         out: dict[str, object] = dict(self.counters)
         out.update(dirty_pages=self.cache.dirty_pages, cached_pages=len(self.cache.clean) + self.cache.dirty_pages,
                    delta=self.deltas.current, committed=self.deltas.committed, free_blocks=self.alloc.free,
-                   flushes=self.dev.stats.flushes, forked_pages_live=self.forks.live,
+                   flushes=self.dev.stats.flushes, hole_fill_bytes=self.dev.stats.fill_bytes,
+                   forked_pages_live=self.forks.live,
                    forked_pages_peak=self.forks.peak, wait_seconds=float(self.counters["wait_seconds"]),
                    stable=self.stable, read_only=int(self.failed is not None or self.readonly))
         return out

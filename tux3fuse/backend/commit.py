@@ -81,6 +81,8 @@ class CommitJob:
         self.used_inodes = vol.used_inodes - vol.split_uncounted
         vol.split_uncounted = 0
         for inode in self.inodes:
+            if not inode.mapping.mmaps:  # no page table to protect, and no pins (closing a mapping drops its pins)
+                continue
             pages = inode.mapping.dirty.get(delta)
             for index, page in list((pages or {}).items()):
                 if page.pins:  # never fork a pinned page: write a private copy, the page moves to the next delta
@@ -107,15 +109,16 @@ class CommitJob:
         sb = vol.sb
         vol.deltas_since_unify += 1
         records = vol.alloc.take_records() + self.records
-        log_blocks = len(split_log(records, vol.blocksize))
+        groups = split_log(records, vol.blocksize)
+        log_blocks = len(groups)
         yield
         if (self.unify or (vol.deltas_since_unify >= vol.unify_deltas and not self.urgent)
                 or (sb.log_count + log_blocks) * vol.blocksize > vol.unify_log_blocks * fmt.LOG_UNIT):
             yield from self._unify()
             sb.delta_csum = 0
         else:
-            head, blocks = write_log(records, vol.blocksize, sb.log_head, delta, vol.alloc_log_block,
-                                     vol.write_meta)
+            head, blocks = yield from write_log(groups, vol.blocksize, sb.log_head, delta, vol.alloc_log_block,
+                                                vol.write_meta)
             sb.log_head = head
             sb.log_count += len(blocks)
             vol.log_blocks.extend(blocks)
@@ -141,13 +144,15 @@ class CommitJob:
             return 0  # with two flushes they stay on disk, and their checksums show them torn
         written = dict(self.writes)
         named = fmt.delta_blocks(records) | set(log_blocks)
+        yield
         if named != written.keys():
             return 0
         digest = fmt.DeltaDigest()
         for i, block in enumerate(sorted(written)):
             digest.add(block, written[block])
-            if i % 128 == 127:
+            if i % 32 == 31:
                 yield
+        yield
         return digest.value()
 
     def _unify(self) -> Iterator[None]:

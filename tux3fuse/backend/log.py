@@ -16,7 +16,7 @@ Guarantees:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING
 
 from .. import format as fmt
@@ -42,15 +42,18 @@ def split_log(records: list[fmt.LogRecord], blocksize: int) -> list[list[fmt.Log
     return blocks
 
 
-def write_log(records: list[fmt.LogRecord], blocksize: int, head: int, delta: int,
-              alloc_block: Callable[[], int], write: Callable[[int, bytearray], None]) -> tuple[int, list[int]]:
-    """Write records into new log blocks chained after ``head``; return (new head, blocks written)."""
+def write_log(groups: list[list[fmt.LogRecord]], blocksize: int, head: int, delta: int,
+              alloc_block: Callable[[], int], write: Callable[[int, bytearray], None]
+              ) -> Generator[None, None, tuple[int, list[int]]]:
+    """Write record groups (from ``split_log``) into new log blocks chained after ``head``, yielding after each
+    block; return (new head, blocks written)."""
     written = []
-    for group in split_log(records, blocksize):
+    for group in groups:
         block = alloc_block()
         write(block, fmt.pack_log(blocksize, head, group, block, delta))
         written.append(block)
         head = block
+        yield
     return head, written
 
 

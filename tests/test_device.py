@@ -1,0 +1,122 @@
+"""The image device (tux3fuse.device.Device): hole filling around written blocks of a sparse image."""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tux3fuse import device
+from tux3fuse.device import Device
+
+BS = 4096
+CHUNK_BLOCKS = 16
+CHUNKS = 8
+VOLBLOCKS = CHUNK_BLOCKS * CHUNKS
+
+
+def holes(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """The host's holes in [start, end) of the file, in bytes."""
+    out = []
+    at = start
+    while at < end:
+        hole = os.lseek(fd, at, os.SEEK_HOLE)
+        if hole >= end:
+            break
+        try:
+            data = os.lseek(fd, hole, os.SEEK_DATA)
+        except OSError:
+            data = end
+        out.append((hole, min(data, end)))
+        at = data
+    return out
+
+
+def sparse_image(path: str) -> None:
+    with open(path, "wb") as f:
+        f.truncate(VOLBLOCKS * BS)
+
+
+def block(byte: int) -> bytes:
+    return bytes([byte]) * BS
+
+
+@settings(max_examples=60, deadline=None)
+@given(before=st.dictionaries(st.integers(0, VOLBLOCKS - 1), st.integers(1, 255), max_size=12),
+       batches=st.lists(st.dictionaries(st.integers(0, VOLBLOCKS - 1), st.integers(1, 255), min_size=1,
+                                        max_size=20), min_size=1, max_size=6))
+def test_filling_holes_keeps_every_byte_and_leaves_no_hole_in_a_written_chunk(before, batches):
+    """Blocks written earlier (flushed, as every commit is) and blocks of each batch read back exactly, every
+    other block reads as zeros, a chunk that was written to holds no hole afterwards, and a chunk never written
+    to stays a hole."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr(device, "FILL_CHUNK", CHUNK_BLOCKS * BS)
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "img")
+            sparse_image(path)
+            fd = os.open(path, os.O_RDWR)
+            for b, byte in before.items():
+                os.pwrite(fd, block(byte), b * BS)
+            os.fdatasync(fd)
+            os.close(fd)
+            model = dict(before)
+            dev = Device(path, BS, VOLBLOCKS)
+            assert dev.fill_holes
+            touched: set[int] = set()
+            for batch in batches:
+                dev.write_blocks([(b, block(byte)) for b, byte in batch.items()])
+                dev.flush()
+                model.update(batch)
+                touched |= {b // CHUNK_BLOCKS for b in batch}
+            for b in range(VOLBLOCKS):
+                assert dev.read_block(b) == block(model.get(b, 0)), f"block {b}"
+            for chunk in range(CHUNKS):
+                start, end = chunk * CHUNK_BLOCKS * BS, (chunk + 1) * CHUNK_BLOCKS * BS
+                if chunk in touched:
+                    assert holes(dev.fd, start, end) == [], f"chunk {chunk} still has holes"
+                elif not any(b // CHUNK_BLOCKS == chunk for b in before):
+                    assert holes(dev.fd, start, end) == [(start, end)], f"chunk {chunk} was filled unasked"
+            assert dev.stats.fill_bytes <= len(touched) * CHUNK_BLOCKS * BS
+            filled = dev.stats.fill_bytes
+            again = min(touched) * CHUNK_BLOCKS
+            dev.write_blocks([(again, block(model.get(again, 0) ^ 1))])
+            assert dev.stats.fill_bytes == filled  # a filled chunk gets no more zeros
+            dev.close()
+    finally:
+        mp.undo()
+
+
+@pytest.mark.parametrize("failing", ["lseek", "pwrite"])
+def test_a_host_that_cannot_fill_still_gets_every_block(tmp_path, monkeypatch, failing):
+    """No SEEK_HOLE on the host, or the host is full: filling stops for good and the blocks are written all
+    the same."""
+    path = str(tmp_path / "img")
+    sparse_image(path)
+    dev = Device(path, BS, VOLBLOCKS)
+    real = getattr(os, failing)
+
+    def refuse(*args):
+        if failing == "pwrite" and any(args[1]):  # data writes of the blocks themselves go through pwritev
+            return real(*args)
+        raise OSError(errno.EINVAL if failing == "lseek" else errno.ENOSPC, "refused")
+
+    monkeypatch.setattr(os, failing, refuse)
+    dev.write_blocks([(3, block(7)), (40, block(9))])
+    monkeypatch.undo()
+    dev.flush()
+    assert not dev.fill_holes
+    assert dev.read_block(3) == block(7) and dev.read_block(40) == block(9) and dev.read_block(4) == block(0)
+    dev.write_blocks([(5, block(1))])
+    assert dev.read_block(5) == block(1)
+    dev.close()
+
+
+def test_a_read_only_device_never_fills(tmp_path):
+    path = str(tmp_path / "img")
+    sparse_image(path)
+    assert not Device(path, BS, VOLBLOCKS, readonly=True).fill_holes
