@@ -44,7 +44,6 @@ DT_OF_MODE = {stat.S_IFREG: fmt.DT_REG, stat.S_IFDIR: fmt.DT_DIR, stat.S_IFCHR: 
 MAX_FILE_SIZE = 1 << 50  # logical blocks must fit the 48-bit range of the format at any block size
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 PREPARE_SLICE = 0.00005  # seconds: the longest a commit's prepare or complete stage holds the event loop at once
-COMMIT_DEFER = 0.002  # seconds: how long a commit lets runnable frontend tasks go first between two slices
 COMMIT_YIELD = 0.001  # seconds: a commit passes through the scheduler at least this often, even with no request
 
 
@@ -353,7 +352,7 @@ class Volume:
                 # first: tasks made runnable before the instrument was added are seen once they have run
                 if first or runnable.tasks or pending() or now - yielded >= COMMIT_YIELD:
                     hold = max(hold, now - yielded)
-                    await self._frontend_first(runnable)
+                    await self._frontend_first()
                     last = yielded = clock()
                     first = False
                 else:  # nobody waits for the loop: go on without a trip through the scheduler
@@ -361,18 +360,15 @@ class Volume:
         return max(hold, clock() - yielded)
 
     @staticmethod
-    async def _frontend_first(runnable: RunnableTasks) -> None:
-        """Between two slices of a commit: give the loop to every runnable task (frontend requests first), for at
-        most ``COMMIT_DEFER`` seconds, so that a request waits behind at most one slice of a commit. The first
+    async def _frontend_first() -> None:
+        """Between two slices of a commit: one turn for every task that is runnable, requests first. The first
         checkpoint lets the loop poll for requests and wake their tasks; the second lets those tasks run even when
-        the scheduler puts this task first in their batch."""
+        the scheduler puts this task first in their batch. Tasks that stay runnable get no second turn before the
+        next slice, so a steady stream of requests slows a commit down but never stops it."""
         import trio
 
         await trio.sleep(0)
         await trio.sleep(0)
-        until = time.perf_counter() + COMMIT_DEFER
-        while runnable.tasks and time.perf_counter() < until:
-            await trio.sleep(0)
 
     async def wait_job(self, job: CommitJob) -> None:
         import trio
