@@ -44,6 +44,7 @@ DT_OF_MODE = {stat.S_IFREG: fmt.DT_REG, stat.S_IFDIR: fmt.DT_DIR, stat.S_IFCHR: 
 MAX_FILE_SIZE = 1 << 50  # logical blocks must fit the 48-bit range of the format at any block size
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 PREPARE_SLICE = 0.00005  # seconds: the longest a commit's prepare or complete stage holds the event loop at once
+URGENT_SLICE = 0.0002  # seconds: the same for a commit that an fsync waits for
 COMMIT_YIELD = 0.001  # seconds: a commit passes through the scheduler at least this often, even with no request
 
 
@@ -310,7 +311,7 @@ class Volume:
         with trio.CancelScope(shield=True):  # a commit once started always ends
             try:
                 started = clock()
-                hold = await self._sliced(job.prepare_steps())
+                hold = await self._sliced(job.prepare_steps(), urgent)
                 prepared = clock()
                 if inline_small and len(job.writes) <= self.options.inline_commit_blocks:
                     job.write()  # someone waits for this small commit: a thread hop costs more than it saves
@@ -325,19 +326,21 @@ class Volume:
                     event.set()
                 raise VolumeError(self.failed) from e
             done = clock()
-            hold = max(hold, await self._sliced(job.complete_steps()))
+            hold = max(hold, await self._sliced(job.complete_steps(), urgent))
             c = self.counters
             c["commit_complete_seconds"] += clock() - done
             c["loop_hold_max_seconds"] = max(c["loop_hold_max_seconds"], hold)
             c["flushes"] = self.dev.stats.flushes
         return job.delta
 
-    async def _sliced(self, steps: Iterator[None]) -> float:
-        """Run a commit stage's steps on the event loop in slices of about ``PREPARE_SLICE``, letting the frontend
-        go first between two slices when it has work; return the longest the loop was held at once."""
+    async def _sliced(self, steps: Iterator[None], urgent: bool = False) -> float:
+        """Run a commit stage's steps on the event loop in slices of about ``PREPARE_SLICE`` (``URGENT_SLICE``
+        when someone waits for the commit), letting the frontend go first between two slices when it has work;
+        return the longest the loop was held at once."""
         import trio
 
         clock = time.perf_counter
+        length = URGENT_SLICE if urgent else PREPARE_SLICE
         pending = self.frontend_pending
         root = trio.lowlevel.current_root_task()
         runnable = self._runnable
@@ -348,7 +351,7 @@ class Volume:
         last = yielded = clock()
         hold = 0.0
         for _ in steps:
-            if (now := clock()) - last >= PREPARE_SLICE:
+            if (now := clock()) - last >= length:
                 # first: tasks made runnable before the instrument was added are seen once they have run
                 if first or runnable.tasks or pending() or now - yielded >= COMMIT_YIELD:
                     hold = max(hold, now - yielded)
