@@ -213,19 +213,20 @@ class CommitJob:
         changes: list[fmt.LogRecord] = [] if hole is None else [(fmt.LOG_UNMAP, inode.ino, hole)]
         end = -(-size // vol.blocksize)
         run: list[Page] = []
+        first = True
         for index in sorted(pages):
             page = pages[index]
             if index >= end:  # past the size of this delta: nothing to write
                 self._finish_page(inode, page)
                 continue
             if run and (index != run[-1].index + 1 or len(run) >= RUN_PAGES):
-                blocks += self._write_run(inode, size, tree, run, changes)
-                run = []
+                blocks += self._write_run(inode, size, tree, run, changes, first)
+                run, first = [], False
                 vol.writes = self.writes
                 yield  # after every run: the caller decides by the clock whether the frontend gets a turn
             run.append(page)
         if run:
-            blocks += self._write_run(inode, size, tree, run, changes)
+            blocks += self._write_run(inode, size, tree, run, changes, first)
         if changes:
             vol.unflushed[inode.ino] = inode  # its extent tree has changes the next unify writes
             vol.unify_nodes += tree.dirty_nodes - nodes_before
@@ -258,7 +259,11 @@ class CommitJob:
         vol.counters["bytes_copied"] += vol.blocksize
         return copy
 
-    def _write_run(self, inode: Inode, size: int, tree, run: list[Page], changes: list[fmt.LogRecord]) -> int:
+    def _write_run(self, inode: Inode, size: int, tree, run: list[Page], changes: list[fmt.LogRecord],
+                   first: bool) -> int:
+        """Allocate, checksum and map one run of contiguous dirty pages. The inode's first run of the delta goes
+        right after the block before it on disk when it can (a file written at its end stays contiguous); later
+        runs follow the one before, so a delta's scattered pages of one file land together in file order."""
         vol = self.vol
         bs = vol.blocksize
         last = run[-1]
@@ -269,7 +274,7 @@ class CommitJob:
         added = 0
         done = 0
         goal = None
-        if run[0].index:  # continue right after the block before, so the file's extent grows in place
+        if first and run[0].index:  # continue right after the block before, so the file's extent grows in place
             before, _, n = extents.lookup_run(tree, run[0].index - 1, 1)
             goal = before + 1 if before else None
         while done < len(run):
