@@ -91,17 +91,13 @@ class RunnableTasks:
     queue's length it also counts the tasks of the batch being run, so a commit between two slices sees a
     request task that the scheduler happened to put behind it."""
 
-    def __init__(self, root) -> None:
-        self.root = root  # the root task of the trio run it is added to
+    def __init__(self) -> None:
         self.tasks: set = set()
 
     def task_scheduled(self, task) -> None:
         self.tasks.add(task)
 
     def before_task_step(self, task) -> None:
-        self.tasks.discard(task)
-
-    def task_exited(self, task) -> None:
         self.tasks.discard(task)
 
 
@@ -147,7 +143,6 @@ class Volume:
         # True when a request waits that no task has picked up yet (the FUSE daemon polls /dev/fuse); a commit's
         # slices then let the frontend go first
         self.frontend_pending: Callable[[], bool] = _nothing_pending
-        self._runnable: RunnableTasks | None = None  # added to the trio run by the first commit stage run in it
         self.touch_after = 1.0  # seconds: a re-dirtied inode moves to its list's tail at most this often
         self.failed: str | None = None
         try:
@@ -342,25 +337,30 @@ class Volume:
         clock = time.perf_counter
         length = URGENT_SLICE if urgent else PREPARE_SLICE
         pending = self.frontend_pending
-        root = trio.lowlevel.current_root_task()
-        runnable = self._runnable
-        first = runnable is None or runnable.root is not root
-        if first:  # once per trio run: the instrument stays until the run ends
-            runnable = self._runnable = RunnableTasks(root)
-            trio.lowlevel.add_instrument(runnable)
+        # the instrument is added at the first slice boundary, so a stage shorter than a slice costs the frontend
+        # nothing; tasks runnable before it was added are unknown to it, so that boundary always yields
+        runnable: RunnableTasks | None = None
         last = yielded = clock()
         hold = 0.0
-        for _ in steps:
-            if (now := clock()) - last >= length:
-                # first: tasks made runnable before the instrument was added are seen once they have run
-                if first or runnable.tasks or pending() or now - yielded >= COMMIT_YIELD:
-                    hold = max(hold, now - yielded)
-                    await self._frontend_first()
-                    last = yielded = clock()
-                    first = False
-                else:  # nobody waits for the loop: go on without a trip through the scheduler
-                    last = now
-        return max(hold, clock() - yielded)
+        try:
+            for _ in steps:
+                if (now := clock()) - last >= length:
+                    if runnable is None:
+                        runnable = RunnableTasks()
+                        trio.lowlevel.add_instrument(runnable)
+                        go = True
+                    else:
+                        go = bool(runnable.tasks) or pending() or now - yielded >= COMMIT_YIELD
+                    if go:
+                        hold = max(hold, now - yielded)
+                        await self._frontend_first()
+                        last = yielded = clock()
+                    else:  # nobody waits for the loop: go on without a trip through the scheduler
+                        last = now
+            return max(hold, clock() - yielded)
+        finally:
+            if runnable is not None:
+                trio.lowlevel.remove_instrument(runnable)
 
     @staticmethod
     async def _frontend_first() -> None:
