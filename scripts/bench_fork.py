@@ -18,7 +18,9 @@ Two paths, each on a fresh 1 GiB sparse image in a temporary directory (default 
   mounted   ``tux3fuse -f -o nowriteback,stable=MODE,commit=0.01 IMAGE MNT`` in a subprocess. With the kernel's
             writeback cache off every pwrite() is a request to the daemon, so the latency the writer sees is the
             daemon's. The daemon's flusher commits every 10 ms; the script times os.pwrite() of random 4 KiB hot
-            pages for --seconds.
+            pages for --seconds. Then the same writer and stream run once more on ``scripts/nullfs.py
+            --nowriteback``, an in-memory pyfuse3 filesystem that does nothing ("pyfuse3-null"): the latency any
+            pyfuse3 filesystem has under this load, the floor of the mounted rows (--no-floor skips it).
 
 Background stream (--stream MB/s, default 32; 0 turns it off): beside the writer, a second task (embedded) or
 thread (mounted) appends 128 KiB chunks to a second file at that rate, so that every commit carries some data
@@ -68,6 +70,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchfs import BenchError, NullFs, dispose
 from procutil import default_workdir, interrupt_on_signals, log, wait_until
 from report import comma_choices, machine_info, md_table, text_table, update_section
 
@@ -78,6 +81,7 @@ if str(REPO) not in sys.path:
 
 PATHS = ("embedded", "mounted")
 MODES = ("fork", "wait", "none")
+FLOOR = "null"  # the mounted path's floor: a do-nothing pyfuse3 filesystem under the same load
 BLOCK = 4096
 IMAGE_SIZE = 1 << 30
 STREAM_CHUNK = 128 << 10
@@ -126,10 +130,6 @@ class Result:
         if not data:
             return math.nan
         return data[max(0, math.ceil(p / 100 * len(data)) - 1)]
-
-
-class BenchError(Exception):
-    pass
 
 
 def page_data(payloads: list[bytes], seq: int) -> bytes:
@@ -368,77 +368,105 @@ def run_mounted(mode: str, cfg: Config, image: Path) -> Result:
     result = Result("mounted", mode)
     options = f"nowriteback,stable={mode},commit={cfg.commit_interval:g}"
     daemon = Daemon(image, mnt, options)
-    rnd = random.Random(cfg.seed)
-    payloads = make_payloads(rnd)
-    expected: list[bytes] = []
     try:
         daemon.start()
-        fd = os.open(mnt / "hot", os.O_CREAT | os.O_RDWR, 0o644)
-        sfd = os.open(mnt / "stream", os.O_CREAT | os.O_WRONLY, 0o644)
-        try:
-            seq = 0
-            for index in range(cfg.hot_pages):
-                expected.append(page_data(payloads, seq))
-                os.pwrite(fd, expected[-1], index * BLOCK)
-                seq += 1
-            os.fsync(fd)  # the hot set starts clean, on disk
-            before = tux3_stat(mnt)
-            gc.collect()
-            stop = threading.Event()
-            stream_error: list[BaseException] = []
-            chunk = rnd.randbytes(STREAM_CHUNK)
-
-            def streamer() -> None:
-                period = STREAM_CHUNK / (cfg.stream_mbps * 1e6)
-                offset = 0
-                due = time.perf_counter()
-                try:
-                    while not stop.is_set():
-                        os.pwrite(sfd, chunk, offset)
-                        result.stream_bytes += STREAM_CHUNK
-                        offset = (offset + STREAM_CHUNK) % STREAM_WRAP
-                        due += period
-                        stop.wait(max(0.0, due - time.perf_counter()))
-                except BaseException as e:
-                    stream_error.append(e)
-
-            thread = threading.Thread(target=streamer, name="stream", daemon=True)
-            if cfg.stream_mbps > 0:
-                thread.start()
-            lat = result.latencies
-            clock = time.perf_counter
-            pwrite = os.pwrite
-            try:
-                start = now = clock()
-                end = start + cfg.seconds
-                while now < end:
-                    index = rnd.randrange(cfg.hot_pages)
-                    data = page_data(payloads, seq)
-                    seq += 1
-                    t0 = clock()
-                    pwrite(fd, data, index * BLOCK)
-                    now = clock()
-                    lat.append(now - t0)
-                    expected[index] = data
-                result.elapsed = now - start
-            finally:
-                stop.set()
-                if thread.is_alive():
-                    thread.join(timeout=120)
-            if stream_error:
-                raise BenchError(f"background stream: {stream_error[0]!r}")
-            after = tux3_stat(mnt)
-            result.stats = stat_delta(before, after)
-            if after.get("read_only"):
-                raise BenchError(f"the volume went read-only during the run\n{daemon.log_tail()}")
-        finally:
-            os.close(fd)
-            os.close(sfd)
+        expected = timed_writes(mnt, cfg, result, lambda: tux3_stat(mnt))
+        if result.stats.get("read_only"):
+            raise BenchError(f"the volume went read-only during the run\n{daemon.log_tail()}")
         daemon.umount()
     finally:
         daemon.stop()
     verify_image(image, expected)
     return result
+
+
+def run_floor(cfg: Config) -> Result:
+    """The same writer and stream on scripts/nullfs.py --nowriteback: what any pyfuse3 filesystem costs."""
+    fs = NullFs(cfg.workdir, nowriteback=True)
+    result = Result("mounted", FLOOR)
+    try:
+        fs.setup()
+        expected = timed_writes(fs.mnt, cfg, result, None)
+        with open(fs.mnt / "hot", "rb") as f:  # the floor keeps its data in memory: check it there
+            data = f.read()
+        if any(data[i * BLOCK: (i + 1) * BLOCK] != page for i, page in enumerate(expected)):
+            raise BenchError("nullfs returned other data than was written")
+    finally:
+        error = dispose(fs)
+    if error is not None:
+        raise error
+    return result
+
+
+def timed_writes(mnt: Path, cfg: Config, result: Result, counters) -> list[bytes]:
+    """The timed phase on a mount: random 4 KiB pwrites of the hot set beside the stream thread. ``counters``
+    (or None) returns the filesystem's counters; their change over the phase goes to ``result.stats``. Returns
+    what each hot page should hold."""
+    rnd = random.Random(cfg.seed)
+    payloads = make_payloads(rnd)
+    expected: list[bytes] = []
+    fd = os.open(mnt / "hot", os.O_CREAT | os.O_RDWR, 0o644)
+    sfd = os.open(mnt / "stream", os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        seq = 0
+        for index in range(cfg.hot_pages):
+            expected.append(page_data(payloads, seq))
+            os.pwrite(fd, expected[-1], index * BLOCK)
+            seq += 1
+        os.fsync(fd)  # the hot set starts clean, on disk
+        before = counters() if counters else {}
+        gc.collect()
+        stop = threading.Event()
+        stream_error: list[BaseException] = []
+        chunk = rnd.randbytes(STREAM_CHUNK)
+
+        def streamer() -> None:
+            period = STREAM_CHUNK / (cfg.stream_mbps * 1e6)
+            offset = 0
+            due = time.perf_counter()
+            try:
+                while not stop.is_set():
+                    os.pwrite(sfd, chunk, offset)
+                    result.stream_bytes += STREAM_CHUNK
+                    offset = (offset + STREAM_CHUNK) % STREAM_WRAP
+                    due += period
+                    stop.wait(max(0.0, due - time.perf_counter()))
+            except BaseException as e:
+                stream_error.append(e)
+
+        thread = threading.Thread(target=streamer, name="stream", daemon=True)
+        if cfg.stream_mbps > 0:
+            thread.start()
+        lat = result.latencies
+        clock = time.perf_counter
+        pwrite = os.pwrite
+        try:
+            start = now = clock()
+            end = start + cfg.seconds
+            while now < end:
+                index = rnd.randrange(cfg.hot_pages)
+                data = page_data(payloads, seq)
+                seq += 1
+                t0 = clock()
+                pwrite(fd, data, index * BLOCK)
+                now = clock()
+                lat.append(now - t0)
+                expected[index] = data
+            result.elapsed = now - start
+        finally:
+            stop.set()
+            if thread.is_alive():
+                thread.join(timeout=120)
+        if stream_error:
+            raise BenchError(f"background stream: {stream_error[0]!r}")
+        if counters:
+            after = counters()
+            result.stats = stat_delta(before, after)
+            result.stats["read_only"] = after.get("read_only", 0)
+    finally:
+        os.close(fd)
+        os.close(sfd)
+    return expected
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -468,8 +496,12 @@ def table_rows(results: list[Result]) -> list[list[str]]:
             rows.append([r.path, r.mode, "error", *["-"] * (len(TABLE_HEADER) - 3)])
             continue
         s = r.stats
-        rows.append([r.path, r.mode, num(r.rate), us(r.percentile(50)), us(r.percentile(99)),
-                     us(r.percentile(99.9)), us(r.percentile(100)), num(s["forks"]), num(s["waits"]),
+        latency = [num(r.rate), us(r.percentile(50)), us(r.percentile(99)), us(r.percentile(99.9)),
+                   us(r.percentile(100))]
+        if r.mode == FLOOR:  # no commits, no counters
+            rows.append([r.path, "pyfuse3-null", *latency, *["-"] * (len(TABLE_HEADER) - 7)])
+            continue
+        rows.append([r.path, r.mode, *latency, num(s["forks"]), num(s["waits"]),
                      f"{100 * s['waits'] / max(1, len(r.latencies)):.2f}", num(s["forked_pages_peak"]),
                      num(s["commits"])])
     return rows
@@ -478,7 +510,7 @@ def table_rows(results: list[Result]) -> list[list[str]]:
 def load_rows(results: list[Result]) -> list[list[str]]:
     rows = []
     for r in results:
-        if r.error:
+        if r.error or r.mode == FLOOR:
             continue
         s = r.stats
         commits = s["commits"] or math.nan
@@ -508,6 +540,11 @@ def goal_lines(results: list[Result], hot_pages: int) -> list[str]:
         lines.append(f"INFO: {path}: p99.9 fork {us(fork.percentile(99.9))} µs vs wait {us(wait.percentile(99.9))} µs; "
                      f"{100 * wait.stats['waits'] / max(1, len(wait.latencies)):.2f} % of wait's writes waited (a p99 "
                      "shows the waits only when more than 1 % of the writes wait)")
+        floor = by.get((path, FLOOR))
+        if floor is not None:
+            lines.append(f"INFO: {path}: a pyfuse3 filesystem that does nothing, under the same writer and stream: "
+                         f"p99 {us(floor.percentile(99))} µs, against the {us(GOAL_RATIO * wp99)} µs the goal "
+                         f"allows fork ({num(floor.rate)} writes/s)")
     for r in results:
         if r.error or r.mode != "fork":
             continue
@@ -524,7 +561,7 @@ def goal_lines(results: list[Result], hot_pages: int) -> list[str]:
         if r.notes:
             lines.append(f"NOTE: {r.path} {r.mode}: {len(r.notes)} commits forked more than their dirty hot pages "
                          f"(the only pages rewritten), e.g. {r.notes[0]}")
-        if not r.error and r.mode != "fork" and r.stats["forked_pages_peak"]:
+        if not r.error and r.mode not in ("fork", FLOOR) and r.stats["forked_pages_peak"]:
             lines.append(f"NOTE: {r.path} {r.mode}: forked_pages_peak {int(r.stats['forked_pages_peak'])} "
                          "(expected 0 without forking)")
     return lines
@@ -539,7 +576,7 @@ def write_chart(path: Path, results: list[Result], commit_interval: float) -> bo
     except ImportError:
         log("matplotlib not installed: skipping the chart (pip install matplotlib)")
         return False
-    colors = {"fork": "#1f77b4", "wait": "#d62728", "none": "#7f7f7f"}
+    colors = {"fork": "#1f77b4", "wait": "#d62728", "none": "#7f7f7f", FLOOR: "#2ca02c"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, p in zip(axes, PATHS, strict=True):
         ax.set_title({"embedded": "embedded API (trio, commits back to back)",
@@ -556,7 +593,8 @@ def write_chart(path: Path, results: list[Result], commit_interval: float) -> bo
             if idx[-1] != n - 1:
                 idx.append(n - 1)
             ax.step([data[i] for i in idx], [(i + 1) / n for i in idx], where="post", color=colors[r.mode],
-                    label=f"{r.mode} (p99 {us(r.percentile(99))} µs)")
+                    linestyle="--" if r.mode == FLOOR else "-",
+                    label=f"{'pyfuse3-null' if r.mode == FLOOR else r.mode} (p99 {us(r.percentile(99))} µs)")
             shown = True
         ax.axhline(0.99, color="black", linewidth=0.6, linestyle=":")
         ax.set_xscale("log")
@@ -592,7 +630,9 @@ def section_text(results: list[Result], cfg: Config, argv: Sequence[str], goals:
                "embedded API in one trio run, `await vol.commit_async()` back to back in one task and timed "
                "`await vol.call(vol.write, ...)` in another. *mounted*: `tux3fuse -f -o "
                f"nowriteback,stable=MODE,commit={cfg.commit_interval:g}`, timed `os.pwrite()`; every write is a "
-               "request to the daemon. Each run uses a fresh 1 GiB sparse image on local disk; after it the image "
+               "request to the daemon. *pyfuse3-null*: the mounted writer and stream on `scripts/nullfs.py "
+               "--nowriteback`, an in-memory pyfuse3 filesystem that does nothing: the floor of the mounted rows. "
+               "Each run uses a fresh 1 GiB sparse image on local disk; after it the image "
                "is checked to hold the last data written to every hot page. Counters are over the timed phase.")
     out.append("")
     out += md_table(TABLE_HEADER, table_rows(results), left=2)
@@ -637,6 +677,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--commit", type=float, default=0.01, metavar="SECONDS",
                     help="commit interval of the mount (default 0.01)")
     ap.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+    ap.add_argument("--no-floor", action="store_true",
+                    help="skip the mounted path's floor run on scripts/nullfs.py --nowriteback")
     args = ap.parse_args(argv)
     if args.hot_pages < 1:
         ap.error("--hot-pages must be at least 1")
@@ -666,12 +708,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     interrupted = False
     try:
         for path in paths:
-            for mode in args.modes:
+            modes = [*args.modes, *([FLOOR] if path == "mounted" and not args.no_floor else [])]
+            for mode in modes:
                 image = workdir / f"{path}-{mode}.img"
-                runner = run_embedded if path == "embedded" else run_mounted
                 started = time.monotonic()
                 try:
-                    r = runner(mode, cfg, image)
+                    if mode == FLOOR:
+                        r = run_floor(cfg)
+                    elif path == "embedded":
+                        r = run_embedded(mode, cfg, image)
+                    else:
+                        r = run_mounted(mode, cfg, image)
                 except (BenchError, subprocess.TimeoutExpired) as e:
                     r = Result(path, mode, error=f"{type(e).__name__}: {e}")
                     log(f"  {path:8s} {mode:4s} FAILED: {e}")

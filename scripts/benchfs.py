@@ -281,11 +281,12 @@ class NullFs(Fs):
     name = "null"
     persistent = False
 
-    def __init__(self, workdir: Path, size: str = "2G", fdatasync: bool = False) -> None:
+    def __init__(self, workdir: Path, size: str = "2G", fdatasync: bool = False, nowriteback: bool = False) -> None:
         if fdatasync:
             self.name = "null-fdatasync"
         super().__init__(workdir, size)
         self.fdatasync = fdatasync
+        self.nowriteback = nowriteback  # the kernel's writeback cache off: every write() is a request
         self.logpath = workdir / f"{self.name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -303,7 +304,7 @@ class NullFs(Fs):
 
     def _mount(self) -> None:
         args = [sys.executable, str(NULLFS), *(["--fdatasync", str(self.image)] if self.fdatasync else []),
-                str(self.mnt)]
+                *(["--nowriteback"] if self.nowriteback else []), str(self.mnt)]
         with open(self.logpath, "ab") as out:
             self.proc = proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                                 start_new_session=True)

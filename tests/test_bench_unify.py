@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+from conftest import load_script
 
-
-def _load() -> ModuleType:
-    if str(SCRIPTS) not in sys.path:
-        sys.path.insert(0, str(SCRIPTS))  # the script imports procutil and report as a script would
-    spec = importlib.util.spec_from_file_location("bench_unify", SCRIPTS / "bench_unify.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bench = _load()
+bench = load_script("bench_unify")
 
 
 def test_fsync_commit_writes_one_data_and_one_log_block_until_the_log_is_full(tmp_path: Path) -> None:
