@@ -71,7 +71,7 @@ class Device:
         self.writelog = WriteLog(writelog) if writelog else None
         # a regular image file may be sparse: see fill
         self.fill_holes = not readonly and stat.S_ISREG(os.fstat(self.fd).st_mode)
-        self.filled: set[int] = set()  # chunks known to hold no hole
+        self.filled = bytearray(-(-volblocks * blocksize // FILL_CHUNK) // 8 + 1)  # bit per chunk: no hole left
 
     def hold(self, block: int) -> tuple[threading.Event, threading.Event]:
         """Make the next write of ``block`` stop before it is issued (tests): returns (reached, release)."""
@@ -117,7 +117,8 @@ class Device:
         """
         bs = self.blocksize
         per_chunk = max(1, FILL_CHUNK // bs)
-        chunks = {block // per_chunk for block in blocks} - self.filled
+        filled = self.filled
+        chunks = {c for c in {block // per_chunk for block in blocks} if not filled[c >> 3] & (1 << (c & 7))}
         if not chunks:
             return
         written = set(blocks)
@@ -143,7 +144,7 @@ class Device:
             except OSError:  # host full, or no SEEK_HOLE here: the blocks are written all the same
                 self.fill_holes = False
                 return
-            self.filled.add(chunk)
+            filled[chunk >> 3] |= 1 << (chunk & 7)
 
     def write_blocks(self, writes: Iterable[tuple[int, bytes | bytearray | memoryview]]) -> None:
         """Write (block, data) pairs; contiguous blocks go out in one vectored write."""
