@@ -100,6 +100,29 @@ class ExtentMachine(RuleBasedStateMachine):
         if logical + n <= key + self.longest:
             assert first[0] == key, "a run contiguous in file and on disk was not merged into the extent before"
 
+    @precondition(lambda self: self.model)
+    @rule(data=st.data(), seed=st.integers(0, 1 << 30), after_prev=st.booleans())
+    def rewrite_extent(self, data: st.DataObject, seed: int, after_prev: bool) -> None:
+        """Map exactly the blocks of one extent to new places (a rewrite of a hot block): to fresh blocks, or to
+        the blocks right after the extent before it on disk, when that extent ends where this one starts."""
+        every = list(extents.extents(self.tree))
+        i = data.draw(st.integers(0, len(every) - 1), label="extent")
+        key, _, csums = every[i]
+        n = len(csums)
+        start = self.next_physical
+        merges = False
+        if after_prev and i > 0:
+            pkey, pphys, pcsums = every[i - 1]
+            live = {p for p, _ in self.model.values()}
+            candidate = pphys + len(pcsums)
+            if pkey + len(pcsums) == key and not any(p in live for p in range(candidate, candidate + n)):
+                start, merges = candidate, len(pcsums) < self.longest
+        self.next_physical = max(self.next_physical, start + n + 1)
+        self._map(key, start, n, seed)
+        if merges:
+            first = next(extents.extents(self.tree, key, key + 1))
+            assert first[0] == every[i - 1][0], "a rewrite contiguous with the extent before was not merged into it"
+
     @rule(lo=st.integers(0, 450), span=st.one_of(st.integers(0, 80), st.none()))
     def unmap(self, lo: int, span: int | None) -> None:
         hi = None if span is None else lo + span
@@ -119,6 +142,10 @@ class ExtentMachine(RuleBasedStateMachine):
             assert physical == 0 and csums == []
             assert all(index + i not in self.model for i in range(n))
             assert n == limit or index + n in self.model, "hole reported shorter than it is"
+
+    @rule(index=st.integers(0, 460))
+    def physical_at(self, index: int) -> None:
+        assert extents.physical_at(self.tree, index) == self.model.get(index, (0, 0))[0]
 
     @rule(lo=st.integers(0, 460), span=st.one_of(st.integers(0, 80), st.none()))
     def extents_in_range(self, lo: int, span: int | None) -> None:

@@ -355,6 +355,21 @@ def unpack_extent(buf: bytes) -> tuple[int, list[int]]:
     return physical, list(struct.unpack_from(f"<{count}Q", buf, _EXTENT.size))
 
 
+def extent_head(buf: bytes) -> tuple[int, int]:
+    """(physical, blocks) of an extent record, without unpacking its checksums."""
+    physical, count = _EXTENT.unpack_from(buf, 0)
+    if len(buf) != _EXTENT.size + 8 * count or count == 0:
+        raise ValueError(f"extent record of {len(buf)} bytes for {count} blocks")
+    return physical, count
+
+
+def extend_extent(buf: bytes, csums: list[int]) -> bytes:
+    """The extent record ``buf`` grown by blocks with ``csums`` (contiguous on disk after its last block)."""
+    physical, count = extent_head(buf)
+    return (_EXTENT.pack(physical, count + len(csums)) + buf[_EXTENT.size:]
+            + struct.pack(f"<{len(csums)}Q", *csums))
+
+
 def max_extent_blocks(blocksize: int) -> int:
     """Longest extent: at least two extents must fit in one leaf."""
     room = leaf_capacity(blocksize) // 2 - _LEAF_ENTRY.size - _EXTENT.size

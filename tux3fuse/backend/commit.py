@@ -275,7 +275,7 @@ class CommitJob:
         done = 0
         goal = None
         if first and run[0].index:  # continue right after the block before, so the file's extent grows in place
-            before, _, n = extents.lookup_run(tree, run[0].index - 1, 1)
+            before = extents.physical_at(tree, run[0].index - 1)
             goal = before + 1 if before else None
         while done < len(run):
             physical, count = vol.alloc.alloc_run(len(run) - done, goal)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from ..format import max_extent_blocks, pack_extent, unpack_extent
+from ..format import extend_extent, extent_head, max_extent_blocks, pack_extent, unpack_extent
 from .btree import BTree
 
 Free = Callable[[int, int], None]
@@ -50,20 +50,49 @@ def unmap(tree: BTree, lo: int, hi: int | None, free: Free) -> int:
 
 def map_run(tree: BTree, logical: int, physical: int, csums: list[int], free: Free, blocksize: int) -> int:
     """Map logical blocks [logical, logical+n) to physical blocks [physical, physical+n); return blocks dropped."""
-    dropped = unmap(tree, logical, logical + len(csums), free)
+    n = len(csums)
+    end = logical + n
+    last = tree.floor(end - 1)  # the extent starting last before the end: only it can tell whether any overlaps
+    replace = False
+    if last is None or last[0] + extent_head(last[1])[1] <= logical:
+        dropped = 0  # nothing mapped in the range (a file growing): the extent before is ``last``
+        prev = last
+    else:
+        lphys, lcount = extent_head(last[1])
+        prev = tree.floor(logical - 1) if logical else None
+        if last[0] == logical and lcount == n:  # the run replaces exactly one extent (a rewrite of its blocks)
+            free(lphys, n)
+            dropped = n
+            replace = True
+        else:
+            dropped = unmap(tree, logical, end, free)
+            if prev is not None and prev[0] + extent_head(prev[1])[1] > logical:
+                prev = tree.floor(logical - 1)  # the unmap cut it: read it again
     limit = max_extent_blocks(blocksize)
-    prev = tree.floor(logical - 1) if logical else None
     if prev is not None:  # extend the extent just before when it is contiguous on disk too
         key, value = prev
-        pphys, pcsums = unpack_extent(value)
-        if key + len(pcsums) == logical and pphys + len(pcsums) == physical and len(pcsums) < limit:
-            take = min(limit - len(pcsums), len(csums))
-            tree.insert(key, pack_extent(pphys, pcsums + csums[:take]))
+        pphys, count = extent_head(value)
+        if key + count == logical and pphys + count == physical and count < limit:
+            if replace:
+                tree.delete(logical)
+                replace = False
+            take = min(limit - count, n)
+            tree.insert(key, extend_extent(value, csums[:take]))
             logical, physical, csums = logical + take, physical + take, csums[take:]
-    while csums:
+    while csums:  # a replaced extent's key is written over by the first of these
         tree.insert(logical, pack_extent(physical, csums[:limit]))
         logical, physical, csums = logical + limit, physical + limit, csums[limit:]
     return dropped
+
+
+def physical_at(tree: BTree, index: int) -> int:
+    """The physical block behind logical block ``index``, 0 in a hole (reads no checksums)."""
+    found = tree.floor(index)
+    if found is None:
+        return 0
+    key, value = found
+    physical, count = extent_head(value)
+    return physical + index - key if index < key + count else 0
 
 
 def lookup_run(tree: BTree, index: int, limit: int) -> tuple[int, list[int], int]:
