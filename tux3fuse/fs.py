@@ -400,10 +400,10 @@ class Volume:
         same and also makes the other files durable, which group commit of many fsyncing files relies on)."""
         delta = self.deltas.current
         dirty = self.dirty_inodes.get(delta, {})
-        if self.options.fsync_ahead_bytes < 0 or not all(map(self.can_commit_ahead, only)):
+        if self.options.fsync_ahead_bytes < 0 or len(dirty) <= len(only):  # nothing else (the usual fsync)
             return False
         rest = sum(len(inode.mapping.dirty.get(delta, ())) for ino, inode in dirty.items() if ino not in only)
-        return rest * self.blocksize > self.options.fsync_ahead_bytes
+        return rest * self.blocksize > self.options.fsync_ahead_bytes and all(map(self.can_commit_ahead, only))
 
     def _split_delta(self, delta: int, only: set[int]) -> None:
         """Right after the transition of ``delta``: move the changes of every inode not in ``only`` to the delta
