@@ -87,6 +87,29 @@ def read_all(vol, name: bytes, parent: int = 1) -> bytes:
 
 
 @pytest.fixture
+def make_vol(tmp_path):
+    """make_vol(stable="fork", **options) -> an embedded volume on a fresh 32 MiB image with 4 KiB blocks, mounted;
+    unmounted at the end if still open."""
+    from tux3fuse.fs import Options, Volume
+    from tux3fuse.mkfs import mkfs as make_volume
+
+    vols = []
+
+    def make(stable: str = "fork", **options):
+        path = str(tmp_path / f"{stable}{len(vols)}.img")
+        make_volume(path, 4096, 32 << 20)
+        v = Volume(path, Options(stable=stable, **options))
+        v.mount()
+        vols.append(v)
+        return v
+
+    yield make
+    for v in vols:
+        if v.lock_fd >= 0:
+            v.unmount()
+
+
+@pytest.fixture
 def image(tmp_path) -> str:
     """A fresh 64 MiB image with 4 KiB blocks, for the embedded API."""
     from tux3fuse.mkfs import mkfs as make_volume

@@ -14,28 +14,8 @@ from tux3fuse.cache.page import CLEAN
 from tux3fuse.flusher import Flusher
 from tux3fuse.fs import Options, Volume, VolumeError
 from tux3fuse.fsck import fsck
-from tux3fuse.mkfs import mkfs
 
 BS = 4096
-
-
-@pytest.fixture
-def make_vol(tmp_path):
-    """make_vol(**options) -> a mounted volume on a fresh 32 MiB image, unmounted at the end if still open."""
-    vols = []
-
-    def make(**options) -> Volume:
-        path = str(tmp_path / f"v{len(vols)}.img")
-        mkfs(path, BS, 32 << 20)
-        v = Volume(path, Options(**options))
-        v.mount()
-        vols.append(v)
-        return v
-
-    yield make
-    for v in vols:
-        if v.lock_fd >= 0:
-            v.unmount()
 
 
 def fill(byte: int, n: int = BS) -> bytes:

@@ -10,28 +10,8 @@ import trio
 from tux3fuse.cache.fork import Action, need_fork
 from tux3fuse.cache.page import CLEAN, Page
 from tux3fuse.fs import Options, Volume, WaitFor
-from tux3fuse.mkfs import mkfs
 
 BS = 4096
-
-
-@pytest.fixture
-def make_vol(tmp_path):
-    """make_vol(stable) -> a mounted volume on a fresh 32 MiB image, unmounted at the end."""
-    vols = []
-
-    def make(stable: str = "fork", **options) -> Volume:
-        path = str(tmp_path / f"{stable}{len(vols)}.img")
-        mkfs(path, BS, 32 << 20)
-        v = Volume(path, Options(stable=stable, **options))
-        v.mount()
-        vols.append(v)
-        return v
-
-    yield make
-    for v in vols:
-        if v.lock_fd >= 0:
-            v.unmount()
 
 
 @pytest.fixture
