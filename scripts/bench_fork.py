@@ -59,7 +59,6 @@ import os
 import random
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -71,7 +70,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchfs import BenchError, NullFs, dispose
-from procutil import default_workdir, interrupt_on_signals, log, wait_until
+from procutil import default_workdir, end_process, interrupt_on_signals, log, wait_until
 from report import comma_choices, machine_info, md_table, text_table, update_section
 
 REPO = Path(__file__).resolve().parent.parent
@@ -347,17 +346,8 @@ class Daemon:
         if is_mounted(self.mnt):
             subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True, timeout=60)
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        for sig in (None, signal.SIGTERM, signal.SIGKILL):
-            if sig is not None:
-                log(f"  tux3fuse ({proc.pid}) did not exit; sending {sig.name}")
-                proc.send_signal(sig)
-            try:
-                proc.wait(timeout=30)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        if proc is not None:
+            end_process(proc, "tux3fuse")
 
 
 def run_mounted(mode: str, cfg: Config, image: Path) -> Result:

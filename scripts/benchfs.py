@@ -24,14 +24,13 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from procutil import call, log, reap_daemons, wait_until
+from procutil import call, end_process, log, reap_daemons, wait_until
 
 VENV_BIN = Path(sys.executable).parent
 NULLFS = Path(__file__).resolve().parent / "nullfs.py"
@@ -320,17 +319,9 @@ class NullFs(Fs):
         proc, self.proc = self.proc, None
         if proc is None:
             return
-        for sig in (None, signal.SIGTERM, signal.SIGKILL):
-            if sig is not None:
-                log(f"  {self.name} daemon {proc.pid} did not exit, sending {sig.name}")
-                proc.send_signal(sig)
-            try:
-                code = proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                continue
-            if code and sig is None:
-                raise BenchError(f"nullfs exited with status {code}\n{self.log_tail()}")
-            return
+        code = end_process(proc, f"{self.name} daemon")
+        if code:
+            raise BenchError(f"nullfs exited with status {code}\n{self.log_tail()}")
 
 
 class Ext4LoopFs(Fs):

@@ -140,6 +140,21 @@ def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.05)
     return True
 
 
+def end_process(proc: subprocess.Popen, what: str, timeout: float = 30) -> int | None:
+    """Wait for ``proc`` to exit; after ``timeout`` seconds send it SIGTERM, and after as long again SIGKILL. Its
+    exit status if it exited by itself, None if it had to be signalled."""
+    for sig in (None, signal.SIGTERM, signal.SIGKILL):
+        if sig is not None:
+            log(f"  {what} ({proc.pid}) did not exit; sending {sig.name}")
+            proc.send_signal(sig)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            continue
+        return code if sig is None else None
+    return None
+
+
 def daemon_pids(image: Path) -> list[int]:
     """Live (non-zombie) processes whose command line names IMAGE: the FUSE daemon serving it."""
     needle = str(image)
