@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import trio
@@ -422,4 +423,47 @@ def test_a_commit_gives_the_loop_back_only_when_the_frontend_has_work(make_vol, 
         assert frontend_turns >= 300  # the runnable task ran between every two slices
     snap = committed(vol)
     assert all(snap.read(f.ino, i * BS, BS) == fill(i % 251) for i in range(0, 600, 2))
+    snap.close_files()
+
+
+@pytest.mark.parametrize("held", [False, True])
+def test_a_commit_counts_its_first_slice_from_its_last_turn(make_vol, monkeypatch, held):
+    """Work the committing task did since it last got the loop (the stage before, the commit before) belongs to
+    the first slice: when that already used up a slice, a runnable task goes before the first prepare step."""
+    import tux3fuse.fs as fs
+    from tux3fuse.backend.commit import CommitJob
+
+    monkeypatch.setattr(fs, "PREPARE_SLICE", 0.5)  # no slice of this small commit ends by the clock
+    monkeypatch.setattr(fs, "COMMIT_YIELD", 3600.0)
+    vol = make_vol()
+    f = vol.create(1, b"f", 0o644)
+    for i in range(0, 20, 2):
+        vol.write(f.ino, i * BS, fill(i))
+    events: list[str] = []
+    real_steps = CommitJob.prepare_steps
+
+    def prepare_steps(self):
+        events.append("prepare")
+        yield from real_steps(self)
+
+    monkeypatch.setattr(CommitJob, "prepare_steps", prepare_steps)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            async def busy() -> None:  # a frontend task that is always runnable
+                while True:
+                    events.append("frontend")
+                    await trio.sleep(0)
+            nursery.start_soon(busy)
+            await trio.sleep(0)
+            events.clear()
+            # this task got the loop now, or (held) it has run for a second since it last did
+            vol.turn_started = time.perf_counter() - (1.0 if held else 0.0)
+            await vol.commit_async()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert events[0] == ("frontend" if held else "prepare")
+    snap = committed(vol)
+    assert all(snap.read(f.ino, i * BS, BS) == fill(i) for i in range(0, 20, 2))
     snap.close_files()

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tux3fuse import format as fmt
-from tux3fuse.backend.log import split_log
+from tux3fuse.backend.log import LOG_STEP, split_log, split_log_steps, write_log
 from tux3fuse.fs import Options, Volume
 from tux3fuse.fsck import fsck
 from tux3fuse.mkfs import mkfs
@@ -50,6 +50,48 @@ def test_every_record_kind_round_trips_through_log_blocks(blocksize: int) -> Non
         assert [tuple(r) for r in got] == [tuple(r) for r in recs]
 
     check()
+
+
+@given(recs=st.lists(records, max_size=300))
+@settings(max_examples=60, deadline=None, derandomize=True)
+def test_the_commit_packs_the_log_in_steps_into_the_same_blocks(recs) -> None:
+    """A commit splits and packs its log a few records per step (so the event loop is never held long); the
+    blocks are byte for byte those of packing each block's records at once, chained in order."""
+    split = split_log_steps(recs, BS)
+    steps = 0
+    while True:
+        try:
+            next(split)
+            steps += 1
+        except StopIteration as done:
+            groups = done.value
+            break
+    assert steps == len(recs) // LOG_STEP
+    assert groups == split_log(recs, BS)
+    written: dict[int, bytearray] = {}
+    blocks = iter(range(1000, 2000))
+    packing = write_log(groups, BS, 77, 9, lambda: next(blocks), written.__setitem__)
+    steps = 0
+    while True:
+        try:
+            next(packing)
+            steps += 1
+        except StopIteration as done:
+            head, chain = done.value
+            break
+    assert chain == list(range(1000, 1000 + len(groups))) and head == (chain[-1] if chain else 77)
+    assert steps == sum(-(-len(g) // LOG_STEP) + 1 for g in groups)  # every LOG_STEP records, and every block
+    prev = 77
+    for block, group in zip(chain, groups, strict=True):
+        assert written[block] == fmt.pack_log(BS, prev, group, block, 9)
+        prev = block
+
+
+def test_a_log_block_refuses_records_that_do_not_fit() -> None:
+    body = fmt.pack_log_records([(fmt.LOG_MAP, 1, 0, 5, list(range(80)))])
+    assert len(body) > fmt.log_room(512)
+    with pytest.raises(ValueError, match="do not fit"):
+        fmt.seal_log(512, 0, body, 1, 3, 1)
 
 
 def test_a_truncated_map_record_is_rejected() -> None:

@@ -242,6 +242,7 @@ class Flusher:
                 if not self.queue:
                     with trio.move_on_at(self.deadline()):
                         await self.kick.wait()
+                    self.vol.turn_started = time.perf_counter()
                     self.kick = trio.Event()
                     continue
                 if not await self._commit():
@@ -254,6 +255,7 @@ class Flusher:
         vol = self.vol
         while vol.job is not None:  # a commit started before the flusher (or by a test): let it end first
             await vol.wait_job(vol.job)
+            vol.turn_started = time.perf_counter()
         item = self.queue.pop(0)
         if vol.failed is not None or vol.readonly:
             item.finish(OSError(errno.EROFS, os.strerror(errno.EROFS)))

@@ -180,9 +180,11 @@ def delta_digest(blocks: dict[int, bytes | bytearray | memoryview]) -> int:
     return digest.value()
 
 
-def delta_blocks(records: list[tuple]) -> set[int]:
-    """Blocks a delta allocated and still holds, from its log records in order."""
-    out: set[int] = set()
+def delta_blocks(records: list[tuple], out: set[int] | None = None) -> set[int]:
+    """Blocks a delta allocated and still holds, from its log records in order (added to ``out``, which holds
+    the result of the records before these, when given)."""
+    if out is None:
+        out = set()
     for rec in records:
         code = rec[0]
         if code == LOG_ALLOC:
@@ -450,27 +452,40 @@ def log_record_size(rec: LogRecord) -> int:
     return _LOG_INO.size
 
 
-def pack_log(blocksize: int, prev: int, records: list[LogRecord], blocknr: int, delta: int) -> bytearray:
-    buf = bytearray(blocksize)
-    at = HEADER_SIZE + _LOG_HEAD.size
+def pack_log_records(records: list[LogRecord]) -> bytes:
+    """The bytes of log records, in order (the body of a log block, or part of it)."""
+    parts = []
     for rec in records:
         code = rec[0]
         if code in (LOG_ALLOC, LOG_FREE):
-            _LOG_RANGE.pack_into(buf, at, *rec)
+            parts.append(_LOG_RANGE.pack(*rec))
         elif code == LOG_INODE:
-            _LOG_INODE.pack_into(buf, at, code, rec[1], len(rec[2]))
-            buf[at + _LOG_INODE.size: at + _LOG_INODE.size + len(rec[2])] = rec[2]
+            parts.append(_LOG_INODE.pack(code, rec[1], len(rec[2])))
+            parts.append(rec[2])
         elif code == LOG_MAP:
             csums = rec[4]
-            _LOG_MAP.pack_into(buf, at, code, rec[1], rec[2], rec[3], len(csums))
-            struct.pack_into(f"<{len(csums)}Q", buf, at + _LOG_MAP.size, *csums)
+            parts.append(_LOG_MAP.pack(code, rec[1], rec[2], rec[3], len(csums)))
+            parts.append(struct.pack(f"<{len(csums)}Q", *csums))
         elif code == LOG_UNMAP:
-            _LOG_UNMAP.pack_into(buf, at, *rec)
+            parts.append(_LOG_UNMAP.pack(*rec))
         else:
-            _LOG_INO.pack_into(buf, at, *rec)
-        at += log_record_size(rec)
-    _LOG_HEAD.pack_into(buf, HEADER_SIZE, prev, at - HEADER_SIZE - _LOG_HEAD.size)
-    return seal(buf, KIND_LOG, 0, len(records), blocknr, delta)
+            parts.append(_LOG_INO.pack(*rec))
+    return b"".join(parts)
+
+
+def seal_log(blocksize: int, prev: int, body: bytes, count: int, blocknr: int, delta: int) -> bytearray:
+    """A log block holding ``count`` records packed as ``body`` (``pack_log_records``), chained after ``prev``."""
+    at = HEADER_SIZE + _LOG_HEAD.size
+    if at + len(body) > blocksize:
+        raise ValueError(f"{len(body)} bytes of log records do not fit a block of {blocksize}")
+    buf = bytearray(blocksize)
+    buf[at: at + len(body)] = body
+    _LOG_HEAD.pack_into(buf, HEADER_SIZE, prev, len(body))
+    return seal(buf, KIND_LOG, 0, count, blocknr, delta)
+
+
+def pack_log(blocksize: int, prev: int, records: list[LogRecord], blocknr: int, delta: int) -> bytearray:
+    return seal_log(blocksize, prev, pack_log_records(records), len(records), blocknr, delta)
 
 
 def unpack_log(buf: bytes | bytearray, count: int) -> tuple[int, list[LogRecord]]:

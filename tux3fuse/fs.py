@@ -43,7 +43,7 @@ DT_OF_MODE = {stat.S_IFREG: fmt.DT_REG, stat.S_IFDIR: fmt.DT_DIR, stat.S_IFCHR: 
               stat.S_IFLNK: fmt.DT_LNK}
 MAX_FILE_SIZE = 1 << 50  # logical blocks must fit the 48-bit range of the format at any block size
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
-PREPARE_SLICE = 0.00005  # seconds: the longest a commit's prepare or complete stage holds the event loop at once
+PREPARE_SLICE = 0.00002  # seconds: the longest a commit's prepare or complete stage holds the event loop at once
 URGENT_SLICE = 0.0002  # seconds: the same for a commit that an fsync waits for
 COMMIT_YIELD = 0.001  # seconds: a commit passes through the scheduler at least this often, even with no request
 
@@ -84,6 +84,12 @@ class Attr:
 
 def _nothing_pending() -> bool:
     return False
+
+
+def _checked(steps: Iterator[None]) -> Iterator[None]:
+    """A stage's steps with a boundary before the first one as well: the caller checks its slice at each."""
+    yield
+    yield from steps
 
 
 class RunnableTasks:
@@ -143,6 +149,10 @@ class Volume:
         # True when a request waits that no task has picked up yet (the FUSE daemon polls /dev/fuse); a commit's
         # slices then let the frontend go first
         self.frontend_pending: Callable[[], bool] = _nothing_pending
+        # when the task that runs commits last got the event loop back (perf_counter): whoever makes it wait sets
+        # this when it resumes, and a commit's first slice counts from it
+        self.turn_started = 0.0
+        self.io_thread = None  # backend.iothread.IOThread for the writes of commits nobody waits for, once needed
         self.touch_after = 1.0  # seconds: a re-dirtied inode moves to its list's tail at most this often
         self.failed: str | None = None
         try:
@@ -229,6 +239,9 @@ class Volume:
         self.commit(unify=True, state=fmt.STATE_CLEAN)
 
     def close_files(self) -> None:
+        if getattr(self, "io_thread", None) is not None:
+            self.io_thread.close()
+            self.io_thread = None
         if getattr(self, "dev", None) is not None:
             self.dev.close()
         if self.lock_fd >= 0:
@@ -298,6 +311,7 @@ class Volume:
 
         while self.job is not None:
             await self.wait_job(self.job)
+            self.turn_started = time.perf_counter()
         if only is not None and not self.commit_ahead_pays(only):
             only = None
         urgent = inline_small if urgent is None else urgent
@@ -310,8 +324,16 @@ class Volume:
                 prepared = clock()
                 if inline_small and len(job.writes) <= self.options.inline_commit_blocks:
                     job.write()  # someone waits for this small commit: a thread hop costs more than it saves
-                else:
+                elif urgent:  # someone waits: a worker thread at the process's priority
                     await trio.to_thread.run_sync(job.write)
+                    self.turn_started = clock()
+                else:  # nobody waits: the low-priority I/O thread, which never takes the CPU from requests
+                    if self.io_thread is None:
+                        from .backend.iothread import IOThread
+
+                        self.io_thread = IOThread()
+                    await self.io_thread.run(job.write)
+                    self.turn_started = clock()
                 self.counters["commit_prepare_seconds"] += prepared - started
                 self.counters["commit_write_seconds"] += clock() - prepared
             except Exception as e:
@@ -331,7 +353,8 @@ class Volume:
     async def _sliced(self, steps: Iterator[None], urgent: bool = False) -> float:
         """Run a commit stage's steps on the event loop in slices of about ``PREPARE_SLICE`` (``URGENT_SLICE``
         when someone waits for the commit), letting the frontend go first between two slices when it has work;
-        return the longest the loop was held at once."""
+        return the longest the loop was held at once. The first slice counts from the task's last turn
+        (``turn_started``), so the work between two stages, and between two commits, is part of a slice too."""
         import trio
 
         clock = time.perf_counter
@@ -340,10 +363,11 @@ class Volume:
         # the instrument is added at the first slice boundary, so a stage shorter than a slice costs the frontend
         # nothing; tasks runnable before it was added are unknown to it, so that boundary always yields
         runnable: RunnableTasks | None = None
-        last = yielded = clock()
+        last = yielded = max(self.turn_started, clock() - length)  # a turn of unknown start: one whole slice
         hold = 0.0
+        counters = self.counters
         try:
-            for _ in steps:
+            for _ in _checked(steps):
                 if (now := clock()) - last >= length:
                     if runnable is None:
                         runnable = RunnableTasks()
@@ -353,17 +377,19 @@ class Volume:
                         go = bool(runnable.tasks) or pending() or now - yielded >= COMMIT_YIELD
                     if go:
                         hold = max(hold, now - yielded)
+                        counters["commit_loop_seconds"] += now - yielded
                         await self._frontend_first()
-                        last = yielded = clock()
+                        last = yielded = self.turn_started
                     else:  # nobody waits for the loop: go on without a trip through the scheduler
                         last = now
-            return max(hold, clock() - yielded)
+            now = clock()
+            counters["commit_loop_seconds"] += now - yielded
+            return max(hold, now - yielded)
         finally:
             if runnable is not None:
                 trio.lowlevel.remove_instrument(runnable)
 
-    @staticmethod
-    async def _frontend_first() -> None:
+    async def _frontend_first(self) -> None:
         """Between two slices of a commit: one turn for every task that is runnable, requests first. The first
         checkpoint lets the loop poll for requests and wake their tasks; the second lets those tasks run even when
         the scheduler puts this task first in their batch. Tasks that stay runnable get no second turn before the
@@ -372,6 +398,7 @@ class Volume:
 
         await trio.sleep(0)
         await trio.sleep(0)
+        self.turn_started = time.perf_counter()
 
     async def wait_job(self, job: CommitJob) -> None:
         import trio

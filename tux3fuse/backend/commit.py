@@ -30,13 +30,14 @@ from .. import format as fmt
 from ..cache.page import CLEAN, Page
 from ..format import checksum
 from . import extents
-from .log import bitmap_block, split_log, write_log
+from .log import bitmap_block, split_log_steps, write_log
 
 if TYPE_CHECKING:
     from ..fs import Volume
     from ..inode import Inode
 
 
+PROOF_STEP = 32  # log records or blocks the delta digest takes between two yields
 RUN_PAGES = 32  # pages written and mapped in one step of the prepare stage (runs on disk still merge into extents)
 
 
@@ -109,7 +110,7 @@ class CommitJob:
         sb = vol.sb
         vol.deltas_since_unify += 1
         records = vol.alloc.take_records() + self.records
-        groups = split_log(records, vol.blocksize)
+        groups = yield from split_log_steps(records, vol.blocksize)
         log_blocks = len(groups)
         yield
         if (self.unify or (vol.deltas_since_unify >= vol.unify_deltas and not self.urgent)
@@ -143,14 +144,19 @@ class CommitJob:
         if self.vol.stable == "none":  # blocks changed during I/O would fail the proof and roll the delta back;
             return 0  # with two flushes they stay on disk, and their checksums show them torn
         written = dict(self.writes)
-        named = fmt.delta_blocks(records) | set(log_blocks)
         yield
+        named: set[int] = set()
+        for at in range(0, len(records), PROOF_STEP):
+            fmt.delta_blocks(records[at: at + PROOF_STEP], named)
+            yield
+        named.update(log_blocks)
         if named != written.keys():
             return 0
+        yield
         digest = fmt.DeltaDigest()
         for i, block in enumerate(sorted(written)):
             digest.add(block, written[block])
-            if i % 32 == 31:
+            if i % PROOF_STEP == PROOF_STEP - 1:
                 yield
         yield
         return digest.value()
@@ -214,6 +220,7 @@ class CommitJob:
         end = -(-size // vol.blocksize)
         run: list[Page] = []
         first = True
+        yield  # the pages not written yet are still dirty for this delta: a write to one forks it
         for index in sorted(pages):
             page = pages[index]
             if index >= end:  # past the size of this delta: nothing to write
@@ -355,7 +362,7 @@ class CommitJob:
         """All of stage 3 at once."""
         deque(self.complete_steps(), maxlen=0)
 
-    def complete_steps(self, step: int = 64) -> Iterator[None]:
+    def complete_steps(self, step: int = 32) -> Iterator[None]:
         """Stage 3 as a generator that yields every ``step`` pages, so that the frontend gets turns while a large
         delta completes. Until the last step the job stays in flight: a page not yet completed is still under
         writeback (a write to it forks), one completed is clean, and no new commit can start."""
@@ -378,7 +385,7 @@ class CommitJob:
         for inode, pages in done.values():
             inode.mapping.mark_clean_many(pages)
         if not self.empty:
-            yield from vol.alloc.release_pending_steps()
+            yield from vol.alloc.release_pending_steps(16)
         for inode in self.inodes:
             inode.committed(self.delta)
         vol.deltas.committed_to(self.delta)

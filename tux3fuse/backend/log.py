@@ -17,7 +17,7 @@ Guarantees:
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from .. import format as fmt
 from ..alloc import Allocator
@@ -26,31 +26,58 @@ from . import extents
 if TYPE_CHECKING:
     from ..fs import Volume
 
+T = TypeVar("T")
+
+
+LOG_STEP = 32  # records split or packed between two yields of a commit's prepare stage
+
 
 def split_log(records: list[fmt.LogRecord], blocksize: int) -> list[list[fmt.LogRecord]]:
     """Records grouped into log blocks, in order."""
+    return run_steps(split_log_steps(records, blocksize))
+
+
+def split_log_steps(records: list[fmt.LogRecord], blocksize: int
+                    ) -> Generator[None, None, list[list[fmt.LogRecord]]]:
+    """``split_log`` yielding every ``LOG_STEP`` records."""
     room = fmt.log_room(blocksize)
+    size_of = fmt.log_record_size
     blocks: list[list[fmt.LogRecord]] = []
     used = room
-    for rec in records:
-        size = fmt.log_record_size(rec)
+    for i, rec in enumerate(records):
+        size = size_of(rec)
         if used + size > room:
             blocks.append([])
             used = 0
         blocks[-1].append(rec)
         used += size
+        if i % LOG_STEP == LOG_STEP - 1:
+            yield
     return blocks
+
+
+def run_steps(steps: Generator[None, None, T]) -> T:
+    """Run a step generator to its end and return its value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 def write_log(groups: list[list[fmt.LogRecord]], blocksize: int, head: int, delta: int,
               alloc_block: Callable[[], int], write: Callable[[int, bytearray], None]
               ) -> Generator[None, None, tuple[int, list[int]]]:
-    """Write record groups (from ``split_log``) into new log blocks chained after ``head``, yielding after each
-    block; return (new head, blocks written)."""
+    """Write record groups (from ``split_log``) into new log blocks chained after ``head``, yielding every
+    ``LOG_STEP`` records packed and after each block; return (new head, blocks written)."""
     written = []
     for group in groups:
+        parts = []
+        for at in range(0, len(group), LOG_STEP):
+            parts.append(fmt.pack_log_records(group[at: at + LOG_STEP]))
+            yield
         block = alloc_block()
-        write(block, fmt.pack_log(blocksize, head, group, block, delta))
+        write(block, fmt.seal_log(blocksize, head, b"".join(parts), len(group), block, delta))
         written.append(block)
         head = block
         yield
