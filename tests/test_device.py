@@ -120,3 +120,38 @@ def test_a_read_only_device_never_fills(tmp_path):
     path = str(tmp_path / "img")
     sparse_image(path)
     assert not Device(path, BS, VOLBLOCKS, readonly=True).fill_holes
+
+
+def test_no_write_system_call_carries_more_than_a_piece(tmp_path, monkeypatch):
+    """Data runs and hole fills are cut into writes of at most WRITE_PIECE bytes (a long write would hold a CPU
+    in the kernel), and every block still lands where it belongs."""
+    monkeypatch.setattr(device, "WRITE_PIECE", 3 * BS)
+    monkeypatch.setattr(device, "FILL_CHUNK", CHUNK_BLOCKS * BS)
+    path = str(tmp_path / "img")
+    sparse_image(path)
+    dev = Device(path, BS, VOLBLOCKS)
+    sizes: list[int] = []
+    real_pwrite, real_pwritev = os.pwrite, os.pwritev
+
+    def pwrite(fd, data, offset):
+        sizes.append(len(data))
+        return real_pwrite(fd, data, offset)
+
+    def pwritev(fd, bufs, offset):
+        sizes.append(sum(len(b) for b in bufs))
+        return real_pwritev(fd, bufs, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    batch = {b: b % 251 + 1 for b in [*range(5, 45), 70, 71, 100]}
+    dev.write_blocks([(b, block(byte)) for b, byte in batch.items()])
+    monkeypatch.undo()
+    dev.flush()
+    assert sizes and max(sizes) <= 3 * BS
+    assert dev.stats.fill_bytes > 0  # the holes around the blocks were filled, in pieces too
+    for b in range(VOLBLOCKS):
+        assert dev.read_block(b) == block(batch.get(b, 0)), f"block {b}"
+    for chunk in {b // CHUNK_BLOCKS for b in batch}:
+        start = chunk * CHUNK_BLOCKS * BS
+        assert holes(dev.fd, start, start + CHUNK_BLOCKS * BS) == []
+    dev.close()
