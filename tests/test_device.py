@@ -155,3 +155,44 @@ def test_no_write_system_call_carries_more_than_a_piece(tmp_path, monkeypatch):
         start = chunk * CHUNK_BLOCKS * BS
         assert holes(dev.fd, start, start + CHUNK_BLOCKS * BS) == []
     dev.close()
+
+
+def test_a_held_block_stops_its_run_there_and_the_rest_follows_on_release(tmp_path):
+    """The hold a test puts on one block of a run: the blocks before it are on the image when the hold is
+    reached, the held block and those after it only once it is released."""
+    import threading
+
+    path = str(tmp_path / "img")
+    sparse_image(path)
+    dev = Device(path, BS, VOLBLOCKS)
+    batch = {b: b + 1 for b in range(10, 20)}
+    reached, release = dev.hold(14)
+    writer = threading.Thread(target=dev.write_blocks, args=([(b, block(x)) for b, x in batch.items()],))
+    writer.start()
+    assert reached.wait(10)
+    assert [dev.read_block(b) == block(batch[b]) for b in range(10, 20)] == [True] * 4 + [False] * 6
+    release.set()
+    writer.join(10)
+    assert all(dev.read_block(b) == block(batch[b]) for b in batch) and not dev.holds
+    dev.close()
+
+
+def test_planning_checks_every_block_and_yields_as_it_goes(tmp_path):
+    path = str(tmp_path / "img")
+    sparse_image(path)
+    dev = Device(path, BS, VOLBLOCKS)
+    writes = [(b, block(1)) for b in range(0, 100, 2)]
+    steps = dev.plan_steps(writes, step=8)
+    yields = 0
+    while True:
+        try:
+            next(steps)
+            yields += 1
+        except StopIteration as done:
+            plan = done.value
+            break
+    assert yields == len(writes) // 8
+    assert [start for start, _ in plan.runs] == list(range(0, 100, 2))
+    with pytest.raises(device.OutOfRange):
+        dev.plan([(5, block(1)), (VOLBLOCKS, block(1))])
+    dev.close()

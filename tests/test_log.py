@@ -254,6 +254,7 @@ def test_a_superblock_whose_log_block_is_missing_falls_back_to_the_delta_before(
     assert vol.sb.delta_csum  # a one-flush commit: the superblock proves the delta's blocks
     log_block = vol.sb.log_head
     job.writes = [w for w in job.writes if w[0] != log_block]  # the log block is lost in the crash
+    job.plan = vol.dev.plan(job.writes)
     job.write()
     crash(vol)
     vol = opened(image)

@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 import stat
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 
 from .writelog import WriteLog
+
+Buffer = bytes | bytearray | memoryview
 
 IOV_MAX = 1024
 # bytes: the most one write system call carries. The kernel may run a system call to its end before it switches
@@ -42,16 +44,27 @@ class IOStats:
     fill_bytes: int = 0  # zeros written into holes of a sparse image (``Device.fill``)
 
 
-def _uncovered(first: int, last: int, written: set[int]) -> Iterator[tuple[int, int]]:
-    """The ranges [b0, b1) of blocks in [first, last) that are not in ``written``."""
+def _uncovered(first: int, last: int, written: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """The ranges [b0, b1) of blocks in [first, last) that the sorted, disjoint ranges ``written`` leave out."""
     b0 = first
-    for b in range(first, last):
-        if b in written:
-            if b > b0:
-                yield b0, b
-            b0 = b + 1
+    for lo, hi in written:
+        if hi <= b0:
+            continue
+        if lo >= last:
+            break
+        if lo > b0:
+            yield b0, lo
+        b0 = max(b0, hi)
     if last > b0:
         yield b0, last
+
+
+@dataclass
+class WritePlan:
+    """What ``Device.write_plan`` issues: vectored writes of contiguous runs, after filling the holes of chunks."""
+
+    runs: list[tuple[int, list[Buffer]]]  # (first block, buffers): at most Device.run_max blocks each
+    fill: list[tuple[int, list[tuple[int, int]]]]  # (chunk, block ranges written in it), chunks not filled yet
 
 
 def image_size(fd: int) -> int:
@@ -114,8 +127,85 @@ class Device:
             data = data.ljust(n, b"\0")
         return data
 
-    def fill(self, blocks: list[int]) -> None:
-        """Write zeros into the holes of the image chunks around ``blocks`` that those blocks do not cover.
+    def plan_steps(self, writes: list[tuple[int, Buffer]], step: int = 64) -> Generator[None, None, WritePlan]:
+        """The system calls that write ``writes`` ((block, data) pairs sorted by block): vectored writes of
+        contiguous runs of at most ``run_max`` blocks, and the chunks whose holes to fill first. A step generator
+        yielding every ``step`` pairs: a commit plans on the event loop, so that its I/O thread, which shares the
+        interpreter lock with the loop, runs little more than the system calls."""
+        runs: list[tuple[int, list[Buffer]]] = []
+        spans: list[list[int]] = []  # contiguous ranges [first, end) of blocks written
+        run_start, run = -1, []
+        for i, (block, data) in enumerate(writes):
+            self._check(block)
+            if run and (block != run_start + len(run) or len(run) >= self.run_max):
+                runs.append((run_start, run))
+                run = []
+            if not run:
+                run_start = block
+            run.append(data)
+            if spans and spans[-1][1] == block:
+                spans[-1][1] = block + 1
+            elif not spans or spans[-1][1] < block:
+                spans.append([block, block + 1])
+            if i % step == step - 1:
+                yield
+        if run:
+            runs.append((run_start, run))
+        return WritePlan(runs, self._fill_plan(spans) if self.fill_holes else [])
+
+    def plan(self, writes: list[tuple[int, Buffer]]) -> WritePlan:
+        steps = self.plan_steps(writes)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def _fill_plan(self, spans: list[list[int]]) -> list[tuple[int, list[tuple[int, int]]]]:
+        """The chunks around ``spans`` that may still hold holes, each with the spans (clipped to it) that the
+        batch writes there."""
+        per_chunk = max(1, FILL_CHUNK // self.blocksize)
+        filled = self.filled
+        chunks: dict[int, list[tuple[int, int]]] = {}
+        for first, end in spans:
+            for chunk in range(first // per_chunk, (end - 1) // per_chunk + 1):
+                if not filled[chunk >> 3] & (1 << (chunk & 7)):
+                    lo = chunk * per_chunk
+                    chunks.setdefault(chunk, []).append((max(first, lo), min(end, lo + per_chunk)))
+        return sorted(chunks.items())
+
+    def write_blocks(self, writes: Iterable[tuple[int, Buffer]]) -> None:
+        """Write (block, data) pairs; contiguous blocks go out in one vectored write."""
+        self.write_plan(self.plan(sorted(writes, key=lambda w: w[0])))
+
+    def write_plan(self, plan: WritePlan) -> None:
+        """Fill the planned holes, then issue the planned writes."""
+        if self.fill_holes and plan.fill:
+            self.fill(plan.fill)
+        holds = self.holds
+        for start, bufs in plan.runs:
+            if holds and any(start <= b < start + len(bufs) for b in holds):
+                self._write_holding(start, bufs)
+            else:
+                self._pwritev(start, bufs)
+
+    def _write_holding(self, start: int, bufs: list[Buffer]) -> None:
+        """A run with a block that a test holds: write what comes before it, stop until released, go on."""
+        at = 0
+        for i in range(len(bufs)):
+            hold = self.holds.pop(start + i, None)
+            if hold is not None:
+                if i > at:
+                    self._pwritev(start + at, bufs[at:i])
+                at = i
+                reached, release = hold
+                reached.set()
+                release.wait()
+        self._pwritev(start + at, bufs[at:])
+
+    def fill(self, chunks: list[tuple[int, list[tuple[int, int]]]]) -> None:
+        """Write zeros into the holes of the image ``chunks`` (from ``plan``) that the blocks written there do
+        not cover.
 
         A block written into a hole of a sparse image file makes the host filesystem allocate it, and the next
         flush must then commit the host's journal as well: on ext4 that doubles the cost of an fdatasync. Filling
@@ -125,12 +215,10 @@ class Device:
         bs = self.blocksize
         per_chunk = max(1, FILL_CHUNK // bs)
         filled = self.filled
-        chunks = {c for c in {block // per_chunk for block in blocks} if not filled[c >> 3] & (1 << (c & 7))}
-        if not chunks:
-            return
-        written = set(blocks)
         end_of_image = self.volblocks * bs
-        for chunk in sorted(chunks):
+        for chunk, written in chunks:
+            if filled[chunk >> 3] & (1 << (chunk & 7)):
+                continue
             start, end = chunk * per_chunk * bs, min((chunk + 1) * per_chunk * bs, end_of_image)
             try:
                 at = start
@@ -145,39 +233,15 @@ class Device:
                     data = min(data, end)
                     first, last = -(-hole // bs), data // bs  # whole blocks of the hole
                     for b0, b1 in _uncovered(first, last, written):
-                        for at in range(b0 * bs, b1 * bs, WRITE_PIECE):
-                            n = min(WRITE_PIECE, b1 * bs - at)
-                            os.pwrite(self.fd, _ZEROS[:n], at)
+                        for at_byte in range(b0 * bs, b1 * bs, WRITE_PIECE):
+                            n = min(WRITE_PIECE, b1 * bs - at_byte)
+                            os.pwrite(self.fd, _ZEROS[:n], at_byte)
                         self.stats.fill_bytes += (b1 - b0) * bs
                     at = data
             except OSError:  # host full, or no SEEK_HOLE here: the blocks are written all the same
                 self.fill_holes = False
                 return
             filled[chunk >> 3] |= 1 << (chunk & 7)
-
-    def write_blocks(self, writes: Iterable[tuple[int, bytes | bytearray | memoryview]]) -> None:
-        """Write (block, data) pairs; contiguous blocks go out in one vectored write."""
-        writes = sorted(writes, key=lambda w: w[0])
-        if self.fill_holes and writes:
-            self.fill([block for block, _ in writes])
-        run_start, run = -1, []
-        for block, data in writes:
-            self._check(block)
-            if self.holds and block in self.holds:  # a test holds this block in flight
-                if run:
-                    self._pwritev(run_start, run)
-                    run = []
-                reached, release = self.holds.pop(block)
-                reached.set()
-                release.wait()
-            if run and (block != run_start + len(run) or len(run) >= self.run_max):
-                self._pwritev(run_start, run)
-                run = []
-            if not run:
-                run_start = block
-            run.append(data)
-        if run:
-            self._pwritev(run_start, run)
 
     def _pwritev(self, block: int, bufs: list) -> None:
         offset = block * self.blocksize

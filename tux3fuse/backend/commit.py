@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from .. import format as fmt
 from ..cache.page import CLEAN, Page
+from ..device import WritePlan
 from ..format import checksum
 from . import extents
 from .log import bitmap_block, split_log_steps, write_log
@@ -54,6 +55,7 @@ class CommitJob:
         self.inodes: list[Inode] = []
         self.super_bytes = b""
         self.cursor = 0  # writes done so far
+        self.plan: WritePlan | None = None  # the system calls of stage 2, made in stage 1 (on the event loop)
         self.empty = False
         self.begun = False
         self.dirty: dict[int, Inode] = {}
@@ -134,6 +136,8 @@ class CommitJob:
         self.super_bytes = sb.pack()
         vol.writes = []
         self.writes.sort(key=lambda w: w[0])
+        yield
+        self.plan = yield from vol.dev.plan_steps(self.writes)
 
     def _proof(self, records: list[tuple[int, int, int]], log_blocks: list[int]) -> Iterator[None]:
         """The digest that lets the superblock go out with the delta's blocks under one flush: a mount checks
@@ -353,7 +357,11 @@ class CommitJob:
         """All of stage 2 (blocking: run it in a worker thread)."""
         if self.empty:
             return
-        self.write_some(len(self.writes))
+        if self.plan is not None and self.cursor == 0:
+            self.vol.dev.write_plan(self.plan)
+            self.cursor = len(self.writes)
+        else:
+            self.write_some(len(self.writes))
         self.write_super()
 
     # -- stage 3 ---------------------------------------------------------------------------------------------------
