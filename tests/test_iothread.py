@@ -126,11 +126,14 @@ def test_close_ends_the_thread_and_a_later_run_starts_a_new_one():
     assert second is not first and not second.is_alive()
 
 
-@pytest.mark.parametrize("urgent", [False, True])
-def test_commits_nobody_waits_for_write_at_low_priority_the_others_at_normal(make_vol, monkeypatch, urgent):
+@pytest.mark.parametrize("stable, urgent, low", [("fork", False, True), ("none", False, True), ("fork", True, False),
+                                                ("wait", False, False)])
+def test_commits_nobody_waits_for_write_at_low_priority_the_others_at_normal(make_vol, monkeypatch, stable, urgent,
+                                                                            low):
     """A periodic or background commit writes in the I/O thread at nice 19; a commit someone waits for (urgent,
-    too large to write on the loop) writes in a worker thread at the process's priority. Both reach the image."""
-    vol = make_vol()
+    too large to write on the loop) writes in a worker thread at the process's priority, and so does every commit
+    with stable=wait, where any writer may wait for the I/O. All reach the image."""
+    vol = make_vol(stable)
     f = vol.create(1, b"f", 0o644)
     data = bytes(range(256)) * (64 * BS // 256)
     vol.write(f.ino, 0, data)  # 64 blocks: more than a commit writes on the loop
@@ -148,7 +151,7 @@ def test_commits_nobody_waits_for_write_at_low_priority_the_others_at_normal(mak
     assert len(seen) == 1
     ident, nice = seen[0]
     assert ident != main
-    assert nice == (process_nice if urgent else iothread.NICE)
+    assert nice == (iothread.NICE if low else process_nice)
     vol.unmount()
     from tux3fuse.fs import Options, Volume
 

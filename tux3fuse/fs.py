@@ -324,7 +324,8 @@ class Volume:
                 prepared = clock()
                 if inline_small and len(job.writes) <= self.options.inline_commit_blocks:
                     job.write()  # someone waits for this small commit: a thread hop costs more than it saves
-                elif urgent:  # someone waits: a worker thread at the process's priority
+                elif urgent or self.stable == WAIT:  # someone waits (with stable pages, any writer may: as
+                    # Linux's writeback, the I/O then runs at the process's priority), in a worker thread
                     await trio.to_thread.run_sync(job.write)
                     self.turn_started = clock()
                 else:  # nobody waits: the low-priority I/O thread, which never takes the CPU from requests
