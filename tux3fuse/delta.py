@@ -7,9 +7,6 @@ per transition and are committed in order.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 
 class Deltas:
     def __init__(self, committed: int) -> None:
@@ -17,14 +14,16 @@ class Deltas:
         self.current = committed + 1  # the delta the frontend changes
         self.pins = 0
 
-    @contextmanager
-    def change(self) -> Iterator[int]:
-        """Pin the current delta for one frontend change; yields its number."""
+    def change(self) -> Deltas:
+        """Pin the current delta for one frontend change: ``with deltas.change() as delta`` (its number)."""
+        return self
+
+    def __enter__(self) -> int:
         self.pins += 1
-        try:
-            yield self.current
-        finally:
-            self.pins -= 1
+        return self.current
+
+    def __exit__(self, *exc: object) -> None:
+        self.pins -= 1
 
     def transition(self) -> int:
         """Make a new delta current; return the number of the one handed to the backend."""

@@ -176,6 +176,7 @@ class Volume:
         sb = read_super(fd, self.path)
         self.sb = sb
         self.blocksize = bs = sb.blocksize
+        self.leaf_capacity = fmt.leaf_capacity(bs)  # bytes of entries one btree leaf holds
         self.dev = Device(self.path, bs, sb.volblocks, self.readonly, self.options.writelog)
         self.counters: Counter[str] = Counter()
         for key in ("forks", "data_forks", "dir_forks", "attr_forks", "waits", "commits", "blocks_written",
@@ -676,7 +677,7 @@ class Volume:
 
     def _meta_estimate(self, dirty_pages: int, dirty_inodes: int) -> int:
         """Blocks a commit may need for metadata beyond the data blocks (a generous upper bound)."""
-        leaf = fmt.leaf_capacity(self.blocksize)
+        leaf = self.leaf_capacity
         return 16 + 12 * dirty_inodes + (dirty_pages * 64) // leaf + (dirty_inodes * 160) // leaf
 
     def _dirty_reservation(self) -> int:
