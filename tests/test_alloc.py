@@ -226,3 +226,52 @@ def test_oversized_bitmap_never_hands_out_blocks_past_the_volume() -> None:
     a = Allocator(10, 64, bytearray(8))  # e.g. a whole bitmap block's worth of bits for a 10-block volume
     start, count = a.alloc_run(1, goal=20)
     assert start + count <= 10
+
+
+@pytest.mark.parametrize("fragmented", [False, True])
+def test_a_commit_places_an_inodes_scattered_pages_with_one_allocation(make_vol, monkeypatch, fragmented):
+    """The dirty pages of one file get their blocks from one allocation, in file order, contiguous when the free
+    space is; when it is fragmented, the allocation goes on where the last one stopped, and every page still gets
+    exactly one block."""
+    from tux3fuse.fs import Options, Volume
+
+    bs = 4096
+    vol = make_vol()
+    f = vol.create(1, b"f", 0o644)
+    vol.write(f.ino, 0, bytes(64 * bs))
+    vol.commit()
+    if fragmented:  # every third block after the allocation cursor is taken
+        for b in range(vol.alloc.goal, vol.alloc.goal + 60, 3):
+            if not bit(vol.alloc.bits, b):
+                vol.alloc.mark_used(b, 1)
+    pages = [3, 7, 8, 9, 20, 41, 42, 63]
+    for i in pages:
+        vol.write(f.ino, i * bs, bytes([i + 1]) * bs)
+    calls = []
+    real = Allocator.alloc_run
+
+    def alloc_run(self, want, goal=None, meta=False):
+        got = real(self, want, goal, meta)
+        if not meta:
+            calls.append(got)
+        return got
+
+    monkeypatch.setattr(Allocator, "alloc_run", alloc_run)
+    job = vol.start_commit()
+    data_blocks = [b for b, _ in job.writes if any(b in range(s, s + n) for s, n in calls)]
+    assert len(data_blocks) == len(pages) == sum(n for _, n in calls)
+    if fragmented:
+        assert len(calls) > 1 and all(n <= 2 for _, n in calls)
+    else:
+        assert len(calls) == 1
+        assert data_blocks == list(range(data_blocks[0], data_blocks[0] + len(pages)))
+    job.write()
+    job.complete()
+    vol.unmount()
+    again = Volume(vol.path, Options(readonly=True))
+    try:
+        ino = again.lookup(1, b"f").ino
+        for i in range(64):
+            assert again.read(ino, i * bs, bs) == (bytes([i + 1]) * bs if i in pages else bytes(bs)), i
+    finally:
+        again.close_files()

@@ -56,6 +56,8 @@ class CommitJob:
         self.super_bytes = b""
         self.cursor = 0  # writes done so far
         self.plan: WritePlan | None = None  # the system calls of stage 2, made in stage 1 (on the event loop)
+        self.span = [0, 0]  # blocks allocated for the inode being flushed and not given to a page yet: first, count
+        self.unplaced = 0  # pages of that inode not given a block yet
         self.empty = False
         self.begun = False
         self.dirty: dict[int, Inode] = {}
@@ -224,6 +226,7 @@ class CommitJob:
         end = -(-size // vol.blocksize)
         run: list[Page] = []
         first = True
+        self.unplaced = sum(1 for index in pages if index < end)  # pages of this inode still without a block
         yield  # the pages not written yet are still dirty for this delta: a write to one forks it
         for index in sorted(pages):
             page = pages[index]
@@ -238,6 +241,7 @@ class CommitJob:
             run.append(page)
         if run:
             blocks += self._write_run(inode, size, tree, run, changes, first)
+        assert not self.span[1] and not self.unplaced, "blocks allocated for an inode and left unused"
         if changes:
             vol.unflushed[inode.ino] = inode  # its extent tree has changes the next unify writes
             vol.unify_nodes += tree.dirty_nodes - nodes_before
@@ -274,7 +278,9 @@ class CommitJob:
                    first: bool) -> int:
         """Allocate, checksum and map one run of contiguous dirty pages. The inode's first run of the delta goes
         right after the block before it on disk when it can (a file written at its end stays contiguous); later
-        runs follow the one before, so a delta's scattered pages of one file land together in file order."""
+        runs follow the one before, so a delta's scattered pages of one file land together in file order. The
+        blocks come from one allocation for all of the inode's pages (``span``), so a scattered rewrite costs one
+        search of the bitmap, not one per page."""
         vol = self.vol
         bs = vol.blocksize
         last = run[-1]
@@ -289,8 +295,13 @@ class CommitJob:
             before = extents.physical_at(tree, run[0].index - 1)
             goal = before + 1 if before else None
         while done < len(run):
-            physical, count = vol.alloc.alloc_run(len(run) - done, goal)
+            if not self.span[1]:  # one allocation for all the inode's pages left, when the space allows
+                self.span = list(vol.alloc.alloc_run(max(self.unplaced, len(run) - done), goal))
             goal = None
+            physical = self.span[0]
+            count = min(self.span[1], len(run) - done)
+            self.span = [physical + count, self.span[1] - count]
+            self.unplaced -= count
             pages = run[done: done + count]
             for page in pages:
                 if none_mode:
