@@ -365,6 +365,13 @@ def extent_head(buf: bytes) -> tuple[int, int]:
     return physical, count
 
 
+def slice_extent(buf: bytes, start: int, count: int) -> bytes:
+    """The record of blocks [start, start + count) of the extent record ``buf`` (its checksums are not unpacked)."""
+    physical, _ = extent_head(buf)
+    at = _EXTENT.size + 8 * start
+    return _EXTENT.pack(physical + start, count) + buf[at: at + 8 * count]
+
+
 def extend_extent(buf: bytes, csums: list[int]) -> bytes:
     """The extent record ``buf`` grown by blocks with ``csums`` (contiguous on disk after its last block)."""
     physical, count = extent_head(buf)

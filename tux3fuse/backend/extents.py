@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from ..format import extend_extent, extent_head, max_extent_blocks, pack_extent, unpack_extent
+from ..format import extend_extent, extent_head, max_extent_blocks, pack_extent, slice_extent, unpack_extent
 from .btree import BTree
 
 Free = Callable[[int, int], None]
@@ -30,21 +30,33 @@ def extents(tree: BTree, lo: int = 0, hi: int | None = None) -> Iterator[tuple[i
         yield key, physical, csums
 
 
+def _records(tree: BTree, lo: int, hi: int | None) -> list[tuple[int, bytes]]:
+    """(key, record) of the extents overlapping [lo, hi), without unpacking their checksums."""
+    found = []
+    first = tree.floor(lo)
+    if first is not None and first[0] < lo and first[0] + extent_head(first[1])[1] > lo:
+        found.append(first)
+    found.extend(tree.items(lo, hi))
+    return found
+
+
 def unmap(tree: BTree, lo: int, hi: int | None, free: Free) -> int:
     """Remove the mapping of logical blocks [lo, hi); return how many mapped blocks were dropped."""
     dropped = 0
-    for key, physical, csums in list(extents(tree, lo, hi)):
-        end = key + len(csums)
+    for key, value in _records(tree, lo, hi):
+        physical, count = extent_head(value)
+        end = key + count
         cut_lo, cut_hi = max(key, lo), end if hi is None else min(end, hi)
         if cut_lo >= cut_hi:
             continue
         free(physical + cut_lo - key, cut_hi - cut_lo)
         dropped += cut_hi - cut_lo
-        tree.delete(key)
-        if key < cut_lo:
-            tree.insert(key, pack_extent(physical, csums[: cut_lo - key]))
+        if key < cut_lo:  # the part before the cut keeps the key: replaced in place
+            tree.insert(key, slice_extent(value, 0, cut_lo - key))
+        else:
+            tree.delete(key)
         if cut_hi < end:
-            tree.insert(cut_hi, pack_extent(physical + cut_hi - key, csums[cut_hi - key:]))
+            tree.insert(cut_hi, slice_extent(value, cut_hi - key, end - cut_hi))
     return dropped
 
 
