@@ -401,3 +401,14 @@ def test_rec_len_of_a_whole_64k_block_survives_16_bit_encoding() -> None:
     assert fmt.decode_rec_len(fmt.encode_rec_len(65536)) == 65536
     for n in (16, 4096, 65528):
         assert fmt.decode_rec_len(fmt.encode_rec_len(n)) == n
+
+
+@given(physical=st.integers(1, 1 << 40), csums=st.lists(u64, min_size=1, max_size=60), data=st.data())
+def test_extent_records_slice_and_extend_as_their_checksum_lists_do(physical, csums, data):
+    start = data.draw(st.integers(0, len(csums) - 1))
+    count = data.draw(st.integers(1, len(csums) - start))
+    rec = fmt.pack_extent(physical, csums)
+    assert fmt.slice_extent(rec, start, count) == fmt.pack_extent(physical + start, csums[start: start + count])
+    more = data.draw(st.lists(u64, min_size=1, max_size=10))
+    assert fmt.extend_extent(rec, more) == fmt.pack_extent(physical, csums + more)
+    assert fmt.extent_head(rec) == (physical, len(csums))
