@@ -161,3 +161,32 @@ def test_commits_nobody_waits_for_write_at_low_priority_the_others_at_normal(mak
     finally:
         again.close_files()
     assert vol.io_thread is None  # unmount ended the thread
+
+
+def test_a_failing_write_in_the_io_thread_fails_the_commit_and_the_volume(make_vol, monkeypatch):
+    """An I/O error in the low-priority thread reaches the committing task: the commit raises VolumeError, the
+    volume turns read-only, and nothing is left in flight."""
+    import errno
+
+    from tux3fuse.fs import VolumeError
+
+    vol = make_vol()
+    f = vol.create(1, b"f", 0o644)
+    vol.write(f.ino, 0, bytes(16 * BS))
+
+    def broken_flush() -> None:
+        raise OSError(errno.EIO, "injected")
+
+    monkeypatch.setattr(vol.dev, "flush", broken_flush)
+
+    async def main_task():
+        with pytest.raises(VolumeError):
+            await vol.commit_async()
+
+    trio.run(main_task)
+    assert vol.failed is not None and vol.job is None
+    with pytest.raises(OSError) as e:
+        vol.write(f.ino, 0, b"x")
+    assert e.value.errno == errno.EROFS
+    assert vol.io_thread is not None and vol.io_thread.nice == iothread.NICE  # it ran in the I/O thread
+    vol.close_files()
