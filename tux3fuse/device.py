@@ -14,6 +14,7 @@ import threading
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 
+from .steps import run_steps
 from .writelog import WriteLog
 
 Buffer = bytes | bytearray | memoryview
@@ -154,12 +155,7 @@ class Device:
         return WritePlan(runs, self._fill_plan(spans) if self.fill_holes else [])
 
     def plan(self, writes: list[tuple[int, Buffer]]) -> WritePlan:
-        steps = self.plan_steps(writes)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value
+        return run_steps(self.plan_steps(writes))
 
     def _fill_plan(self, spans: list[list[int]]) -> list[tuple[int, list[tuple[int, int]]]]:
         """The chunks around ``spans`` that may still hold holes, each with the spans (clipped to it) that the

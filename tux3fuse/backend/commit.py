@@ -313,8 +313,7 @@ class CommitJob:
             dropped = extents.map_run(tree, pages[0].index, physical, csums, vol.alloc.free_later, bs)
             step = fmt.log_map_blocks(bs)
             for at in range(0, count, step):
-                changes.append((fmt.LOG_MAP, inode.ino, pages[0].index + at, physical + at,
-                                     csums[at: at + step]))
+                changes.append((fmt.LOG_MAP, inode.ino, pages[0].index + at, physical + at, csums[at: at + step]))
             added += count - dropped
             done += count
         vol.counters["data_blocks_written"] += len(run)

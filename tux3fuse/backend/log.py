@@ -17,16 +17,15 @@ Guarantees:
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 from .. import format as fmt
 from ..alloc import Allocator
+from ..steps import run_steps
 from . import extents
 
 if TYPE_CHECKING:
     from ..fs import Volume
-
-T = TypeVar("T")
 
 
 LOG_STEP = 32  # records split or packed between two yields of a commit's prepare stage
@@ -54,15 +53,6 @@ def split_log_steps(records: list[fmt.LogRecord], blocksize: int
         if i % LOG_STEP == LOG_STEP - 1:
             yield
     return blocks
-
-
-def run_steps(steps: Generator[None, None, T]) -> T:
-    """Run a step generator to its end and return its value."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
 
 
 def write_log(groups: list[list[fmt.LogRecord]], blocksize: int, head: int, delta: int,
