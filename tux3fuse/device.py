@@ -171,7 +171,7 @@ class Device:
         return sorted(chunks.items())
 
     def write_blocks(self, writes: Iterable[tuple[int, Buffer]]) -> None:
-        """Write (block, data) pairs; contiguous blocks go out in one vectored write."""
+        """Write (block, data) pairs: ``plan`` them, then ``write_plan``."""
         self.write_plan(self.plan(sorted(writes, key=lambda w: w[0])))
 
     def write_plan(self, plan: WritePlan) -> None:
