@@ -152,6 +152,26 @@ class BTreeMachine(RuleBasedStateMachine):
         self.model[key] = value
         self.changed = True
 
+    @rule(key=keys_st, data=st.data())
+    def replace_floor_in_place(self, key: int, data: st.DataObject) -> None:
+        """floor_at + replace_at: the entry at or before ``key`` gets a new value (in its leaf, or None when
+        it lies in a leaf further left), as ``insert`` would give it."""
+        found = self.tree.floor_at(key)
+        below = [k for k in self.model if k <= key]
+        if found is None:  # no entry at or before key, or it is in a leaf further left: floor still finds it
+            got = self.tree.floor(key)
+            assert (got[0] if got else None) == (max(below) if below else None)
+            return
+        path, i = found
+        floor_key = path[-1][0].keys[i]
+        assert floor_key == max(below)
+        length = data.draw(st.integers(0, self.maxlen), label="length")
+        value = value_of(floor_key ^ (length << 3), length)
+        self.tree.replace_at(path, i, value)
+        self.model[floor_key] = value
+        self.changed = True
+        assert self.tree.lookup(floor_key) == value
+
     @rule(key=keys_st)
     def delete_any(self, key: int) -> None:
         found = self.tree.delete(key)

@@ -147,6 +147,27 @@ class BTree:
                 return node.keys[-1], node.vals[-1]
         return None
 
+    def floor_at(self, key: int) -> tuple[list[tuple[Node, int]], int] | None:
+        """Where the entry with the greatest key <= key is: (path to its leaf, its index there), or None when no
+        such entry is in the leaf that would hold key (``floor`` looks further left). For ``replace_at``."""
+        path = self._path(key)
+        if not path:
+            return None
+        i = bisect_right(path[-1][0].keys, key) - 1
+        return (path, i) if i >= 0 else None
+
+    def replace_at(self, path: list[tuple[Node, int]], i: int, value: bytes) -> None:
+        """Replace the value of entry ``i`` of the path's leaf, as found by ``floor_at`` with no change to the
+        tree since: ``insert`` of that key, without walking the tree again."""
+        if fmt.leaf_entry_cost(len(value)) > self.leaf_cap // 2:
+            raise ValueError(f"value of {len(value)} bytes too large for a leaf")
+        self._dirty(path)
+        leaf = path[-1][0]
+        leaf.used += len(value) - len(leaf.vals[i])
+        leaf.vals[i] = value
+        if leaf.used > self.leaf_cap:
+            self._split(path)
+
     def __len__(self) -> int:
         return sum(1 for _ in self.items())
 

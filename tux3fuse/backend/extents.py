@@ -64,6 +64,19 @@ def map_run(tree: BTree, logical: int, physical: int, csums: list[int], free: Fr
     """Map logical blocks [logical, logical+n) to physical blocks [physical, physical+n); return blocks dropped."""
     n = len(csums)
     end = logical + n
+    limit = max_extent_blocks(blocksize)
+    found = tree.floor_at(end - 1)
+    if found is not None and found[1] > 0:  # a rewrite of exactly one extent whose neighbour before is in the leaf:
+        path, i = found  # replaced in place, with one walk of the tree
+        leaf = path[-1][0]
+        lphys, lcount = extent_head(leaf.vals[i])
+        if leaf.keys[i] == logical and lcount == n:
+            pkey = leaf.keys[i - 1]
+            pphys, pcount = extent_head(leaf.vals[i - 1])
+            if not (pkey + pcount == logical and pphys + pcount == physical and pcount < limit):  # no merge
+                free(lphys, n)
+                tree.replace_at(path, i, pack_extent(physical, csums))
+                return n
     last = tree.floor(end - 1)  # the extent starting last before the end: only it can tell whether any overlaps
     replace = False
     if last is None or last[0] + extent_head(last[1])[1] <= logical:
@@ -80,7 +93,6 @@ def map_run(tree: BTree, logical: int, physical: int, csums: list[int], free: Fr
             dropped = unmap(tree, logical, end, free)
             if prev is not None and prev[0] + extent_head(prev[1])[1] > logical:
                 prev = tree.floor(logical - 1)  # the unmap cut it: read it again
-    limit = max_extent_blocks(blocksize)
     if prev is not None:  # extend the extent just before when it is contiguous on disk too
         key, value = prev
         pphys, count = extent_head(value)
