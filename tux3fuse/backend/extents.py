@@ -65,19 +65,22 @@ def map_run(tree: BTree, logical: int, physical: int, csums: list[int], free: Fr
     n = len(csums)
     end = logical + n
     limit = max_extent_blocks(blocksize)
+    # the extent starting last before the end: only it can tell whether any overlaps
     found = tree.floor_at(end - 1)
-    if found is not None and found[1] > 0:  # a rewrite of exactly one extent whose neighbour before is in the leaf:
-        path, i = found  # replaced in place, with one walk of the tree
+    if found is None:
+        last = tree.floor(end - 1)  # in a leaf further left, or none
+    else:
+        path, i = found
         leaf = path[-1][0]
-        lphys, lcount = extent_head(leaf.vals[i])
-        if leaf.keys[i] == logical and lcount == n:
-            pkey = leaf.keys[i - 1]
+        last = leaf.keys[i], leaf.vals[i]
+        lphys, lcount = extent_head(last[1])
+        if last[0] == logical and lcount == n and i > 0:  # a rewrite of exactly one extent, whose neighbour
+            pkey = leaf.keys[i - 1]  # before is in the same leaf: replaced in place, with one walk of the tree
             pphys, pcount = extent_head(leaf.vals[i - 1])
             if not (pkey + pcount == logical and pphys + pcount == physical and pcount < limit):  # no merge
                 free(lphys, n)
                 tree.replace_at(path, i, pack_extent(physical, csums))
                 return n
-    last = tree.floor(end - 1)  # the extent starting last before the end: only it can tell whether any overlaps
     replace = False
     if last is None or last[0] + extent_head(last[1])[1] <= logical:
         dropped = 0  # nothing mapped in the range (a file growing): the extent before is ``last``
