@@ -80,6 +80,17 @@ def opened(path: str, **options):
     return vol
 
 
+def drive(steps) -> tuple[int, object]:
+    """Run a step generator to its end: (how many times it yielded, the value it returned)."""
+    yields = 0
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return yields, done.value
+        yields += 1
+
+
 def read_all(vol, name: bytes, parent: int = 1) -> bytes:
     """The content of ``name`` in directory ``parent`` through the embedded API."""
     attr = vol.lookup(parent, name)

@@ -7,6 +7,7 @@ import os
 import tempfile
 
 import pytest
+from conftest import drive
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -182,15 +183,7 @@ def test_planning_checks_every_block_and_yields_as_it_goes(tmp_path):
     sparse_image(path)
     dev = Device(path, BS, VOLBLOCKS)
     writes = [(b, block(1)) for b in range(0, 100, 2)]
-    steps = dev.plan_steps(writes, step=8)
-    yields = 0
-    while True:
-        try:
-            next(steps)
-            yields += 1
-        except StopIteration as done:
-            plan = done.value
-            break
+    yields, plan = drive(dev.plan_steps(writes, step=8))
     assert yields == len(writes) // 8
     assert [start for start, _ in plan.runs] == list(range(0, 100, 2))
     with pytest.raises(device.OutOfRange):

@@ -11,7 +11,7 @@ import random
 
 import pytest
 import trio
-from conftest import opened, read_all
+from conftest import drive, opened, read_all
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -57,28 +57,12 @@ def test_every_record_kind_round_trips_through_log_blocks(blocksize: int) -> Non
 def test_the_commit_packs_the_log_in_steps_into_the_same_blocks(recs) -> None:
     """A commit splits and packs its log a few records per step (so the event loop is never held long); the
     blocks are byte for byte those of packing each block's records at once, chained in order."""
-    split = split_log_steps(recs, BS)
-    steps = 0
-    while True:
-        try:
-            next(split)
-            steps += 1
-        except StopIteration as done:
-            groups = done.value
-            break
+    steps, groups = drive(split_log_steps(recs, BS))
     assert steps == len(recs) // LOG_STEP
     assert groups == split_log(recs, BS)
     written: dict[int, bytearray] = {}
     blocks = iter(range(1000, 2000))
-    packing = write_log(groups, BS, 77, 9, lambda: next(blocks), written.__setitem__)
-    steps = 0
-    while True:
-        try:
-            next(packing)
-            steps += 1
-        except StopIteration as done:
-            head, chain = done.value
-            break
+    steps, (head, chain) = drive(write_log(groups, BS, 77, 9, lambda: next(blocks), written.__setitem__))
     assert chain == list(range(1000, 1000 + len(groups))) and head == (chain[-1] if chain else 77)
     assert steps == sum(-(-len(g) // LOG_STEP) + 1 for g in groups)  # every LOG_STEP records, and every block
     prev = 77
