@@ -426,6 +426,105 @@ def test_a_commit_gives_the_loop_back_only_when_the_frontend_has_work(make_vol, 
     snap.close_files()
 
 
+@pytest.mark.parametrize("urgent", [False, True])
+def test_requests_that_arrive_while_the_frontend_runs_go_first_too(make_vol, monkeypatch, urgent):
+    """At a slice boundary a background commit lets requests go first until none waits unread, including those
+    that reached the kernel while the frontend had its turn (a small write queued behind a large one). A commit
+    that someone waits for gives the frontend one turn per boundary and goes on."""
+    import tux3fuse.fs as fs
+    from tux3fuse.backend.commit import CommitJob
+
+    monkeypatch.setattr(fs, "PREPARE_SLICE", 0.0)  # every step ends a slice
+    monkeypatch.setattr(fs, "URGENT_SLICE", 0.0)
+    monkeypatch.setattr(fs, "COMMIT_YIELD", 3600.0)
+    monkeypatch.setattr(fs, "COMMIT_SHARE", 0.0, raising=False)  # no share kept: the order alone is under test
+    vol = make_vol()
+    f = vol.create(1, b"f", 0o644)
+    for i in range(0, 100, 2):  # runs of one page: one prepare step each
+        vol.write(f.ino, i * BS, fill(i % 251))
+    kernel = {"queued": 0}  # requests the kernel holds that no task has read
+    left: list[int] = []  # what was still unread each time the commit went on with its next step
+    real_steps = CommitJob.prepare_steps
+
+    def prepare_steps(self):
+        for _ in real_steps(self):
+            kernel["queued"] = 5  # five requests arrive during this step
+            yield
+            left.append(kernel["queued"])
+
+    monkeypatch.setattr(CommitJob, "prepare_steps", prepare_steps)
+    vol.frontend_pending = lambda: kernel["queued"] > 0
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            async def frontend() -> None:  # reads one request per turn
+                while True:
+                    if kernel["queued"]:
+                        kernel["queued"] -= 1
+                    await trio.sleep(0)
+            nursery.start_soon(frontend)
+            await trio.sleep(0)
+            await vol.commit_async(urgent=urgent)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert len(left) >= 50
+    if urgent:
+        assert min(left) > 0  # two checkpoints per boundary: at most two of the five requests went first
+    else:
+        assert set(left) == {0}
+    snap = committed(vol)
+    assert all(snap.read(f.ino, i * BS, BS) == fill(i % 251) for i in range(0, 100, 2))
+    snap.close_files()
+
+
+def test_a_steady_stream_of_requests_never_stops_a_commit(make_vol, monkeypatch):
+    """Requests go first only while the commit keeps its share of the loop: with a request always waiting and a
+    frontend task always runnable, the commit still takes its steps. (A commit is shielded from cancellation, so
+    the frontend itself notices a commit that no longer runs, and stops the requests.)"""
+    import tux3fuse.fs as fs
+    from tux3fuse.backend.commit import CommitJob
+
+    monkeypatch.setattr(fs, "PREPARE_SLICE", 0.0)
+    monkeypatch.setattr(fs, "COMMIT_YIELD", 3600.0)
+    vol = make_vol()
+    f = vol.create(1, b"f", 0o644)
+    for i in range(0, 200, 2):
+        vol.write(f.ino, i * BS, fill(i % 251))
+    state = {"turns": 0, "most": 0, "starved": False, "steps": 0}
+    real_steps = CommitJob.prepare_steps
+
+    def prepare_steps(self):
+        for _ in real_steps(self):
+            state["steps"] += 1
+            state["turns"] = 0
+            yield
+
+    monkeypatch.setattr(CommitJob, "prepare_steps", prepare_steps)
+    vol.frontend_pending = lambda: not state["starved"]
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            async def frontend() -> None:
+                while True:
+                    state["turns"] += 1
+                    state["most"] = max(state["most"], state["turns"])
+                    if state["turns"] > 20_000:  # far beyond any share: the commit would never go on
+                        state["starved"] = True
+                    await trio.sleep(0)
+            nursery.start_soon(frontend)
+            await trio.sleep(0)
+            await vol.commit_async()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert not state["starved"], "the commit stopped taking steps while requests kept coming"
+    assert state["steps"] >= 100 and state["most"] >= 2  # the frontend went first at the boundaries
+    snap = committed(vol)
+    assert all(snap.read(f.ino, i * BS, BS) == fill(i % 251) for i in range(0, 200, 2))
+    snap.close_files()
+
+
 @pytest.mark.parametrize("held", [False, True])
 def test_a_commit_counts_its_first_slice_from_its_last_turn(make_vol, monkeypatch, held):
     """Work the committing task did since it last got the loop (the stage before, the commit before) belongs to

@@ -46,6 +46,7 @@ RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 PREPARE_SLICE = 0.00002  # seconds: the longest a commit's prepare or complete stage holds the event loop at once
 URGENT_SLICE = 0.0002  # seconds: the same for a commit that an fsync waits for
 COMMIT_YIELD = 0.001  # seconds: a commit passes through the scheduler at least this often, even with no request
+COMMIT_SHARE = 0.2  # between two slices requests go first, while the commit has had this share of the loop
 
 
 class VolumeError(Exception):
@@ -356,7 +357,9 @@ class Volume:
         """Run a commit stage's steps on the event loop in slices of about ``PREPARE_SLICE`` (``URGENT_SLICE``
         when someone waits for the commit), letting the frontend go first between two slices when it has work;
         return the longest the loop was held at once. The first slice counts from the task's last turn
-        (``turn_started``), so the work between two stages, and between two commits, is part of a slice too."""
+        (``turn_started``), so the work between two stages, and between two commits, is part of a slice too.
+        Requests that reach the kernel while the frontend has its turn go first as well, as long as the stage has
+        held the loop for ``COMMIT_SHARE`` of its time (not when someone waits for the commit)."""
         import trio
 
         clock = time.perf_counter
@@ -366,7 +369,8 @@ class Volume:
         # nothing; tasks runnable before it was added are unknown to it, so that boundary always yields
         runnable: RunnableTasks | None = None
         last = yielded = max(self.turn_started, clock() - length)  # a turn of unknown start: one whole slice
-        hold = 0.0
+        began = last
+        hold = held = 0.0  # the longest hold, and all of them
         counters = self.counters
         try:
             for _ in _checked(steps):
@@ -379,8 +383,13 @@ class Volume:
                         go = bool(runnable.tasks) or pending() or now - yielded >= COMMIT_YIELD
                     if go:
                         hold = max(hold, now - yielded)
+                        held += now - yielded
                         counters["commit_loop_seconds"] += now - yielded
                         await self._frontend_first()
+                        # a request that came while the frontend ran (a small write behind a large one) would
+                        # otherwise wait for one more slice
+                        while not urgent and pending() and held >= COMMIT_SHARE * (self.turn_started - began):
+                            await self._frontend_first()
                         last = yielded = self.turn_started
                     else:  # nobody waits for the loop: go on without a trip through the scheduler
                         last = now
