@@ -426,11 +426,11 @@ def test_a_commit_gives_the_loop_back_only_when_the_frontend_has_work(make_vol, 
     snap.close_files()
 
 
-@pytest.mark.parametrize("urgent", [False, True])
-def test_requests_that_arrive_while_the_frontend_runs_go_first_too(make_vol, monkeypatch, urgent):
+@pytest.mark.parametrize("urgent, stable", [(False, "fork"), (True, "fork"), (False, "wait")])
+def test_requests_that_arrive_while_the_frontend_runs_go_first_too(make_vol, monkeypatch, urgent, stable):
     """At a slice boundary a background commit lets requests go first until none waits unread, including those
     that reached the kernel while the frontend had its turn (a small write queued behind a large one). A commit
-    that someone waits for gives the frontend one turn per boundary and goes on."""
+    that someone waits for (an fsync's; with stable=wait, any) gives the frontend one turn per boundary."""
     import tux3fuse.fs as fs
     from tux3fuse.backend.commit import CommitJob
 
@@ -438,7 +438,7 @@ def test_requests_that_arrive_while_the_frontend_runs_go_first_too(make_vol, mon
     monkeypatch.setattr(fs, "URGENT_SLICE", 0.0)
     monkeypatch.setattr(fs, "COMMIT_YIELD", 3600.0)
     monkeypatch.setattr(fs, "COMMIT_SHARE", 0.0, raising=False)  # no share kept: the order alone is under test
-    vol = make_vol()
+    vol = make_vol(stable=stable)
     f = vol.create(1, b"f", 0o644)
     for i in range(0, 100, 2):  # runs of one page: one prepare step each
         vol.write(f.ino, i * BS, fill(i % 251))
@@ -469,7 +469,7 @@ def test_requests_that_arrive_while_the_frontend_runs_go_first_too(make_vol, mon
 
     trio.run(main)
     assert len(left) >= 50
-    if urgent:
+    if urgent or stable == "wait":
         assert min(left) > 0  # two checkpoints per boundary: at most two of the five requests went first
     else:
         assert set(left) == {0}

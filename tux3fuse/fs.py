@@ -359,7 +359,8 @@ class Volume:
         return the longest the loop was held at once. The first slice counts from the task's last turn
         (``turn_started``), so the work between two stages, and between two commits, is part of a slice too.
         Requests that reach the kernel while the frontend has its turn go first as well, as long as the stage has
-        held the loop for ``COMMIT_SHARE`` of its time (not when someone waits for the commit)."""
+        held the loop for ``COMMIT_SHARE`` of its time; not when someone waits for the commit (an fsync, or with
+        stable pages any writer may)."""
         import trio
 
         clock = time.perf_counter
@@ -370,6 +371,7 @@ class Volume:
         runnable: RunnableTasks | None = None
         last = yielded = max(self.turn_started, clock() - length)  # a turn of unknown start: one whole slice
         began = last
+        requests_first = not urgent and self.stable != WAIT
         hold = held = 0.0  # the longest hold, and all of them
         counters = self.counters
         try:
@@ -388,7 +390,7 @@ class Volume:
                         await self._frontend_first()
                         # a request that came while the frontend ran (a small write behind a large one) would
                         # otherwise wait for one more slice
-                        while not urgent and pending() and held >= COMMIT_SHARE * (self.turn_started - began):
+                        while requests_first and pending() and held >= COMMIT_SHARE * (self.turn_started - began):
                             await self._frontend_first()
                         last = yielded = self.turn_started
                     else:  # nobody waits for the loop: go on without a trip through the scheduler
