@@ -437,7 +437,7 @@ def test_requests_that_arrive_while_the_frontend_runs_go_first_too(make_vol, mon
     monkeypatch.setattr(fs, "PREPARE_SLICE", 0.0)  # every step ends a slice
     monkeypatch.setattr(fs, "URGENT_SLICE", 0.0)
     monkeypatch.setattr(fs, "COMMIT_YIELD", 3600.0)
-    monkeypatch.setattr(fs, "COMMIT_SHARE", 0.0, raising=False)  # no share kept: the order alone is under test
+    monkeypatch.setattr(fs, "COMMIT_SHARE", 0.0)  # no share kept: the order alone is under test
     vol = make_vol(stable=stable)
     f = vol.create(1, b"f", 0o644)
     for i in range(0, 100, 2):  # runs of one page: one prepare step each
