@@ -3,8 +3,9 @@
 
 A writer rewrites random pages of a small hot set (default 256 pages of 4 KiB) while commits run all the time.
 Whenever a commit is writing a hot page, the stable-page mode decides what the writer's next write to that page
-does: with fork the page is copied and the write goes on at once, with wait the write waits for the commit in
-flight, and with none the page is changed while it is being written (no stable pages at all, the baseline).
+does: with fork the page is copied and the write goes on at once, with wait the write waits until the commit in
+flight has written its blocks (not for its flush, as Linux's stable pages), and with none the page is changed
+while it is being written (no stable pages at all, the baseline).
 
 Two paths, each on a fresh 1 GiB sparse image in a temporary directory (default /var/tmp, not tmpfs):
 

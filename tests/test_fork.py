@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import pytest
@@ -46,8 +47,14 @@ def test_need_fork_table():
     assert need_fork(p, 6, "none") is Action.IN_PLACE
     p.delta, p.writeback = CLEAN, True
     assert need_fork(p, 6, "fork") is Action.NEED_FORK
+    for mode in ("fork", "wait", "none"):  # the commit's blocks are written: its pages' I/O is over
+        assert need_fork(p, 6, mode, written=True) is Action.AFTER_IO
+    p.delta, p.writeback = 5, False
+    assert need_fork(p, 6, "wait", written=True) is Action.AFTER_IO
+    assert need_fork(p, 5, "wait", written=True) is Action.ALREADY
     p.forked = True
     assert need_fork(p, 6, "fork") is Action.FORKED
+    assert need_fork(p, 6, "fork", written=True) is Action.FORKED
 
 
 def test_write_to_page_under_writeback_forks_without_waiting(vol):
@@ -123,6 +130,114 @@ def test_wait_mode_waits_for_the_io_and_never_forks(make_vol):
     vol.commit()
     snap = committed(vol)
     assert snap.read(f.ino, 0, BS) == fill(2)
+    snap.close_files()
+
+
+@pytest.mark.parametrize("mode", ["fork", "wait", "none"])
+def test_once_the_blocks_are_written_a_write_changes_the_page_in_place(make_vol, mode):
+    """Between the commit's block writes and its end (flush, superblock, completion) the page's I/O is over: a
+    write neither forks nor waits nor tears the block, and lands in the next delta."""
+    vol = make_vol(mode)
+    f, job = written_and_committing(vol, fill(1, 2 * BS))
+    page = vol.iget(f.ino).mapping.get(0)
+    job.write_data()
+    job.mark_written()
+    vol.write(f.ino, 100, b"after")  # no WaitFor, even with stable=wait
+    assert vol.job is job and page.writeback  # the commit is still in flight
+    assert vol.iget(f.ino).mapping.get(0) is page and not page.forked
+    c = vol.counters
+    assert (c["forks"], c["waits"], c["in_place_writes"], c["after_io_writes"]) == (0, 0, 0, 1)
+    job.write_super()
+    job.complete()
+    assert page.delta == vol.deltas.current and not page.writeback  # dirty for the next delta
+    snap = committed(vol)
+    assert snap.read(f.ino, 0, 2 * BS) == fill(1, 2 * BS)  # the committed delta: the first content, no torn block
+    snap.close_files()
+    vol.commit()
+    snap = committed(vol)
+    expected = bytearray(fill(1, 2 * BS))
+    expected[100:105] = b"after"
+    assert snap.read(f.ino, 0, 2 * BS) == expected
+    snap.close_files()
+
+
+@pytest.mark.parametrize("mode", ["fork", "wait", "none"])
+def test_a_page_changed_in_place_then_truncated_is_released(make_vol, mode):
+    """A page changed in place while the backend has it (during its I/O with stable=none, after it in every
+    mode) and then dropped by a truncate is released when the commit completes, with its later change."""
+    vol = make_vol(mode)
+    f, job = written_and_committing(vol, fill(1, 2 * BS))
+    if mode != "none":
+        job.write_data()
+        job.mark_written()
+    vol.write(f.ino, 0, fill(2))  # in place, for the next delta
+    vol.setattr(f.ino, size=0)  # the page leaves the index; the backend still writes it
+    assert vol.forks.live == 2
+    job.write()
+    job.complete()
+    assert vol.forks.live == 0 and vol.cache.dirty_pages == 0
+    vol.commit()
+    assert vol.getattr(f.ino).size == 0 and vol.read(f.ino, 0, BS) == b""
+    snap = committed(vol)
+    assert snap.getattr(f.ino).size == 0
+    snap.close_files()
+
+
+def hold_calls(monkeypatch, obj, *names):
+    """Make calls of ``obj``'s methods ``names`` (from any thread) stop until released: (reached, release)."""
+    reached, release = threading.Event(), threading.Event()
+    for name in names:
+        method = getattr(obj, name)
+
+        def held(*args, _method=method, **kwargs):
+            reached.set()
+            release.wait()
+            return _method(*args, **kwargs)
+
+        monkeypatch.setattr(obj, name, held)
+    return reached, release
+
+
+def test_wait_mode_waits_for_the_page_io_not_for_the_flush(make_vol, monkeypatch):
+    """stable=wait as Linux's stable pages: a writer waits while the commit's block writes are held, and goes on
+    while its flush is still held: it never waits for the flush or the superblock."""
+    vol = make_vol("wait")
+    f = vol.create(1, b"f", 0o644)
+    vol.write(f.ino, 0, fill(7, 4 * BS))
+    vol.commit()
+    vol.write(f.ino, 0, fill(8, 4 * BS))
+    data_reached, data_release = hold_calls(monkeypatch, vol.dev, "write_plan", "write_blocks")
+    flush_reached, flush_release = hold_calls(monkeypatch, vol.dev, "flush")
+    seen = {}
+
+    async def writer(job):
+        await vol.call(vol.write, f.ino, 0, fill(9, BS))
+        seen.update(job_in_flight=vol.job is job, flushed=flush_release.is_set(), waits=vol.counters["waits"])
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(vol.commit_async)
+            with trio.fail_after(5):
+                await trio.to_thread.run_sync(data_reached.wait)
+            job = vol.job
+            nursery.start_soon(writer, job)
+            await trio.sleep(0.05)
+            assert not seen, "the writer changed a page whose block write is held"
+            data_release.set()
+            with trio.fail_after(5):
+                while not seen:
+                    await trio.sleep(0.001)
+            assert flush_reached.is_set()
+            flush_release.set()
+
+    trio.run(main)
+    assert seen == {"job_in_flight": True, "flushed": False, "waits": 1}
+    snap = committed(vol)
+    assert snap.read(f.ino, 0, 4 * BS) == fill(8, 4 * BS)  # the delta in flight: the content before the wait
+    snap.close_files()
+    vol.commit()
+    snap = committed(vol)
+    assert snap.read(f.ino, 0, 4 * BS) == fill(9, BS) + fill(8, 3 * BS)
     snap.close_files()
 
 
@@ -340,9 +455,9 @@ def test_plain_embedded_writer_over_the_dirty_limit_commits_itself(make_vol):
 
 
 def test_writes_between_the_steps_of_a_completing_commit(vol):
-    """Stage 3 yields every few pages: a page it has completed is clean (a write dirties it for the new delta
-    without a fork), a page it has not reached is still under writeback (a write forks it), and no commit can
-    start before the last step."""
+    """Stage 3 yields every few pages: a page it has completed is clean (a write dirties it for the new delta),
+    a page it has not reached is still under writeback but written (a write changes it in place and it moves to
+    the new delta when reached; neither forks), and no commit can start before the last step."""
     n = 200
     f, job = written_and_committing(vol, b"".join(fill(i % 251) for i in range(n)))
     job.write()
@@ -353,12 +468,13 @@ def test_writes_between_the_steps_of_a_completing_commit(vol):
     assert not done.writeback and not done.dirty and pending.writeback
     vol.write(f.ino, 0, fill(7))
     vol.write(f.ino, (n - 1) * BS, fill(8))
-    assert vol.counters["forks"] == 1  # the pending page only
-    assert mapping.get(0) is done and mapping.get(n - 1) is not pending
+    assert (vol.counters["forks"], vol.counters["after_io_writes"]) == (0, 1)  # the pending page, in place
+    assert mapping.get(0) is done and mapping.get(n - 1) is pending and pending.delta == job.delta
     assert vol.job is job and vol.deltas.committed < job.delta
     for _ in steps:
         assert vol.job is job
     assert vol.job is None and vol.deltas.committed == job.delta
+    assert pending.delta == vol.deltas.current and not pending.writeback
     snap = committed(vol)
     assert snap.read(f.ino, 0, BS) == fill(0) and snap.read(f.ino, (n - 1) * BS, BS) == fill((n - 1) % 251)
     snap.close_files()

@@ -48,7 +48,7 @@ class ForkMachine(RuleBasedStateMachine):
             return
         if self.job is not None:
             self.finish()
-        for key in ("forks", "pinned_copies", "commits", "in_place_writes"):
+        for key in ("forks", "pinned_copies", "commits", "in_place_writes", "after_io_writes"):
             self.totals[key] += self.vol.counters[key]
         for ino in self.inos:
             for pin in self.pins[ino]:
@@ -59,14 +59,18 @@ class ForkMachine(RuleBasedStateMachine):
         self.dir.cleanup()
 
     def _do(self, fn, *args, **kwargs):
-        """Run a frontend operation; in wait mode a WaitFor means: let the backend finish, then retry."""
+        """Run a frontend operation; a WaitFor means: let the backend write its blocks (stable=wait) or finish
+        (space), then retry."""
         while True:
             try:
                 return fn(*args, **kwargs)
-            except WaitFor:
-                assert self.mode == "wait"
-                self.totals["waited"] += 1
-                self.finish()
+            except WaitFor as w:
+                if w.written:
+                    assert self.mode == "wait"
+                    self.totals["waited"] += 1
+                    self.blocks_written()
+                else:
+                    self.finish()
 
     def _note_forks(self):
         for key, page in self.vol.forks.pages.items():
@@ -170,6 +174,15 @@ class ForkMachine(RuleBasedStateMachine):
         self._prepared()
         self.job.write_some(n)
 
+    @precondition(lambda self: self.job is not None and not self.job.written)
+    @rule()
+    def blocks_written(self):
+        """Every block but the superblock is written: from now on the delta's pages change in place, for the
+        next delta, until the commit completes."""
+        self._prepared()
+        self.job.write_data()
+        self.job.mark_written()
+
     @precondition(lambda self: self.job is not None)
     @rule()
     def finish(self):
@@ -240,6 +253,7 @@ def test_fork_model():
     ForkMachine.TestCase().runTest()
     totals = ForkMachine.totals
     assert totals["forks"] > 0 and totals["pinned_copies"] > 0 and totals["commits"] > 0, totals
+    assert totals["after_io_writes"] > 0, totals
 
 
 @pytest.mark.timeout(600)
@@ -248,4 +262,4 @@ def test_wait_model():
     WaitMachine.TestCase.settings = SETTINGS
     WaitMachine.TestCase().runTest()
     totals = WaitMachine.totals
-    assert totals["waited"] > 0 and totals["forks"] == 0, totals
+    assert totals["waited"] > 0 and totals["forks"] == 0 and totals["after_io_writes"] > 0, totals

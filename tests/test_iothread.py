@@ -140,9 +140,9 @@ def test_commits_nobody_waits_for_write_at_low_priority_the_others_at_normal(mak
     seen: list[tuple[int, int]] = []
     real_write = CommitJob.write
 
-    def write(self):
+    def write(self, on_written=None):
         seen.append((threading.get_ident(), thread_nice()))
-        real_write(self)
+        real_write(self, on_written)
 
     monkeypatch.setattr(CommitJob, "write", write)
     main = threading.get_ident()

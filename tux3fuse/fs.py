@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import logging
 import os
 import stat
@@ -59,12 +60,15 @@ class Throttled(Exception):
 
 
 class WaitFor(Exception):
-    """The operation must wait for a commit in flight (stable=wait, or space held by that commit); nothing was
-    changed. Await ``Volume.wait_job(job)`` and try again (``Volume.call`` does both)."""
+    """The operation must wait for a commit in flight: until its blocks are written (``written``: stable=wait,
+    a page the commit is writing), or until it completes (space held by that commit); nothing was changed. Await
+    ``Volume.wait_job(job, written)`` and try again (``Volume.call`` does both)."""
 
-    def __init__(self, job: CommitJob) -> None:
-        super().__init__(f"waiting for the commit of delta {job.delta}")
+    def __init__(self, job: CommitJob, written: bool = False) -> None:
+        what = "the blocks of" if written else "the commit of"
+        super().__init__(f"waiting for {what} delta {job.delta}")
         self.job = job
+        self.written = written
 
 
 @dataclass
@@ -326,23 +330,25 @@ class Volume:
                 prepared = clock()
                 if inline_small and len(job.writes) <= self.options.inline_commit_blocks:
                     job.write()  # someone waits for this small commit: a thread hop costs more than it saves
-                elif urgent or self.stable == WAIT:  # someone waits (with stable pages, any writer may: as
-                    # Linux's writeback, the I/O then runs at the process's priority), in a worker thread
-                    await trio.to_thread.run_sync(job.write)
-                    self.turn_started = clock()
-                else:  # nobody waits: the low-priority I/O thread, which never takes the CPU from requests
-                    if self.io_thread is None:
-                        from .backend.iothread import IOThread
+                else:
+                    token = trio.lowlevel.current_trio_token()
+                    write = functools.partial(job.write, lambda: token.run_sync_soon(job.mark_written))
+                    if urgent or self.stable == WAIT:  # someone waits (with stable pages, any writer may: as
+                        # Linux's writeback, the I/O then runs at the process's priority), in a worker thread
+                        await trio.to_thread.run_sync(write)
+                    else:  # nobody waits: the low-priority I/O thread, which never takes the CPU from requests
+                        if self.io_thread is None:
+                            from .backend.iothread import IOThread
 
-                        self.io_thread = IOThread()
-                    await self.io_thread.run(job.write)
+                            self.io_thread = IOThread()
+                        await self.io_thread.run(write)
                     self.turn_started = clock()
                 self.counters["commit_prepare_seconds"] += prepared - started
                 self.counters["commit_write_seconds"] += clock() - prepared
             except Exception as e:
                 self.fail(f"commit of delta {job.delta} failed: {e}")
                 self.job = None
-                for event in job.waiters:
+                for event in job.waiters + job.written_waiters:
                     event.set()
                 raise VolumeError(self.failed) from e
             done = clock()
@@ -413,12 +419,14 @@ class Volume:
         await trio.sleep(0)
         self.turn_started = time.perf_counter()
 
-    async def wait_job(self, job: CommitJob) -> None:
+    async def wait_job(self, job: CommitJob, written: bool = False) -> None:
+        """Wait until ``job`` completes, or with ``written`` only until its blocks are written (the end of its
+        pages' I/O)."""
         import trio
 
-        if self.job is job:
+        if self.job is job and not (written and job.written):
             event = trio.Event()
-            job.waiters.append(event)
+            (job.written_waiters if written else job.waiters).append(event)
             await event.wait()
 
     # -- fsync ahead of the delta ----------------------------------------------------------------------------------
@@ -515,7 +523,7 @@ class Volume:
                 return fn(*args, **kwargs)
             except WaitFor as w:
                 started = _time.perf_counter()
-                await self.wait_job(w.job)
+                await self.wait_job(w.job, w.written)
                 self.counters["waits"] += 1
                 self.counters["wait_seconds"] += _time.perf_counter() - started
             except Throttled:
@@ -779,7 +787,8 @@ class Volume:
             page = self._page(inode, index) if fill else Page(index, bytearray(self.blocksize))
             if not fill:
                 mapping.insert(page)
-        action = need_fork(page, delta, self.stable)
+        job = self.job
+        action = need_fork(page, delta, self.stable, job is not None and job.written)
         if action is Action.CAN_DIRTY:
             mapping.mark_dirty(page, delta)
         elif action is Action.NEED_FORK:
@@ -787,6 +796,9 @@ class Volume:
         elif action is Action.IN_PLACE:
             page.redirty = delta
             self.counters["in_place_writes"] += 1
+        elif action is Action.AFTER_IO:  # the block is written: neither the disk nor the delta can see this change
+            page.redirty = delta
+            self.counters["after_io_writes"] += 1
         elif action is Action.WAIT:  # callers check first (_must_wait); a miss here is a bug
             raise AssertionError(f"{page} of inode {inode.ino} needs a wait that was not checked for")
         elif action is Action.FORKED:
@@ -809,8 +821,10 @@ class Volume:
         return new
 
     def _must_wait(self, inode: Inode, first: int = 0, last: int | None = None) -> None:
-        """stable=wait: raise WaitFor before changing anything if a page in [first, last] is the backend's."""
-        if self.stable != WAIT or self.job is None:
+        """stable=wait: raise WaitFor before changing anything if a page in [first, last] is the backend's and not
+        written yet (once the commit's blocks are written its pages change in place, as after Linux's
+        end_page_writeback: the wait is for the page's I/O, never for the flush)."""
+        if self.stable != WAIT or self.job is None or self.job.written:
             return
         pages = inode.mapping.pages
         current = self.deltas.current
@@ -823,7 +837,7 @@ class Volume:
         else:
             busy = any((p := pages.get(i)) is not None and owned(p) for i in range(first, last + 1))
         if busy:
-            raise WaitFor(self.job)
+            raise WaitFor(self.job, written=True)
 
     def page_for_mapping(self, inode: Inode, index: int) -> Page:
         """Read fault of a shared mapping: the page the index holds."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from .. import format as fmt
@@ -64,6 +64,10 @@ class CommitJob:
         self.used_inodes = 0
         self.records: list[fmt.LogRecord] = []  # tree changes for the log, in the order replay applies them
         self.waiters: list = []  # trio.Events set when the job completes
+        # every block but the superblock is written: the pages' I/O is over (Linux's end_page_writeback), though
+        # the flush and the commit point may still be ahead; set on the event loop (``mark_written``)
+        self.written = False
+        self.written_waiters: list = []  # trio.Events set when ``written`` becomes true
         self.started = time.perf_counter()
 
     # -- stage 1 ---------------------------------------------------------------------------------------------------
@@ -363,16 +367,30 @@ class CommitJob:
         dev.flush()
         self.vol.sb.copy = copy
 
-    def write(self) -> None:
-        """All of stage 2 (blocking: run it in a worker thread)."""
+    def write(self, on_written: Callable[[], None] | None = None) -> None:
+        """All of stage 2 (blocking: run it in a worker thread). Between the blocks and the superblock it calls
+        ``on_written`` (default ``mark_written``; from a worker thread, one that hands it to the event loop)."""
         if self.empty:
             return
+        self.write_data()
+        (on_written or self.mark_written)()
+        self.write_super()
+
+    def write_data(self) -> None:
+        """Every block of the delta not written yet, but not the superblock."""
         if self.plan is not None and self.cursor == 0:
             self.vol.dev.write_plan(self.plan)
             self.cursor = len(self.writes)
         else:
             self.write_some(len(self.writes))
-        self.write_super()
+
+    def mark_written(self) -> None:
+        """The delta's blocks are written: from now on a change to one of its pages goes in place, for the current
+        delta (``need_fork``'s AFTER_IO), and whoever waits for the pages' I/O goes on."""
+        self.written = True
+        for event in self.written_waiters:
+            event.set()
+        self.written_waiters = []
 
     # -- stage 3 ---------------------------------------------------------------------------------------------------
 
@@ -383,17 +401,17 @@ class CommitJob:
     def complete_steps(self, step: int = 32) -> Iterator[None]:
         """Stage 3 as a generator that yields every ``step`` pages, so that the frontend gets turns while a large
         delta completes. Until the last step the job stays in flight: a page not yet completed is still under
-        writeback (a write to it forks), one completed is clean, and no new commit can start."""
+        writeback (its block is written, so a write changes it in place for the current delta), one completed is
+        clean, and no new commit can start."""
         vol = self.vol
         done: dict[int, tuple[Inode, list[Page]]] = {}
         for i, (inode, page) in enumerate(self.pages):
             page.writeback = False
-            if page.redirty != CLEAN:  # stable=none: changed during I/O, so dirty for that later delta
-                target, page.redirty = page.redirty, CLEAN
+            target, page.redirty = page.redirty, CLEAN
+            if target != CLEAN and not page.forked:  # changed during or after its I/O: dirty for that later delta
                 page.delta = target
-                if not page.forked:
-                    inode.mapping.dirty.setdefault(target, {})[page.index] = page
-            else:
+                inode.mapping.dirty.setdefault(target, {})[page.index] = page
+            else:  # written; or dropped by a truncate since, when its later changes go with it
                 done.setdefault(inode.ino, (inode, []))[1].append(page)
             if i % step == step - 1:
                 for mapping_inode, pages in done.values():
@@ -414,7 +432,8 @@ class CommitJob:
             c["blocks_written"] += len(self.writes)
             c["commit_seconds"] += time.perf_counter() - self.started
         vol.job = None
-        for event in self.waiters:
+        self.written = True
+        for event in self.waiters + self.written_waiters:
             event.set()
 
 

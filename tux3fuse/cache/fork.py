@@ -16,6 +16,13 @@ The decision is one table (``need_fork``), as in Tux3's buffer_fork.c:
 | clean                               | CAN_DIRTY   | CAN_DIRTY   | CAN_DIRTY   |
 | dirty for the current delta         | ALREADY     | ALREADY     | ALREADY     |
 | dirty for an older delta            | NEED_FORK   | WAIT        | IN_PLACE    |
+| the backend's, its block written    | AFTER_IO    | AFTER_IO    | AFTER_IO    |
+
+The last row is the time between the end of a commit's block writes and the end of the commit (its flush, its
+superblock and its completion stage): the page's I/O is over, as after Linux's ``end_page_writeback``, so a
+change can neither tear the block nor reach the delta on disk. The page is changed in place and moves to the
+current delta when the commit completes. A stable-page writer therefore waits for the page to be written, never
+for the flush, which is what Linux's ``wait_on_page_writeback`` waits for.
 """
 
 from __future__ import annotations
@@ -33,15 +40,20 @@ class Action(enum.Enum):
     NEED_FORK = "copy the page and change the copy"
     WAIT = "wait until the backend has written the page"
     IN_PLACE = "change the page while the backend writes it"
+    AFTER_IO = "the backend has written the page: change it in place, for this delta"
     CAN_DIRTY = "dirty the page for this delta"
     ALREADY = "the page is already dirty for this delta"
 
 
-def need_fork(page: Page, delta: int, mode: str) -> Action:
+def need_fork(page: Page, delta: int, mode: str, written: bool = False) -> Action:
+    """What a change for ``delta`` must do to ``page``. ``written``: the commit in flight has written all its
+    blocks (every page that is the backend's belongs to that commit, since one commit is in flight at a time)."""
     if page.forked:
         return Action.FORKED
     busy = page.writeback or (page.delta != CLEAN and page.delta != delta)
     if busy:
+        if written:
+            return Action.AFTER_IO
         return Action.NEED_FORK if mode == FORK else Action.WAIT if mode == WAIT else Action.IN_PLACE
     if page.delta == CLEAN:
         return Action.CAN_DIRTY

@@ -22,7 +22,8 @@ class Page:
         self.forked = False
         self.mapping = mapping
         self.pins = 0  # get_user_pages-style references that may write the page at any time
-        self.redirty = CLEAN  # stable=none: changed in place during writeback for this delta
+        self.redirty = CLEAN  # changed in place for this delta while the backend has it (during its I/O with
+        # stable=none, or after it in any mode); the page moves to that delta when the commit completes
 
     def mutable(self) -> bytearray:
         """The page's data as a bytearray. Pages filled by whole-page writes or reads share the request's or the
