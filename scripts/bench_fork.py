@@ -42,6 +42,8 @@ Goal lines (printed as PASS/FAIL; they do not change the exit status):
 - latency: fork p99 <= 0.1 x wait p99, at equal or higher throughput (writes/s), per path;
 - memory: forked_pages_peak never exceeds the dirty pages of the committing delta; reported with the hot set
   size, which bounds it (only hot pages are ever rewritten).
+INFO lines beside them: p99.9 and the share of wait's writes that waited; fork against none (no stable pages at
+all: the most forking could hope for); and on the mount the floor against what the goal allows fork.
 
 Output: a table on stdout, latency CDFs in OUTDIR/bench_fork.png (matplotlib, log x axis), and a section
 "## Page forking" in OUTDIR/PERFORMANCE.md (replaced if present, the rest of the file is kept). OUTDIR is docs/,
@@ -531,6 +533,11 @@ def goal_lines(results: list[Result], hot_pages: int) -> list[str]:
         lines.append(f"INFO: {path}: p99.9 fork {us(fork.percentile(99.9))} µs vs wait {us(wait.percentile(99.9))} µs; "
                      f"{100 * wait.stats['waits'] / max(1, len(wait.latencies)):.2f} % of wait's writes waited (a p99 "
                      "shows the waits only when more than 1 % of the writes wait)")
+        none = by.get((path, "none"))
+        if none is not None:
+            lines.append(f"INFO: {path}: fork against none (no stable pages at all, what forking must not cost "
+                         f"more than): p99 {us(fp99)} vs {us(none.percentile(99))} µs, {num(fork.rate)} vs "
+                         f"{num(none.rate)} writes/s")
         floor = by.get((path, FLOOR))
         if floor is not None:
             lines.append(f"INFO: {path}: a pyfuse3 filesystem that does nothing, under the same writer and stream: "

@@ -38,3 +38,13 @@ def test_the_report_shows_the_floor_beside_the_goal() -> None:
     assert any(line.startswith("FAIL: mounted: fork p99 400 µs vs wait p99 3,000 µs") for line in lines)
     floor_line = [line for line in lines if "does nothing" in line]
     assert len(floor_line) == 1 and "p99 150 µs, against the 300 µs the goal allows fork" in floor_line[0]
+
+
+def test_the_report_compares_fork_with_no_stable_pages() -> None:
+    fork = result("fork", [50.0] * 98 + [400.0, 400.0])
+    wait = result("wait", [50.0] * 97 + [3000.0] * 3, waits=3)
+    none = result("none", [50.0] * 98 + [380.0, 380.0])
+    lines = bench.goal_lines([fork, wait, none], hot_pages=16)
+    line = [line for line in lines if "fork against none" in line]
+    assert len(line) == 1 and "p99 400 vs 380 µs, 100 vs 100 writes/s" in line[0]
+    assert not any("fork against none" in line for line in bench.goal_lines([fork, wait], hot_pages=16))
