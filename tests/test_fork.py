@@ -303,14 +303,25 @@ def test_attributes_of_the_next_delta_do_not_leak_into_the_committing_one(vol):
     snap.close_files()
 
 
-def test_directory_changes_while_its_block_is_committed(vol):
+@pytest.mark.parametrize("mode, written", [("fork", False), ("fork", True), ("wait", True)])
+def test_directory_changes_while_its_block_is_committed(make_vol, mode, written):
+    """During the block writes a directory block forks; once they are done (in any mode) it changes in place."""
+    vol = make_vol(mode)
     d = vol.mkdir(1, b"d", 0o755)
     for i in range(20):
         vol.mknod(d.ino, b"old%d" % i, 0o100644)
     job = vol.start_commit()
+    if written:
+        job.write_data()
+        job.mark_written()
     vol.mknod(d.ino, b"new", 0o100644)
     vol.unlink(d.ino, b"old3")
-    assert vol.counters["dir_forks"] >= 1
+    if written:
+        assert vol.counters["dir_forks"] == 0 and vol.counters["after_io_writes"] >= 1 and vol.job is job
+    else:
+        assert vol.counters["dir_forks"] >= 1
+    assert sorted(n for n, _, _ in vol.readdir(d.ino, 0)) == sorted(
+        [b"old%d" % i for i in range(20) if i != 3] + [b"new"])
     job.write()
     job.complete()
     snap = committed(vol)
@@ -320,6 +331,31 @@ def test_directory_changes_while_its_block_is_committed(vol):
     snap = committed(vol)
     names = sorted(n for n, _, _ in snap.readdir(d.ino, 0))
     assert names == sorted([b"old%d" % i for i in range(20) if i != 3] + [b"new"])
+    snap.close_files()
+
+
+def test_mmap_write_after_the_blocks_are_written_changes_the_page_in_every_mapping(vol):
+    f = vol.create(1, b"f", 0o644)
+    vol.write(f.ino, 0, fill(1, 2 * BS))
+    m1, m2 = vol.mmap(f.ino), vol.mmap(f.ino)
+    assert m1.read(0, 4) == m2.read(0, 4) == fill(1, 4)
+    job = vol.start_commit()  # write-protects the pages in both mappings
+    job.write_data()
+    job.mark_written()
+    m2.write(20, b"two")  # write fault: no fork, the page itself changes
+    m1.write(30, b"three")
+    assert vol.counters["forks"] == 0 and vol.counters["after_io_writes"] == 2
+    for m in (m1, m2):
+        assert m.read(0, 2 * BS) == vol.read(f.ino, 0, 2 * BS)
+    job.write_super()
+    job.complete()
+    snap = committed(vol)
+    assert snap.read(f.ino, 0, 2 * BS) == fill(1, 2 * BS)
+    snap.close_files()
+    m1.write(40, b"four")  # the page is dirty for the current delta now
+    vol.commit()
+    snap = committed(vol)
+    assert snap.read(f.ino, 0, 50)[20:44] == b"two" + fill(1, 7) + b"three" + fill(1, 5) + b"four"
     snap.close_files()
 
 
