@@ -185,7 +185,8 @@ class Volume:
         self.dev = Device(self.path, bs, sb.volblocks, self.readonly, self.options.writelog)
         self.counters: Counter[str] = Counter()
         for key in ("forks", "data_forks", "dir_forks", "attr_forks", "waits", "commits", "blocks_written",
-                    "flushes", "unifies", "bytes_copied", "pinned_copies", "commits_ahead"):
+                    "flushes", "unifies", "bytes_copied", "pinned_copies", "commits_ahead", "in_place_writes",
+                    "after_io_writes"):
             self.counters[key] = 0
         self.writes: list[tuple[int, bytes | bytearray]] = []
         try:
