@@ -15,7 +15,8 @@ Two paths, each on a fresh 1 GiB sparse image in a temporary directory (default 
             random 4 KiB hot pages, timing each call, with ``await trio.sleep(0)`` between writes so the
             committer gets to run. The latency is that of the write call alone: the committer's prepare and
             complete stages (and garbage collections) run on the same event loop between writes: they show up as the
-            "max gap" column of the commit-load table.
+            "max gap" column of the commit-load table. The garbage collector is set as the daemon sets it
+            (``gc.freeze()`` after the setup, thresholds ``tux3fuse.daemon.GC_THRESHOLDS``) for the timed phase.
   mounted   ``tux3fuse -f -o nowriteback,stable=MODE,commit=0.01 IMAGE MNT`` in a subprocess. With the kernel's
             writeback cache off every pwrite() is a request to the daemon, so the latency the writer sees is the
             daemon's. The daemon's flusher commits every 10 ms; the script times os.pwrite() of random 4 KiB hot
@@ -190,12 +191,14 @@ def run_embedded(mode: str, cfg: Config, image: Path) -> Result:
 async def _embedded(mode: str, cfg: Config, image: Path, result: Result) -> list[bytes]:
     import trio
 
+    from tux3fuse.daemon import GC_THRESHOLDS
     from tux3fuse.format import ROOT_INO
     from tux3fuse.fs import Options, Volume
 
     rnd = random.Random(cfg.seed)
     payloads = make_payloads(rnd)
     vol = Volume(str(image), Options(stable=mode))
+    thresholds = gc.get_threshold()
     try:
         vol.mount()
         uid, gid = os.getuid(), os.getgid()
@@ -209,6 +212,10 @@ async def _embedded(mode: str, cfg: Config, image: Path, result: Result) -> list
             seq += 1
         await vol.commit_async()  # the hot set starts clean, on disk
         gc.collect()  # garbage of earlier runs is not collected during this one
+        # the collector as the daemon sets it, so that both paths run the filesystem under the same runtime: with
+        # Python's defaults, full collections of the cache's objects hold the loop for 30-60 ms
+        gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
         before = vol.stats()
         chunk = rnd.randbytes(STREAM_CHUNK)
         stop = False
@@ -281,6 +288,8 @@ async def _embedded(mode: str, cfg: Config, image: Path, result: Result) -> list
             raise BenchError(f"the volume failed: {vol.failed}")
         return last
     finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
         vol.unmount()
 
 
@@ -626,7 +635,8 @@ def section_text(results: list[Result], cfg: Config, argv: Sequence[str], goals:
                f"per run while commits run all the time, beside a background stream of {cfg.stream_mbps:g} MB/s "
                "appended to a second file (so that commits carry data besides the hot pages). *embedded*: the "
                "embedded API in one trio run, `await vol.commit_async()` back to back in one task and timed "
-               "`await vol.call(vol.write, ...)` in another. *mounted*: `tux3fuse -f -o "
+               "`await vol.call(vol.write, ...)` in another, with the garbage collector set as the daemon sets "
+               "it. *mounted*: `tux3fuse -f -o "
                f"nowriteback,stable=MODE,commit={cfg.commit_interval:g}`, timed `os.pwrite()`; every write is a "
                "request to the daemon. *pyfuse3-null*: the mounted writer and stream on `scripts/nullfs.py "
                "--nowriteback`, an in-memory pyfuse3 filesystem that does nothing: the floor of the mounted rows. "

@@ -29,6 +29,7 @@ from .flusher import Flusher
 from .fs import Volume
 
 log = logging.getLogger("tux3fuse")
+GC_THRESHOLDS = (20_000, 50, 100)  # the collector's thresholds while serving (see Daemon.run)
 MAX_TASKS = 256  # requests served at once: every fsync waiting for a commit holds one (group commit needs many)
 
 
@@ -141,7 +142,7 @@ class Daemon:
         # milliseconds. Freeze what exists now and collect the young generation less often.
         gc.collect()
         gc.freeze()
-        gc.set_threshold(20_000, 50, 100)
+        gc.set_threshold(*GC_THRESHOLDS)
         crashed = False
         try:
             trio.run(self.main)
