@@ -218,7 +218,8 @@ def test_wait_mode_waits_for_the_page_io_not_for_the_flush(make_vol, monkeypatch
         async with trio.open_nursery() as nursery:
             nursery.start_soon(vol.commit_async)
             with trio.fail_after(5):
-                await trio.to_thread.run_sync(data_reached.wait)
+                while not data_reached.is_set():
+                    await trio.sleep(0.001)
             job = vol.job
             nursery.start_soon(writer, job)
             await trio.sleep(0.05)

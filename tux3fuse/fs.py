@@ -349,8 +349,7 @@ class Volume:
             except Exception as e:
                 self.fail(f"commit of delta {job.delta} failed: {e}")
                 self.job = None
-                for event in job.waiters + job.written_waiters:
-                    event.set()
+                job.wake_waiters()
                 raise VolumeError(self.failed) from e
             done = clock()
             hold = max(hold, await self._sliced(job.complete_steps(), urgent))

@@ -433,6 +433,10 @@ class CommitJob:
             c["commit_seconds"] += time.perf_counter() - self.started
         vol.job = None
         self.written = True
+        self.wake_waiters()
+
+    def wake_waiters(self) -> None:
+        """Wake every task waiting for this job: it completed, or it failed."""
         for event in self.waiters + self.written_waiters:
             event.set()
 
