@@ -432,7 +432,6 @@ class CommitJob:
             c["blocks_written"] += len(self.writes)
             c["commit_seconds"] += time.perf_counter() - self.started
         vol.job = None
-        self.written = True
         self.wake_waiters()
 
     def wake_waiters(self) -> None:
