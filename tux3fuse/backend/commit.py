@@ -214,7 +214,10 @@ class CommitJob:
     def _flush_inode(self, inode: Inode) -> Iterator[None]:
         vol, delta = self.vol, self.delta
         rec = inode.attrs_for(delta)
-        if rec.nlink == 0 and inode.lookups <= 0 and inode.opens <= 0:
+        # Destroyed by the last delta that changes it: an inode that died after the transition (the kernel's
+        # forget or release of an unlinked file came in a later delta) is dirty in that delta too, whose commit
+        # destroys it; destroying it here as well would count it twice and log its destruction twice.
+        if rec.nlink == 0 and inode.dead and max(inode.dirty_deltas, default=delta) <= delta:
             self._destroy(inode)
             return
         size = rec.size  # attributes are read again after any yield: the frontend may fork them meanwhile
