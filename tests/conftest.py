@@ -20,6 +20,9 @@ from types import ModuleType
 import pytest
 
 BIN = Path(sys.executable).parent
+# every volume the tests open, and every daemon they start, checks after each commit that the image replays to
+# the state in memory (Options.verify_log): a log that does not replay fails the test at the delta that wrote it
+os.environ.setdefault("TUX3FUSE_VERIFY_LOG", "1")
 ROOT = Path(__file__).resolve().parent.parent
 
 

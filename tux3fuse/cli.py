@@ -93,7 +93,7 @@ IGNORED = {"defaults", "auto", "noauto", "user", "nouser", "users", "nofail", "_
 def parse_mount_options(text: str) -> dict:
     """-o string -> settings; raises UsageError on anything unknown."""
     out = {"ro": False, "writeback": True, "xattr": False, "commit": 5.0, "cache": None, "stable": "fork",
-           "writelog": None, "dirty_limit": None, "fsync_ahead": None, "fuse": set()}
+           "writelog": None, "dirty_limit": None, "fsync_ahead": None, "verify_log": False, "fuse": set()}
     for opt in filter(None, (text or "").split(",")):
         key, _, value = opt.partition("=")
         if key == "ro":
@@ -102,6 +102,8 @@ def parse_mount_options(text: str) -> dict:
             out["writeback"] = False
         elif key == "xattr":
             out["xattr"] = True
+        elif key == "verify_log":
+            out["verify_log"] = True
         elif key == "commit":
             try:
                 out["commit"] = float(value)
@@ -171,6 +173,8 @@ def mount_cmd(argv: list[str], prog: str = PROG_MOUNT) -> int:
         options.dirty_limit = opts["dirty_limit"]
     if opts["fsync_ahead"] is not None:
         options.fsync_ahead_bytes = opts["fsync_ahead"]
+    if opts["verify_log"]:
+        options.verify_log = True
     vol = Volume(image, options)
     try:
         vol.mount()

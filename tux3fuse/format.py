@@ -121,7 +121,26 @@ class Super:
     def blocksize(self) -> int:
         return 1 << self.blockbits
 
+    def impossible(self) -> str | None:
+        """What no committed state can hold (a negative or overflowing count, a block outside the volume), or
+        None. ``pack`` refuses such a superblock before anything is written, ``unpack`` such a copy."""
+        if not 0 <= self.used_inodes < max(self.next_inum, 1):
+            return f"used inode count {self.used_inodes} outside [0, {self.next_inum})"
+        if not 0 <= self.free_blocks <= self.volblocks:
+            return f"free block count {self.free_blocks} outside [0, {self.volblocks}]"
+        for name in ("itree_root", "otree_root", "log_head"):
+            if not 0 <= getattr(self, name) < self.volblocks:
+                return f"{name} {getattr(self, name)} outside the volume of {self.volblocks} blocks"
+        if self.log_count < 0 or (self.log_count == 0) != (self.log_head == 0):
+            return f"log of {self.log_count} blocks with head {self.log_head}"
+        if not 0 <= self.unify_seq <= self.seq:
+            return f"last unify at delta {self.unify_seq}, after delta {self.seq}"
+        return None
+
     def pack(self) -> bytes:
+        problem = self.impossible()
+        if problem is not None:
+            raise FormatError(f"superblock of delta {self.seq} refused: {problem}")
         buf = bytearray(SUPER_SIZE)
         _SUPER.pack_into(
             buf, 0, MAGIC, VERSION, self.blockbits, self.state, self.seq, self.volblocks, self.itree_root,
@@ -155,6 +174,9 @@ class Super:
             raise FormatError(f"superblock copy {copy}: block size 2^{sb.blockbits} out of range")
         if sb.bitmap_cur not in (0, 1):
             raise FormatError(f"superblock copy {copy}: bad bitmap region {sb.bitmap_cur}")
+        problem = sb.impossible()
+        if problem is not None:
+            raise FormatError(f"superblock copy {copy}: {problem}")
         return sb
 
 

@@ -20,7 +20,7 @@ import stat
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import format as fmt
 from .alloc import NoSpace
@@ -130,6 +130,9 @@ class Options:
     fsync_ahead_bytes: int = 1 << 20  # fsync commits only the file when the rest of its delta is dirtier than this
     writelog: str | None = None  # record every write and flush to this file (crash testing)
     lock: bool = True  # take the image lock (tests reading a committed state beside a live volume pass False)
+    # after every commit, replay the image as a mount would and compare (replaycheck.py): mount option verify_log,
+    # or TUX3FUSE_VERIFY_LOG=1 in the environment (the test suite sets it, so every daemon it starts checks too)
+    verify_log: bool = field(default_factory=lambda: os.environ.get("TUX3FUSE_VERIFY_LOG") == "1")
 
 
 class Volume:
@@ -285,7 +288,22 @@ class Volume:
             self.fail(f"commit of delta {delta} failed: {e}")
             raise VolumeError(self.failed) from e
         self.counters["flushes"] = self.dev.stats.flushes
+        if written:
+            self._verify_log(delta)
         return written
+
+    def _verify_log(self, delta: int) -> None:
+        """With ``Options.verify_log``: the image just committed must replay to what memory holds; if not, the
+        volume turns read-only at this delta, before anything is built on it."""
+        if not self.options.verify_log:
+            return
+        from .backend.replaycheck import check_replay
+
+        problems = check_replay(self)
+        self.counters["replay_checks"] += 1
+        if problems:
+            self.fail(f"delta {delta} does not replay to the state in memory: {'; '.join(problems)}")
+            raise VolumeError(self.failed)
 
     def start_commit(self, *, unify: bool = False, state: int | None = None, prepare: bool = True,
                      urgent: bool = False, only: set[int] | None = None) -> CommitJob:
@@ -357,6 +375,8 @@ class Volume:
             c["commit_complete_seconds"] += clock() - done
             c["loop_hold_max_seconds"] = max(c["loop_hold_max_seconds"], hold)
             c["flushes"] = self.dev.stats.flushes
+            if not job.empty:
+                self._verify_log(job.delta)
         return job.delta
 
     async def _sliced(self, steps: Iterator[None], urgent: bool = False) -> float:
