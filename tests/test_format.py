@@ -58,10 +58,17 @@ def test_super_pack_unpack_round_trip_keeps_every_field(blocksize: int) -> None:
 @FAST
 def test_super_round_trip_for_arbitrary_field_values(seq, volblocks, roots, counts, label, uuid, created, bits,
                                                       cur) -> None:
-    sb = fmt.Super(blockbits=bits, volblocks=volblocks, seq=seq, itree_root=roots[0], otree_root=roots[1],
-                   log_head=roots[2], log_count=counts[0], unify_seq=seq // 2, bitmap_start=(counts[1], counts[2]),
-                   bitmap_blocks=counts[0], bitmap_cur=cur, free_blocks=volblocks // 3, used_inodes=seq // 5,
-                   next_inum=roots[0] // 7, label=label, uuid=uuid, created_ns=created)
+    volblocks = max(volblocks, 1)
+    head = roots[2] % volblocks
+    sb = fmt.Super(blockbits=bits, volblocks=volblocks, seq=seq, itree_root=roots[0] % volblocks,
+                   otree_root=roots[1] % volblocks, log_head=head, log_count=counts[0] if head else 0,
+                   unify_seq=seq // 2, bitmap_start=(counts[1], counts[2]), bitmap_blocks=counts[0], bitmap_cur=cur,
+                   free_blocks=volblocks // 3, used_inodes=seq // 5, next_inum=seq // 5 + roots[0] // 7 + 1,
+                   label=label, uuid=uuid, created_ns=created)
+    if head and not counts[0]:  # a head with no blocks: no committed state looks like that
+        with pytest.raises(fmt.FormatError, match="refused: log of 0 blocks"):
+            sb.pack()
+        return
     assert fmt.Super.unpack(sb.pack(), 0) == sb
 
 
