@@ -23,11 +23,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from . import format as fmt
+from . import recovery
 from .alloc import NoSpace
 from .backend import extents
 from .backend.btree import BTree
 from .backend.commit import CommitJob, commit_delta
-from .backend.log import load_bitmap, read_chain, replay, replay_trees
+from .backend.log import load_bitmap, read_chain, replay, replay_error, replay_trees
 from .cache import AddressSpace, Page, PageCache
 from .cache.fork import FORK, MODES, WAIT, Action, ForkRegistry, clone_page, need_fork
 from .cache.mmap import SharedMapping
@@ -36,6 +37,7 @@ from .device import Device, OutOfRange, image_size
 from .dir import CorruptDir, DirIndex
 from .format import ROOT_INO, CorruptBlock, FormatError, InodeRecord, Super
 from .inode import Inode
+from .recovery import Recovery
 
 log = logging.getLogger("tux3fuse")
 
@@ -181,7 +183,11 @@ class Volume:
             raise
 
     def _load(self, fd: int) -> None:
-        sb = read_super(fd, self.path)
+        sb, self.recovery = find_super(fd, self.path)  # what was left out of the load, and why: reported
+        if self.recovery.refuse and not self.readonly:
+            raise VolumeError(self.recovery.refuse)
+        for line in self.recovery.warnings():
+            log.warning("%s", line)
         self.sb = sb
         self.blocksize = bs = sb.blocksize
         self.leaf_capacity = fmt.leaf_capacity(bs)  # bytes of entries one btree leaf holds
@@ -194,10 +200,16 @@ class Volume:
         self.writes: list[tuple[int, bytes | bytearray]] = []
         try:
             self.alloc = load_bitmap(self.dev.read_block, sb)
+        except (CorruptBlock, OutOfRange) as e:
+            raise VolumeError(f"{self.path}: {e}") from None
+        broken: Exception | None = None  # a log that does not replay: diagnosed below, once the trees are set up
+        try:
             chain = read_chain(self.dev.read_block, sb.log_head, sb.log_count)
             replay(self.alloc, chain)
         except (CorruptBlock, OutOfRange) as e:
-            raise VolumeError(f"{self.path}: {e}") from None
+            if sb.itree_root == 0:
+                raise VolumeError(f"{self.path}: {e}") from None
+            chain, broken = [], e
         self.log_blocks = [block for block, _ in chain]
         first = fmt.reserved_blocks(bs) + 2 * sb.bitmap_blocks
         self.alloc.meta_goal = first  # metadata from the front, data from a sixteenth of the way in
@@ -221,10 +233,12 @@ class Volume:
         if sb.itree_root == 0:  # a volume being made: mkfs creates the root next
             return
         try:
+            if broken is not None:
+                raise broken
             replay_trees(self, chain)
             self.iget(ROOT_INO)
         except (CorruptBlock, OutOfRange, OSError) as e:
-            raise VolumeError(f"{self.path}: cannot load the root directory: {e}") from None
+            raise replay_error(self, e) from None  # names the last delta that replays, and fsck.tux3
 
     def mount(self) -> None:
         """Reclaim orphans left by a crash and record the volume as mounted (a commit)."""
@@ -1343,7 +1357,8 @@ class Volume:
                    flushes=self.dev.stats.flushes, hole_fill_bytes=self.dev.stats.fill_bytes,
                    forked_pages_live=self.forks.live,
                    forked_pages_peak=self.forks.peak, wait_seconds=float(self.counters["wait_seconds"]),
-                   stable=self.stable, read_only=int(self.failed is not None or self.readonly))
+                   stable=self.stable, read_only=int(self.failed is not None or self.readonly),
+                   dropped_delta=self.recovery.dropped, dropped_cause=self.recovery.cause)
         return out
 
 
@@ -1381,32 +1396,53 @@ def delta_landed(fd: int, sb: Super) -> bool:
 
 
 def read_super(fd: int, path: str = "image") -> Super:
-    """The newest valid superblock copy of an image; FormatError says why there is none."""
+    """The superblock a mount loads (``find_super``, without the report)."""
+    return find_super(fd, path)[0]
+
+
+def find_super(fd: int, path: str = "image") -> tuple[Super, Recovery]:
+    """The superblock copy to load, and the report of what was left out and why (recovery.py). Every copy whose
+    checksum fails is reported; when the newest delta's proof fails, the delta before is loaded and the report says
+    whether the newest was a commit that did not finish or was damaged after it was written (docs/FORMAT.md §11);
+    ``Recovery.refuse`` is set when a read-write mount must not go on. VolumeError when no delta can be loaded."""
     size = image_size(fd)
     if size < fmt.SUPER_OFFSETS[1] + fmt.SUPER_SIZE:
         raise VolumeError(f"{path}: image is too short ({size} bytes) to hold a tux3fuse volume")
-    found, problems = [], []
+    found, problems, bad = [], [], []
     for copy, offset in enumerate(fmt.SUPER_OFFSETS):
+        raw = os.pread(fd, fmt.SUPER_SIZE, offset)
         try:
-            found.append(Super.unpack(os.pread(fd, fmt.SUPER_SIZE, offset), copy))
+            found.append(Super.unpack(raw, copy))
         except FormatError as e:
             problems.append(str(e))
+            bad.append((copy, raw, str(e)))
     if not found:
         if all("wrong magic" in p for p in problems):
             raise VolumeError(f"{path}: not a tux3fuse volume (no signature found)")
         raise VolumeError(f"{path}: no usable superblock ({'; '.join(problems)})")
     found.sort(key=lambda s: s.seq, reverse=True)
     sb = found[0]
+    report = Recovery(path)
+    for copy, raw, reason in bad:
+        note, refuse = recovery.judge_bad_copy(raw, copy, sb, reason.removeprefix(f"superblock copy {copy}: "), path)
+        if note:
+            report.notes.append(note)
+        report.refuse = report.refuse or refuse
     if sb.delta_csum and not delta_landed(fd, sb):
         if len(found) < 2:
             raise VolumeError(f"{path}: the last delta ({sb.seq}) did not reach the disk whole and the other "
-                              f"superblock copy is unusable ({'; '.join(problems)})")
-        log.warning("%s: delta %d did not reach the disk whole; using delta %d", path, sb.seq, found[1].seq)
+                              f"superblock copy is unusable ({'; '.join(problems)}); run fsck.tux3")
+        report = recovery.judge_delta(fd, sb, found[1], path)
         sb = found[1]
+        if sb.delta_csum and not delta_landed(fd, sb):  # durable before the newest was written: damage
+            report.cause = recovery.DAMAGED
+            report.refuse = (f"{path}: delta {sb.seq}, durable before delta {report.dropped}, fails its proof "
+                             "too; run fsck.tux3")
+    report.seq = sb.seq
     if size < sb.volblocks * sb.blocksize:
         raise VolumeError(f"{path}: image is {size} bytes but the filesystem needs {sb.volblocks * sb.blocksize}"
                           " (truncated image?)")
-    return sb
+    return sb, report
 
 
 __all__ = ["Attr", "CorruptBlock", "CorruptDir", "NoSpace", "Options", "Volume", "VolumeError", "read_super"]

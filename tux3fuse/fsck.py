@@ -7,16 +7,24 @@ the end of the file or outside the volume, a block referenced twice, a data bloc
 bits that differ from the set of reachable blocks, wrong free block and inode counts, directory entries naming
 missing inodes or with the wrong type, link counts that differ from the names, and orphans left behind.
 ``fsck(repair=True)`` fixes what a mount can fix safely (orphans, leaked blocks, counts) and checks again.
+
+A log that does not replay past some delta is reported with its last consistent delta, the deltas a rollback drops
+and the inodes they touch; repair rolls the volume back to that delta (docs/FORMAT.md §9.1) and says what it
+dropped. A directory block that is unreadable (bad checksum, malformed entries) is, on repair, emptied (the
+directory keeps its other blocks), and every inode no name reaches any more is linked into /lost+found as
+``#<inode>`` with its data, link counts set to the names.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+from collections import Counter
 from dataclasses import dataclass, field
 
 from . import format as fmt
 from .backend.btree import BTree, Node
+from .backend.log import LogDamage, roll_back
 from .dir import CorruptDir, parse_block
 from .format import CorruptBlock, InodeRecord, unpack_extent
 from .fs import Options, Volume, VolumeError
@@ -33,6 +41,8 @@ class Report:
     leaked: list[int] = field(default_factory=list)  # blocks marked used that nothing references
     orphans: list[int] = field(default_factory=list)
     counts_wrong: bool = False
+    lost_dir_blocks: list[tuple[int, int]] = field(default_factory=list)  # (directory, block index) unreadable
+    repairs: list[str] = field(default_factory=list)  # what a repair did beyond the errors it fixed
     status: int = FSCK_OK
     lines: list[str] = field(default_factory=list)
 
@@ -196,7 +206,9 @@ class Checker:
             mapped += len(csums)
             if self.claim(physical, len(csums), f"inode {ino}"):
                 if self.data or kind in (stat.S_IFDIR, stat.S_IFLNK):
-                    self.verify_data(ino, key, physical, csums)
+                    bad = self.verify_data(ino, key, physical, csums)
+                    if kind == stat.S_IFDIR:
+                        r.lost_dir_blocks += [(ino, index) for index in bad]
                 if kind == stat.S_IFDIR:
                     for i in range(len(csums)):
                         blocks[key + i] = (physical + i, 0)
@@ -206,6 +218,8 @@ class Checker:
             if rec.size % bs:
                 r.error(f"directory {ino}: size {rec.size} is not a multiple of the block size")
             for index in range(nblocks):
+                if (ino, index) in r.lost_dir_blocks:
+                    continue  # its entries cannot be trusted: the names in it are lost
                 phys = blocks.get(index, (0, 0))[0]
                 data = self.vol.dev.read_block(phys) if phys else bytes(bs)
                 try:
@@ -225,13 +239,18 @@ class Checker:
                             parents[child] = ino
                 except CorruptDir as e:
                     r.error(str(e))
+                    r.lost_dir_blocks.append((ino, index))
 
-    def verify_data(self, ino: int, key: int, physical: int, csums: list[int]) -> None:
+    def verify_data(self, ino: int, key: int, physical: int, csums: list[int]) -> list[int]:
+        """Check the checksums of an extent's blocks; return the logical blocks that fail."""
         bs = self.bs
         data = self.vol.dev.read_blocks(physical, len(csums))
+        bad = []
         for i, csum in enumerate(csums):
             if fmt.checksum(data[i * bs: (i + 1) * bs]) != csum:
                 self.r.error(f"inode {ino}: data block {key + i} (block {physical + i}) fails its checksum")
+                bad.append(key + i)
+        return bad
 
     def bitmap(self) -> None:
         vol, r = self.vol, self.r
@@ -260,16 +279,28 @@ class Checker:
 
 def check(path: str, data: bool = True) -> tuple[Report, Volume]:
     vol = Volume(path, Options(readonly=True))
-    return Checker(vol, data).run(), vol
+    report = Checker(vol, data).run()
+    report.errors.extend(vol.recovery.errors())  # a delta left out at load (recovery.py) is never a clean volume
+    return report, vol
 
 
 def fsck(path: str, repair: bool = False, verbose: bool = False, data: bool = True) -> Report:
-    """Check (and with ``repair``, fix what can be fixed) a volume that is not mounted."""
+    """Check (and with ``repair``, fix what can be fixed) a volume that is not mounted. A log that does not replay
+    past some delta is reported with that delta; ``repair`` rolls the volume back to it (``roll_back_volume``)."""
+    rolled: list[str] = []
     try:
         report, vol = check(path, data)
     except VolumeError as e:
-        report = Report(status=FSCK_UNCORRECTED, lines=[f"{path}: {e}"])
-        return report
+        damage: LogDamage | None = getattr(e, "damage", None)
+        if damage is None:
+            return Report(status=FSCK_UNCORRECTED, lines=[f"{path}: {e}"])
+        if not repair or not os.access(path, os.W_OK):
+            return Report(status=FSCK_UNCORRECTED, lines=damage_lines(path, damage))
+        try:
+            rolled = damage_lines(path, damage, roll_back_volume(path, damage))
+            report, vol = check(path, data)
+        except (VolumeError, OSError, fmt.FormatError) as e:
+            return Report(status=FSCK_UNCORRECTED, lines=[*damage_lines(path, damage), f"roll back failed: {e}"])
     sb = vol.sb
     vol.close_files()
     head = (f"{path}: delta {sb.seq}, {sb.volblocks} blocks of {sb.blocksize} bytes, {sb.free_blocks} free, "
@@ -282,7 +313,7 @@ def fsck(path: str, repair: bool = False, verbose: bool = False, data: bool = Tr
             fmt.Super.unpack(raw, copy)
         except fmt.FormatError as e:
             report.notes.append(f"superblock copy {copy} unusable ({e}); the other copy is in use")
-    fixable = not [e for e in report.errors if not _fixable(e)]
+    fixable = not [e for e in report.errors if not _fixable(e, report)]
     if report.errors and repair and fixable and os.access(path, os.W_OK):
         try:
             _repair(path, report)
@@ -293,21 +324,37 @@ def fsck(path: str, repair: bool = False, verbose: bool = False, data: bool = Tr
         again, vol2 = check(path, data)
         vol2.close_files()
         if not again.errors:
-            report.lines = [head, *(f"fixed: {e}" for e in report.errors), *again.notes]
+            report.lines = [head, *rolled, *(f"fixed: {e}" for e in report.errors), *report.repairs,
+                            *again.notes]
             report.status = FSCK_CORRECTED
             return report
         report = again
-    report.lines = [head, *report.notes, *report.errors]
+    report.lines = [head, *rolled, *report.notes, *report.errors]
     if report.errors:
         report.status = FSCK_UNCORRECTED
+        reused = sum("fails its checksum" in e for e in report.errors)
+        if rolled and reused:
+            report.lines.append(f"{reused} data block(s) fail their checksums: a dropped delta freed them and a "
+                                "later dropped delta wrote them again, so those files hold other data there now")
         report.lines.append(f"{len(report.errors)} error(s) left uncorrected")
     else:
+        report.status = FSCK_CORRECTED if rolled else FSCK_OK
         report.lines.append("clean")
     return report
 
 
-def _fixable(error: str) -> bool:
-    return error.startswith(("bitmap: ", "free block count", "used inode count"))
+def _fixable(error: str, report: Report) -> bool:
+    if error.startswith(("bitmap: ", "free block count", "used inode count")):
+        return True
+    if not report.lost_dir_blocks:
+        return False
+    # what a lost directory block causes: names gone, so link counts and parents that no longer match
+    dirs = {ino for ino, _ in report.lost_dir_blocks}
+    if any(error.startswith((f"inode {ino}: data block ", f"corrupt directory {ino}, block ")) for ino in dirs):
+        return True
+    if not error.startswith(("inode ", "directory ")):
+        return False
+    return error.endswith(" names") or ": link count " in error or ": parent recorded as " in error
 
 
 def _repair(path: str, report: Report) -> None:
@@ -317,5 +364,126 @@ def _repair(path: str, report: Report) -> None:
             vol.alloc.free_later(block, 1)
         vol.used_inodes = len(list(vol.itable.items()))
         vol.mount()
+        if report.lost_dir_blocks:
+            report.repairs += reconnect(vol, report.lost_dir_blocks)
     finally:
         vol.unmount()
+
+
+LOST_FOUND = b"lost+found"
+
+
+def _names(vol: Volume) -> tuple[dict[int, InodeRecord], Counter[int], Counter[int], dict[int, int]]:
+    """Every inode's record; how many names each has, the subdirectories of each directory, each directory's
+    parent (by the directory entries)."""
+    recs = {ino: InodeRecord.unpack(raw) for ino, raw in vol.itable.items()}
+    names: Counter[int] = Counter()
+    subdirs: Counter[int] = Counter()
+    parents: dict[int, int] = {}
+    for ino, rec in recs.items():
+        if not stat.S_ISDIR(rec.mode) or not rec.nlink:
+            continue
+        for child, _, _, _ in vol._dir(vol.iget(ino)).names.values():
+            if child not in recs:
+                continue
+            names[child] += 1
+            if stat.S_ISDIR(recs[child].mode):
+                subdirs[ino] += 1
+                parents[child] = ino
+    return recs, names, subdirs, parents
+
+
+def reconnect(vol: Volume, lost: list[tuple[int, int]]) -> list[str]:
+    """Drop the unreadable blocks ``lost`` (directory, block index) from their directories (each becomes an empty
+    block; the directory keeps its other blocks), link every inode that no name reaches any more into
+    /lost+found as ``#<inode>`` (as e2fsck does), and set link counts and parents to what the names say. Commits;
+    returns what it did, by inode."""
+    done = []
+    bs = vol.blocksize
+    with vol.deltas.change() as delta:
+        for ino, index in sorted(set(lost)):
+            inode = vol.iget(ino)
+            vol._dirty_inode(inode, delta)
+            inode.dir = None
+            page = vol._write_page(inode, index, delta, fill=False)
+            page.data[:] = bytes(bs)
+            fmt.DIRENT.pack_into(page.data, 0, 0, fmt.encode_rec_len(bs), 0, 0)
+            done.append(f"directory {ino}: block {index} was unreadable and is now empty; the names in it are lost")
+    vol.commit()
+    recs, names, _, _ = _names(vol)
+    cut_off = sorted(ino for ino, rec in recs.items() if rec.nlink and not names[ino] and ino != fmt.ROOT_INO)
+    if cut_off:
+        try:
+            lf = vol.iget(vol.lookup(fmt.ROOT_INO, LOST_FOUND).ino)
+        except FileNotFoundError:
+            lf = vol.iget(vol.mkdir(fmt.ROOT_INO, LOST_FOUND, 0o700).ino)
+            done.append(f"created /{LOST_FOUND.decode()} (inode {lf.ino})")
+        for ino in cut_off:
+            inode = vol.iget(ino)
+            with vol.deltas.change() as delta:
+                vol._add_entry(lf, b"#%d" % ino, inode, delta)
+            kind = "directory" if stat.S_ISDIR(inode.rec.mode) else f"{inode.rec.size}-byte file"
+            done.append(f"reconnected inode {ino} ({kind}) as /{LOST_FOUND.decode()}/#{ino}")
+        vol.commit()  # _names reads the inode table, which a commit brings up to date
+    recs, names, subdirs, parents = _names(vol)
+    with vol.deltas.change() as delta:
+        for ino, rec in recs.items():
+            if not rec.nlink:
+                continue
+            is_dir = stat.S_ISDIR(rec.mode)
+            want = 2 + subdirs[ino] if is_dir else names[ino]
+            parent = parents.get(ino, rec.parent) if is_dir and ino != fmt.ROOT_INO else rec.parent
+            if rec.nlink != want or rec.parent != parent:
+                new = vol._dirty_inode(vol.iget(ino), delta)
+                if new.nlink != want:
+                    done.append(f"inode {ino}: link count {new.nlink} set to {want}")
+                new.nlink, new.parent = want, parent
+    vol.commit()
+    return done
+
+
+def _deltas(numbers: list[int]) -> str:
+    """Delta numbers as ranges: 3, 5-9."""
+    out: list[str] = []
+    for n in sorted(numbers):
+        if out and int(out[-1].rpartition("-")[2]) == n - 1:
+            out[-1] = f"{out[-1].partition('-')[0]}-{n}"
+        else:
+            out.append(str(n))
+    return ", ".join(out)
+
+
+def damage_lines(path: str, damage: LogDamage, now: int | None = None) -> list[str]:
+    """What a log that does not replay costs: the last consistent delta, the deltas and inodes dropped (``now``:
+    the delta number the volume was rolled back under; None: not rolled back yet)."""
+    n = len(damage.dropped)
+    lines = [f"{path}: the log cannot be replayed past delta {damage.good}: {damage.where}"]
+    if now is None:
+        lines.append(f"last consistent delta: {damage.good}; rolling back to it drops {n} delta(s) "
+                     f"({_deltas(damage.dropped)})")
+    else:
+        lines.append(f"rolled back to delta {damage.good} (the volume goes on from delta {now}): dropped {n} "
+                     f"delta(s) ({_deltas(damage.dropped)})")
+    shown = sorted(damage.inodes)
+    what = "touched" if now is not None else "touch"
+    lines.append(f"inodes the dropped deltas {what}: " + (", ".join(map(str, shown[:50])) if shown else "none known")
+                 + (f" and {len(shown) - 50} more" if len(shown) > 50 else ""))
+    if damage.unreadable:
+        lines.append("unreadable log block(s) " + ", ".join(map(str, damage.unreadable))
+                     + ": the inodes they touched are not known")
+    if now is None:
+        lines.append(f"run fsck.tux3 {path} to roll back to delta {damage.good}")
+    return lines
+
+
+def roll_back_volume(path: str, damage: LogDamage) -> int:
+    """Roll the volume back to ``damage.good``: both superblock copies name that delta's log (under a delta number
+    above every one seen), then a mount and unmount fold that log into the trees (a unify), so that no log block of
+    a dropped delta lies within the volume's log any more. Returns the delta number the rollback was written as."""
+    seq = roll_back(path, damage)
+    vol = Volume(path, Options())
+    try:
+        vol.mount()
+    finally:
+        vol.unmount()
+    return seq
