@@ -54,29 +54,37 @@ class _Parser(argparse.ArgumentParser):
 # mkfs.tux3
 
 def mkfs_cmd(argv: list[str]) -> int:
-    from .mkfs import mkfs, parse_size
+    from .mkfs import LABEL_BYTES, blocksize_problem, human, mkfs, parse_size, size_range
 
-    p = _Parser(prog="mkfs.tux3", description="Make a tux3fuse filesystem on an image file or block device.")
+    p = _Parser(prog="mkfs.tux3", description="Make a tux3fuse filesystem on an image file or block device. "
+                "Everything is checked before the target is written: a refused mkfs changes nothing.")
     p.add_argument("-b", "--blocksize", default="4096", help="block size, a power of two from 512 to 65536")
-    p.add_argument("-L", "--label", default="", help="volume label (up to 32 bytes)")
-    p.add_argument("-s", "--size", help="size of the image (e.g. 512M, 2G); the file is created sparse")
+    p.add_argument("-L", "--label", default="", help=f"volume label (up to {LABEL_BYTES} bytes)")
+    p.add_argument("-s", "--size", help="size of the image (e.g. 512M, 2G; at least 64 blocks and 64 KiB); "
+                   "the file is created sparse")
     p.add_argument("-f", "--force", action="store_true", help="overwrite an existing filesystem")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     p.add_argument("image")
     a = p.parse_args(argv)
     try:
         bs = parse_size(a.blocksize)
-        size = parse_size(a.size) if a.size else None
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if bs & (bs - 1) or not 512 <= bs <= 65536:
-        raise UsageError(f"block size {bs} is not a power of two from 512 to 65536")
-    if size is None and not os.path.exists(a.image):
+    except ValueError:
+        bs = None
+    if bs is None or blocksize_problem(bs):
+        raise UsageError(f"-b takes a power of two from 512 to 65536, not {a.blocksize!r}")
+    size = None
+    if a.size is not None:
+        try:
+            size = parse_size(a.size)
+        except ValueError:
+            raise UsageError(f"-s takes a size such as 512M or 2G, from {size_range(bs)} with {bs}-byte "
+                             f"blocks, not {a.size!r}") from None
+    if size is None and not os.path.lexists(a.image):
         raise UsageError(f"{a.image} does not exist; give its size with -s")
     sb = mkfs(a.image, bs, size, a.label, a.force)
     if not a.quiet:
         print(f"{a.image}: tux3fuse volume, {sb.volblocks} blocks of {sb.blocksize} bytes "
-              f"({sb.volblocks * sb.blocksize / 2**20:.0f} MiB), {sb.free_blocks} free"
+              f"({human(sb.volblocks * sb.blocksize)}), {sb.free_blocks} free"
               + (f", label {a.label!r}" if a.label else ""))
     return 0
 
@@ -90,12 +98,52 @@ IGNORED = {"defaults", "auto", "noauto", "user", "nouser", "users", "nofail", "_
            "writeback", "lazytime", "nolazytime"}
 
 
+MAX_COMMIT = 86400.0  # seconds: commit= beyond a day is a mistake, not a setting
+FLAGS = {"ro", "nowriteback", "xattr", "verify_log"}
+SIZE_OPTIONS = ("cache", "dirty_limit", "fsync_ahead")
+
+
+def _memory_bytes() -> int:
+    """The host's memory: the most the page cache or the dirty data can ever hold."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 1 << 40
+
+
+def _parse_seconds(key: str, value: str, high: float) -> float:
+    """A number of seconds from 0 to ``high``: digits and one point only (no sign, nan, inf or exponent)."""
+    import re
+
+    if re.fullmatch(r"\d+(?:\.\d*)?|\.\d+", value) and float(value) <= high:
+        return float(value)
+    raise UsageError(f"{key}= takes seconds from 0 (no periodic commit) to {high:g}, not {value!r}")
+
+
+def _parse_option_size(key: str, value: str) -> int:
+    """A size from 0 to the host's memory (512K, 64M, 1G)."""
+    from .mkfs import human, parse_size
+
+    high = _memory_bytes()
+    try:
+        size = parse_size(value)
+    except ValueError:
+        size = None
+    if size is None or size > high:
+        extra = " or off" if key == "fsync_ahead" else ""
+        raise UsageError(f"{key}= takes a size such as 64M{extra}, from 0 to {human(high)} (this machine's memory), "
+                         f"not {value!r}")
+    return size
+
+
 def parse_mount_options(text: str) -> dict:
-    """-o string -> settings; raises UsageError on anything unknown."""
+    """-o string -> settings; raises UsageError on anything unknown and on any value out of its range."""
     out = {"ro": False, "writeback": True, "xattr": False, "commit": 5.0, "cache": None, "stable": "fork",
            "writelog": None, "dirty_limit": None, "fsync_ahead": None, "verify_log": False, "fuse": set()}
     for opt in filter(None, (text or "").split(",")):
-        key, _, value = opt.partition("=")
+        key, eq, value = opt.partition("=")
+        if key in FLAGS and eq:
+            raise UsageError(f"{key} takes no value, not {opt!r}")
         if key == "ro":
             out["ro"] = True
         elif key == "nowriteback":
@@ -105,12 +153,7 @@ def parse_mount_options(text: str) -> dict:
         elif key == "verify_log":
             out["verify_log"] = True
         elif key == "commit":
-            try:
-                out["commit"] = float(value)
-                if out["commit"] < 0:
-                    raise ValueError
-            except ValueError:
-                raise UsageError(f"commit= takes a number of seconds, not {value!r}") from None
+            out["commit"] = _parse_seconds(key, value, MAX_COMMIT)
         elif key == "writelog":
             if not value:
                 raise UsageError("writelog= takes a file name")
@@ -121,12 +164,8 @@ def parse_mount_options(text: str) -> dict:
             out["stable"] = value
         elif key == "fsync_ahead" and value == "off":
             out[key] = -1
-        elif key in ("cache", "dirty_limit", "fsync_ahead"):
-            from .mkfs import parse_size
-            try:
-                out[key] = parse_size(value)
-            except ValueError as e:
-                raise UsageError(f"{key}=: {e}") from None
+        elif key in SIZE_OPTIONS:
+            out[key] = _parse_option_size(key, value)
         elif key in PASSED:
             out["fuse"].add(opt)
         elif key in IGNORED or key.startswith("x-") or key in ("fsname", "subtype", "debug"):
@@ -139,7 +178,8 @@ def parse_mount_options(text: str) -> dict:
 def mount_cmd(argv: list[str], prog: str = PROG_MOUNT) -> int:
     p = _Parser(prog=prog, description="Mount a tux3fuse image.")
     p.add_argument("-o", dest="options", action="append", default=[], help="mount options, comma separated: ro, "
-                   "allow_other, writeback|nowriteback, xattr, commit=SECONDS, cache=SIZE, dirty_limit=SIZE, "
+                   "allow_other, writeback|nowriteback, xattr, commit=SECONDS (0 to 86400; 0: only fsync, sync and "
+                   "unmount commit), cache=SIZE, dirty_limit=SIZE (0: no limit), "
                    "stable=fork|wait|none, fsync_ahead=SIZE|off, auto_unmount")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     p.add_argument("--debug", action="store_true", help="log every request (implies --foreground)")
@@ -167,10 +207,10 @@ def mount_cmd(argv: list[str], prog: str = PROG_MOUNT) -> int:
     foreground = a.foreground or a.debug
     setup_logging(a.debug, True)
     options = Options(readonly=opts["ro"], stable=opts["stable"], writelog=opts["writelog"])
-    if opts["cache"]:
+    if opts["cache"] is not None:
         options.cache_bytes = opts["cache"]
-    if opts["dirty_limit"]:
-        options.dirty_limit = opts["dirty_limit"]
+    if opts["dirty_limit"] is not None:
+        options.dirty_limit = opts["dirty_limit"]  # 0: no limit
     if opts["fsync_ahead"] is not None:
         options.fsync_ahead_bytes = opts["fsync_ahead"]
     if opts["verify_log"]:
