@@ -82,6 +82,9 @@ crashtest: install
 		echo "== seed $$1, $$2 MiB image, $$3-byte blocks"; \
 		$(PY) scripts/crashtest.py --seed $$1 --size $$2 --blocksize $$3 --ops 800 --points $(CRASH_POINTS); \
 	done
+	$(PY) scripts/stress.py --procs 4 --ops 5000 --mix full --seed 1 --kill --options verify_log
+	$(PY) scripts/stress.py --procs 8 --ops 2000 --mix full --seed 2
+	$(PY) scripts/stress.py --procs 4 --ops 2500 --mix cuf --seed 3 --kill --options commit=0.02
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .hypothesis bench-out
