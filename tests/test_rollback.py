@@ -259,6 +259,7 @@ def test_a_lost_directory_block_reconnects_its_files_under_lost_found_with_their
     vol.close_files()
     assert in_block
     flip(image, physical, 100)
+    flip(image, physical, 900)  # two bits: no single flip restores it, so its names are lost
 
     check = fsck(image)
     assert check.status == 4

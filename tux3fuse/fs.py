@@ -28,7 +28,7 @@ from .alloc import NoSpace
 from .backend import extents
 from .backend.btree import BTree
 from .backend.commit import CommitJob, commit_delta
-from .backend.log import load_bitmap, read_chain, replay, replay_error, replay_trees
+from .backend.log import load_bitmap, newest_logged, read_chain, replay, replay_error, replay_trees
 from .cache import AddressSpace, Page, PageCache
 from .cache.fork import FORK, MODES, WAIT, Action, ForkRegistry, clone_page, need_fork
 from .cache.mmap import SharedMapping
@@ -198,10 +198,18 @@ class Volume:
                     "after_io_writes"):
             self.counters[key] = 0
         self.writes: list[tuple[int, bytes | bytearray]] = []
+        # a read-only mount allocates nothing: a bad bitmap block reads as all used, and is reported
+        self.bitmap_damage: list[tuple[int, int, str]] = []
         try:
-            self.alloc = load_bitmap(self.dev.read_block, sb)
-        except (CorruptBlock, OutOfRange) as e:
+            self.alloc = load_bitmap(self.dev.read_block, sb, self.bitmap_damage if self.readonly else None)
+        except CorruptBlock as e:
+            raise VolumeError(f"{self.path}: {e}; run fsck.tux3 {self.path} to rebuild the bitmap from the trees "
+                              "(mount -o ro serves the files)") from None
+        except OutOfRange as e:
             raise VolumeError(f"{self.path}: {e}") from None
+        for index, block, reason in self.bitmap_damage:
+            log.warning("%s: bitmap block %d (number %d of its region) is corrupt (%s): read-only, it is not "
+                        "needed; run fsck.tux3 %s to rebuild it", self.path, block, index, reason, self.path)
         broken: Exception | None = None  # a log that does not replay: diagnosed below, once the trees are set up
         try:
             chain = read_chain(self.dev.read_block, sb.log_head, sb.log_count)
@@ -219,7 +227,10 @@ class Volume:
         self.unify_log_blocks = self.options.unify_log_blocks
         self.itable = BTree(self, fmt.KIND_ILEAF, sb.itree_root)
         self.otree = BTree(self, fmt.KIND_OLEAF, sb.otree_root)
-        self.deltas = Deltas(sb.seq)
+        committed = sb.seq
+        if self.recovery.dropped and not self.readonly:  # never reuse the number of a delta left out, nor of
+            committed = newest_logged(self, max(sb.seq, self.recovery.dropped))  # any log block it left behind
+        self.deltas = Deltas(committed)  # the first commit is numbered above every delta seen
         self.inodes: dict[int, Inode] = {}
         self.registry: dict[int, AddressSpace] = {}
         self.cache = PageCache(self.options.cache_bytes, bs)
@@ -1428,11 +1439,21 @@ def find_super(fd: int, path: str = "image") -> tuple[Super, Recovery]:
         if note:
             report.notes.append(note)
         report.refuse = report.refuse or refuse
+        fix = recovery.super_fix(raw, copy) if refuse else None
+        if fix is not None:  # a newer copy whose content is known exactly: fsck.tux3 restores it
+            report.fixes.append(fix)
+        if refuse:
+            report.exact = fix is not None
     if sb.delta_csum and not delta_landed(fd, sb):
         if len(found) < 2:
             raise VolumeError(f"{path}: the last delta ({sb.seq}) did not reach the disk whole and the other "
                               f"superblock copy is unusable ({'; '.join(problems)}); run fsck.tux3")
+        copies = report  # what the bad copies cost: kept beside the report on the newest delta
         report = recovery.judge_delta(fd, sb, found[1], path)
+        report.notes[:0] = copies.notes + ([copies.refuse] if copies.refuse and report.refuse else [])
+        report.refuse = report.refuse or copies.refuse
+        report.fixes[:0] = copies.fixes
+        report.exact = report.exact and (copies.exact or not copies.refuse)
         sb = found[1]
         if sb.delta_csum and not delta_landed(fd, sb):  # durable before the newest was written: damage
             report.cause = recovery.DAMAGED

@@ -13,23 +13,32 @@ and the inodes they touch; repair rolls the volume back to that delta (docs/FORM
 dropped. A directory block that is unreadable (bad checksum, malformed entries) is, on repair, emptied (the
 directory keeps its other blocks), and every inode no name reaches any more is linked into /lost+found as
 ``#<inode>`` with its data, link counts set to the names.
+
+A block that one flipped bit explains exactly (its own checksum names the bit: a data block, a tree node, a log
+block or superblock copy of a delta a mount refuses as damaged) is restored by repair before anything else, and
+nothing is lost; a refused delta no single bit explains is rolled back to the delta before (docs/FORMAT.md §11).
+A corrupt bitmap block is rewritten from the blocks the check finds in use (docs/FORMAT.md §8).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 from collections import Counter
 from dataclasses import dataclass, field
 
 from . import format as fmt
+from .alloc import Allocator
 from .backend.btree import BTree, Node
-from .backend.log import LogDamage, roll_back
+from .backend.log import LogDamage, bitmap_block, newest_logged, roll_back, walk_log
 from .dir import CorruptDir, parse_block
 from .format import CorruptBlock, InodeRecord, unpack_extent
-from .fs import Options, Volume, VolumeError
+from .fs import Options, Volume, VolumeError, read_super
+from .recovery import Fix, Recovery, bit_diff, meta_fix, one_bit_off
 
 FSCK_OK, FSCK_CORRECTED, FSCK_UNCORRECTED, FSCK_ERROR = 0, 1, 4, 8
+MAX_BIT_SEARCH = 64  # failing data blocks searched for a single flipped bit (each costs 8 checksums a byte)
 DT_FOR = {stat.S_IFREG: fmt.DT_REG, stat.S_IFDIR: fmt.DT_DIR, stat.S_IFCHR: fmt.DT_CHR, stat.S_IFBLK: fmt.DT_BLK,
           stat.S_IFIFO: fmt.DT_FIFO, stat.S_IFSOCK: fmt.DT_SOCK, stat.S_IFLNK: fmt.DT_LNK}
 
@@ -43,6 +52,10 @@ class Report:
     counts_wrong: bool = False
     lost_dir_blocks: list[tuple[int, int]] = field(default_factory=list)  # (directory, block index) unreadable
     repairs: list[str] = field(default_factory=list)  # what a repair did beyond the errors it fixed
+    fixes: list[Fix] = field(default_factory=list)  # single flipped bits found exactly, which a repair restores
+    fixed_by_bit: set[str] = field(default_factory=set)  # the errors those fixes correct
+    bitmap_rebuild: list[tuple[int, int]] = field(default_factory=list)  # corrupt bitmap blocks (index, block)
+    owned: set[int] = field(default_factory=set)  # with bitmap_rebuild: every block the volume uses
     status: int = FSCK_OK
     lines: list[str] = field(default_factory=list)
 
@@ -79,13 +92,23 @@ class Checker:
         try:
             root = tree.root
         except CorruptBlock as e:
-            self.r.error(f"{name}: {e}")
+            self.corrupt(name, e)
             return None
         if root is None:
             return []
         out: list[tuple[int, bytes]] = []
         ok = self._node(tree, root, name, 0, None, out)
         return out if ok else None
+
+    def corrupt(self, name: str, e: CorruptBlock) -> None:
+        """Report a tree block that fails its checks; when one flipped bit explains it, the repair restores it."""
+        msg = f"{name}: {e}"
+        self.r.error(msg)
+        if e.reason == "checksum mismatch" and len(self.r.fixes) < MAX_BIT_SEARCH:
+            fix = meta_fix(self.vol.dev.read_block(e.block), e.block)
+            if fix is not None:
+                self.r.fixes.append(fix)
+                self.r.fixed_by_bit.add(msg)
 
     def _node(self, tree: BTree, node: Node, name: str, lo: int, hi: int | None, out: list) -> bool:
         self.claim(node.blocknr, 1, f"{name} node") if node.blocknr else None
@@ -104,7 +127,7 @@ class Checker:
             try:
                 child = tree._child(node, i)
             except CorruptBlock as e:
-                self.r.error(f"{name}: {e}")
+                self.corrupt(name, e)
                 ok = False
                 continue
             child_lo = keys[i] if i else lo
@@ -247,20 +270,39 @@ class Checker:
         data = self.vol.dev.read_blocks(physical, len(csums))
         bad = []
         for i, csum in enumerate(csums):
-            if fmt.checksum(data[i * bs: (i + 1) * bs]) != csum:
-                self.r.error(f"inode {ino}: data block {key + i} (block {physical + i}) fails its checksum")
+            block = data[i * bs: (i + 1) * bs]
+            if fmt.checksum(block) != csum:
+                msg = f"inode {ino}: data block {key + i} (block {physical + i}) fails its checksum"
+                self.r.error(msg)
                 bad.append(key + i)
+                if len(self.r.fixes) < MAX_BIT_SEARCH:  # one flipped bit: known exactly, restored by repair
+                    fixed = one_bit_off(block, lambda b, csum=csum: fmt.checksum(b) == csum)
+                    if fixed is not None:
+                        at, bit = bit_diff(block, fixed)
+                        self.r.fixes.append(Fix((physical + i) * bs + at, bit, physical + i,
+                                                f"data block {key + i} of inode {ino}", bs))
+                        self.r.fixed_by_bit.add(msg)
         return bad
 
     def bitmap(self) -> None:
         vol, r = self.vol, self.r
         alloc = vol.alloc
         first = fmt.reserved_blocks(self.bs) + 2 * vol.sb.bitmap_blocks
+        unknown: set[int] = set()  # blocks whose bits a corrupt bitmap block held
+        for index, block, reason in getattr(vol, "bitmap_damage", []):
+            lo, hi = index * alloc.bpb, min((index + 1) * alloc.bpb, vol.sb.volblocks)
+            r.error(f"bitmap block {block} (the bits of blocks {lo}-{hi - 1}) is corrupt: {reason}")
+            r.bitmap_rebuild.append((index, block))
+            unknown.update(range(lo, hi))
+        if unknown:
+            r.owned = set(self.owner)
         for b in range(first):
-            if not alloc.is_used(b):
+            if not alloc.is_used(b) and b not in unknown:
                 r.error(f"bitmap: fixed block {b} marked free")
         missing = 0
         for b in range(first, vol.sb.volblocks):
+            if b in unknown:
+                continue
             used = alloc.is_used(b)
             if used and b not in self.owner:
                 r.leaked.append(b)
@@ -272,7 +314,7 @@ class Checker:
             r.error(f"bitmap: {missing} used blocks marked free in all")
         if r.leaked:
             r.error(f"bitmap: {len(r.leaked)} block(s) marked used that nothing references (first: {r.leaked[0]})")
-        if vol.sb.free_blocks != alloc.free:
+        if vol.sb.free_blocks != alloc.free and not unknown:
             r.error(f"free block count {vol.sb.free_blocks}, but the bitmap has {alloc.free} free blocks")
             r.counts_wrong = True
 
@@ -292,8 +334,18 @@ def fsck(path: str, repair: bool = False, verbose: bool = False, data: bool = Tr
         report, vol = check(path, data)
     except VolumeError as e:
         damage: LogDamage | None = getattr(e, "damage", None)
+        fix: Fix | None = getattr(e, "fix", None)  # a tree block the load needs, one flipped bit off
+        if damage is None and (fix is None or not repair or not os.access(path, os.W_OK)):
+            return Report(status=FSCK_UNCORRECTED, lines=[str(e) if str(e).startswith(path) else f"{path}: {e}"])
         if damage is None:
-            return Report(status=FSCK_UNCORRECTED, lines=[f"{path}: {e}"])
+            try:
+                rolled = restore_bits(path, [fix])
+                report, vol = check(path, data)
+            except (VolumeError, OSError, fmt.FormatError) as e2:
+                return Report(status=FSCK_UNCORRECTED, lines=[str(e), f"repair failed: {e2}"])
+    else:
+        damage = None
+    if damage is not None:
         if not repair or not os.access(path, os.W_OK):
             return Report(status=FSCK_UNCORRECTED, lines=damage_lines(path, damage))
         try:
@@ -301,6 +353,23 @@ def fsck(path: str, repair: bool = False, verbose: bool = False, data: bool = Tr
             report, vol = check(path, data)
         except (VolumeError, OSError, fmt.FormatError) as e:
             return Report(status=FSCK_UNCORRECTED, lines=[*damage_lines(path, damage), f"roll back failed: {e}"])
+    if vol.recovery.refuse:  # a delta written and then damaged (recovery.py): restore it, or roll back past it
+        if not repair or not os.access(path, os.W_OK):
+            report.notes.append(repair_plan(vol.recovery, vol.sb.seq))
+        else:
+            try:
+                rolled += settle_damage(path, vol)
+                report, vol = check(path, data)
+            except (VolumeError, OSError, fmt.FormatError) as e:
+                vol.close_files()
+                return Report(status=FSCK_UNCORRECTED, lines=[*report.errors, f"repair failed: {e}"])
+    if report.fixes and repair and os.access(path, os.W_OK):  # restored first: the blocks they hid are checked
+        vol.close_files()
+        try:
+            rolled += restore_bits(path, report.fixes)
+            report, vol = check(path, data)
+        except (VolumeError, OSError, fmt.FormatError) as e:
+            return Report(status=FSCK_UNCORRECTED, lines=[*report.errors, f"repair failed: {e}"])
     sb = vol.sb
     vol.close_files()
     head = (f"{path}: delta {sb.seq}, {sb.volblocks} blocks of {sb.blocksize} bytes, {sb.free_blocks} free, "
@@ -344,7 +413,9 @@ def fsck(path: str, repair: bool = False, verbose: bool = False, data: bool = Tr
 
 
 def _fixable(error: str, report: Report) -> bool:
-    if error.startswith(("bitmap: ", "free block count", "used inode count")):
+    if error in report.fixed_by_bit:
+        return True
+    if error.startswith(("bitmap: ", "bitmap block ", "free block count", "used inode count")):
         return True
     if not report.lost_dir_blocks:
         return False
@@ -358,6 +429,8 @@ def _fixable(error: str, report: Report) -> bool:
 
 
 def _repair(path: str, report: Report) -> None:
+    if report.bitmap_rebuild:
+        report.repairs += rebuild_bitmap(path, report.bitmap_rebuild, report.owned)
     vol = Volume(path, Options())
     try:
         for block in report.leaked:
@@ -487,3 +560,87 @@ def roll_back_volume(path: str, damage: LogDamage) -> int:
     finally:
         vol.unmount()
     return seq
+
+
+def restore_bits(path: str, fixes: list[Fix]) -> list[str]:
+    """Flip back the single bits found flipped (each block's own checksum names the bit); returns what it did."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError if mounted or being checked
+        for fix in fixes:
+            fix.apply(fd)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return [fix.line() for fix in fixes]
+
+
+def repair_plan(found: Recovery, loaded: int) -> str:
+    """What ``settle_damage`` would do, for ``fsck.tux3 -n``."""
+    if found.exact:
+        return ("fsck.tux3 repair restores " + "; ".join(f.line().removeprefix("restored ") for f in found.fixes)
+                + ": nothing is lost")
+    lost = f"delta {found.dropped}" if found.dropped else "the delta the damaged superblock copy named"
+    return f"fsck.tux3 repair rolls the volume back to delta {loaded}, dropping {lost}"
+
+
+def settle_damage(path: str, vol: Volume) -> list[str]:
+    """Settle a volume whose newest delta a read-write mount refuses as damaged (``Recovery.refuse``, loaded
+    read-only as ``vol``, which this closes). When single flipped bits found exactly explain all the damage, they
+    are restored and nothing is lost; otherwise the volume is rolled back to the delta ``vol`` loaded, under a delta
+    number above every one seen. Returns what it did."""
+    found, loaded = vol.recovery, vol.sb
+    try:
+        newest = newest_logged(vol, max(loaded.seq, found.dropped))
+        chain, broken = walk_log(vol.dev.read_block, loaded.log_head, loaded.log_count)
+    finally:
+        vol.close_files()
+    lines: list[str] = []
+    if found.exact:
+        lines = restore_bits(path, found.fixes)
+        again = Volume(path, Options(readonly=True))
+        again.close_files()
+        if not again.recovery.refuse:
+            return [*lines, f"delta {again.sb.seq} is whole again: nothing is lost"]
+        lines.append(f"delta {found.dropped or again.sb.seq} is still damaged: {again.recovery.refuse}")
+    if broken is not None:
+        raise VolumeError(f"the log of delta {loaded.seq} does not read either: {broken}")
+    dropped = [found.dropped] if found.dropped else []
+    damage = LogDamage(good=loaded.seq, bad=found.dropped or loaded.seq + 1, where=found.refuse, chain=chain[::-1],
+                       dropped=dropped, inodes=set(found.inodes), unreadable=[], newest=newest, sb=loaded,
+                       free_blocks=loaded.free_blocks, used_inodes=loaded.used_inodes)
+    now = roll_back_volume(path, damage)
+    what = (f"dropped delta {found.dropped}" if found.dropped
+            else "dropped whatever delta the damaged superblock copy named")
+    shown = found.inodes
+    lines.append(f"rolled back to delta {loaded.seq} (the volume goes on from delta {now}): {what}; inodes it "
+                 "changed: " + (", ".join(map(str, shown[:50])) if shown else "none known")
+                 + (f" and {len(shown) - 50} more" if len(shown) > 50 else ""))
+    return lines
+
+
+def rebuild_bitmap(path: str, damaged: list[tuple[int, int]], owned: set[int]) -> list[str]:
+    """Write the corrupt bitmap blocks ``damaged`` (index in the current region, block) anew: a block is used when
+    it lies in the fixed areas or the check found an owner for it (``owned``: tree nodes, data, log blocks, nodes
+    kept until the next unify). That is the state after the log; replaying the log over it gives it again, since
+    each allocation record sets the bits it names, as the newest record for a block left them."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError if mounted or being checked
+        sb = read_super(fd, path)
+        bs = sb.blocksize
+        alloc = Allocator(sb.volblocks, fmt.bitmap_bits_per_block(bs))
+        alloc.mark_used(0, fmt.reserved_blocks(bs) + 2 * sb.bitmap_blocks)
+        for b in owned:
+            alloc.mark_used(b, 1)
+        out = []
+        for index, block in damaged:
+            os.pwrite(fd, bitmap_block(alloc, index, block, bs, sb.unify_seq), block * bs)
+            lo, hi = index * alloc.bpb, min((index + 1) * alloc.bpb, sb.volblocks)
+            used = sum(alloc.is_used(b) for b in range(lo, hi))
+            out.append(f"rebuilt bitmap block {block} from the trees, the log and the fixed areas: {used} of "
+                       f"blocks {lo}-{hi - 1} in use")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return out

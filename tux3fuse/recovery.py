@@ -7,7 +7,10 @@ Guarantees:
 - A delta that was written whole and damaged later is never dropped by a read-write mount: ``Recovery.refuse``
   then says why, and only a read-only mount goes on (at the delta before). Only a delta whose blocks look like a
   commit that did not finish is dropped: the rule is docs/FORMAT.md §11.
-- Nothing here writes to the image.
+- Damage that single flipped bits explain is described exactly (``Recovery.fixes``, ``Recovery.exact``): the
+  byte and bit of each, found through the block's own checksum, so that ``fsck.tux3`` can restore them and lose
+  nothing. A bit is only ever named when flipping it makes the checksum hold.
+- Nothing here writes to the image (``Fix.apply`` is called by fsck.tux3 only).
 """
 
 from __future__ import annotations
@@ -26,6 +29,34 @@ _BITS = tuple(1 << i for i in range(8))
 
 
 @dataclass
+class Fix:
+    """One flipped bit found exactly: the byte of the image that holds it, the bit in that byte, and what the
+    block is."""
+
+    offset: int
+    bit: int
+    block: int  # the block (superblock: its copy number)
+    what: str  # "data block K of inode I", "log block of delta N", "superblock copy C"
+    blocksize: int = 0  # 0: a superblock copy
+
+    def line(self) -> str:
+        if not self.blocksize:
+            return f"restored bit {(self.offset - fmt.SUPER_OFFSETS[self.block]) * 8 + self.bit} of {self.what}"
+        return f"restored bit {self.offset % self.blocksize * 8 + self.bit} of block {self.block} ({self.what})"
+
+    def apply(self, fd: int) -> None:
+        """Flip the bit back in the image."""
+        b = os.pread(fd, 1, self.offset)
+        os.pwrite(fd, bytes([b[0] ^ (1 << self.bit)]), self.offset)
+
+
+def bit_diff(a: bytes | bytearray, b: bytes | bytearray) -> tuple[int, int]:
+    """(byte index, bit) of the one bit by which ``a`` and ``b`` differ."""
+    i = next(i for i in range(len(a)) if a[i] != b[i])
+    return i, (a[i] ^ b[i]).bit_length() - 1
+
+
+@dataclass
 class Recovery:
     """What the choice of superblock found, for the mount's log, ``tux3 stat`` and ``fsck.tux3``."""
 
@@ -37,6 +68,8 @@ class Recovery:
     inodes: list[int] = field(default_factory=list)  # inodes the dropped delta changed (as far as its log reads)
     notes: list[str] = field(default_factory=list)  # damage that cost no delta (a bad copy of an older delta)
     refuse: str = ""  # non-empty: a read-write mount must not go on, and why (one line naming fsck.tux3)
+    fixes: list[Fix] = field(default_factory=list)  # the single flipped bits found, one per damaged block
+    exact: bool = False  # the fixes explain all the damage: restoring them loses nothing
 
     def warnings(self) -> list[str]:
         """One line per thing to report at mount."""
@@ -89,22 +122,57 @@ def _one_bit(x: int) -> bool:
     return x != 0 and x & (x - 1) == 0
 
 
-def repair_super(raw: bytes, copy: int) -> fmt.Super | None:
-    """The superblock a damaged copy held, when one flipped bit explains the damage."""
+def _super_one_bit_off(raw: bytes) -> bytes | None:
+    """The superblock copy ``raw`` with the one bit flipped that restores its checksum, or None."""
     if len(raw) < fmt.SUPER_SIZE:
         return None
     body, (stored,) = raw[: fmt.SUPER_SIZE - 8], struct.unpack_from("<Q", raw, fmt.SUPER_SIZE - 8)
     if _one_bit(xxhash.xxh3_64_intdigest(body) ^ stored):  # the flip is in the checksum itself
-        fixed = bytes(body) + struct.pack("<Q", xxhash.xxh3_64_intdigest(body))
-    else:
-        flipped = one_bit_off(body, lambda b: xxhash.xxh3_64_intdigest(b) == stored)
-        if flipped is None:
-            return None
-        fixed = bytes(flipped) + raw[fmt.SUPER_SIZE - 8: fmt.SUPER_SIZE]
+        return bytes(body) + struct.pack("<Q", xxhash.xxh3_64_intdigest(body))
+    flipped = one_bit_off(body, lambda b: xxhash.xxh3_64_intdigest(b) == stored)
+    return None if flipped is None else bytes(flipped) + raw[fmt.SUPER_SIZE - 8: fmt.SUPER_SIZE]
+
+
+def repair_super(raw: bytes, copy: int) -> fmt.Super | None:
+    """The superblock a damaged copy held, when one flipped bit explains the damage."""
+    fixed = _super_one_bit_off(raw)
+    if fixed is None:
+        return None
     try:
         return fmt.Super.unpack(fixed, copy)
     except fmt.FormatError:
         return None
+
+
+def super_fix(raw: bytes, copy: int) -> Fix | None:
+    """The flipped bit of a damaged superblock copy, when one flipped bit explains the damage."""
+    repaired = repair_super(raw, copy)
+    if repaired is None:
+        return None
+    i, bit = bit_diff(raw, _super_one_bit_off(raw) or raw)
+    return Fix(fmt.SUPER_OFFSETS[copy] + i, bit, copy, f"superblock copy {copy} (delta {repaired.seq})")
+
+
+def meta_fix(buf: bytes, block: int) -> Fix | None:
+    """The flipped bit of metadata block ``block`` (a tree node, a bitmap or log block) that fails its checksum,
+    when one flipped bit explains it: the bit found restores both the checksum and the block's own number."""
+    if len(buf) < fmt.HEADER_SIZE:
+        return None
+
+    def ok(b: bytearray) -> bool:
+        return fmt.HEADER.unpack_from(b, 0)[3] == block and fmt._meta_csum(b) == fmt.HEADER.unpack_from(b, 0)[4]
+
+    stored = fmt.HEADER.unpack_from(buf, 0)[4]
+    if _one_bit(stored ^ fmt._meta_csum(buf)) and fmt.HEADER.unpack_from(buf, 0)[3] == block:
+        fixed = bytearray(buf)
+        struct.pack_into("<Q", fixed, fmt.CSUM_AT, fmt._meta_csum(buf))
+    else:
+        fixed = one_bit_off(buf, ok)
+    if fixed is None:
+        return None
+    i, bit = bit_diff(buf, fixed)
+    name = fmt.KIND_NAMES.get(bytes(fixed[:4]), "metadata")
+    return Fix(block * len(buf) + i, bit, block, f"{name} block", len(buf))
 
 
 def _raw_fields(raw: bytes) -> dict[str, int] | None:
@@ -160,6 +228,7 @@ class DeltaBlocks:
     """The blocks of one delta as found on disk."""
 
     damaged: list[str] = field(default_factory=list)  # blocks no crash leaves as they are
+    fixes: list[Fix] = field(default_factory=list)  # the damaged blocks whose one flipped bit was found
     missing: list[str] = field(default_factory=list)  # blocks a crash may have left unwritten or torn
     inodes: set[int] = field(default_factory=set)
 
@@ -238,6 +307,8 @@ def examine_delta(fd: int, sb: fmt.Super, before: fmt.Super | None) -> DeltaBloc
                     fixed = _log_one_bit_off(buf, ok)
                 if fixed is not None:
                     out.damaged.append(f"log block {block}: one flipped bit")
+                    i, bit = bit_diff(buf, fixed)
+                    out.fixes.append(Fix(block * bs + i, bit, block, f"log block of delta {seq}", bs))
                 elif _near_header(buf, block, seq) == 0 and bs == fmt.SUPER_SIZE:
                     out.damaged.append(f"log block {block}: checksum mismatch in a one-sector block")
                 elif _near_header(buf, block, seq) == 0:
@@ -278,9 +349,11 @@ def examine_delta(fd: int, sb: fmt.Super, before: fmt.Super | None) -> DeltaBloc
         where = f"data block {logical} of inode {ino} (block {b})"
         if not any(data):
             out.missing.append(f"{where}: not written (zeros)")
-        elif len(failing) == 1 and not out.missing and one_bit_off(
-                data, lambda buf, want=want: fmt.checksum(buf) == want) is not None:
+        elif len(failing) == 1 and not out.missing and (fixed := one_bit_off(
+                data, lambda buf, want=want: fmt.checksum(buf) == want)) is not None:
             out.damaged.append(f"{where}: one flipped bit")  # everything else of the delta is there
+            i, bit = bit_diff(data, fixed)
+            out.fixes.append(Fix(b * bs + i, bit, b, f"data block {logical} of inode {ino}", bs))
         else:
             out.missing.append(f"{where}: fails its checksum (not written, or torn)")
     return out
@@ -290,7 +363,8 @@ def judge_delta(fd: int, sb: fmt.Super, before: fmt.Super, path: str) -> Recover
     """The report on newest delta ``sb`` whose proof failed, with the delta before, ``before``, to load."""
     found = examine_delta(fd, sb, before)
     rec = Recovery(path, seq=before.seq, dropped=sb.seq, inodes=sorted(found.inodes),
-                   blocks=found.damaged + found.missing)
+                   blocks=found.damaged + found.missing, fixes=found.fixes,
+                   exact=bool(found.fixes) and not found.missing and len(found.fixes) == len(found.damaged))
     if found.damaged or sb.state == fmt.STATE_CLEAN:
         rec.cause = DAMAGED
         why = (f"{len(found.damaged)} of its blocks damaged after they were written" if found.damaged

@@ -166,14 +166,23 @@ def replay_trees(vol: Volume, chain: list[tuple[int, list]]) -> None:
                 raise fmt.CorruptBlock(block, "log", f"record {code} for inode {ino} does not apply: {e}") from None
 
 
-def load_bitmap(read_block: Callable[[int], bytes], sb: fmt.Super) -> Allocator:
-    """The allocation bitmap as the last unify wrote it."""
+def load_bitmap(read_block: Callable[[int], bytes], sb: fmt.Super,
+                damaged: list[tuple[int, int, str]] | None = None) -> Allocator:
+    """The allocation bitmap as the last unify wrote it. A bitmap block that fails its checks raises CorruptBlock,
+    or, with ``damaged`` (a read-only load, which allocates nothing), reads as all used and is added to it as
+    (index in the region, block, reason)."""
     bpb = fmt.bitmap_bits_per_block(sb.blocksize)
     start = sb.bitmap_start[sb.bitmap_cur]
     bits = bytearray()
     for i in range(sb.bitmap_blocks):
         buf = read_block(start + i)
-        fmt.unseal(buf, start + i, (fmt.KIND_BITMAP,))
+        try:
+            fmt.unseal(buf, start + i, (fmt.KIND_BITMAP,))
+        except fmt.CorruptBlock as e:
+            if damaged is None:
+                raise
+            damaged.append((i, start + i, e.reason))
+            buf = bytes(fmt.HEADER_SIZE) + b"\xff" * (len(buf) - fmt.HEADER_SIZE)
         bits += buf[fmt.HEADER_SIZE:]
     alloc = Allocator(sb.volblocks, bpb, bits[: -(-sb.volblocks // 8)])
     alloc.stale[1 - sb.bitmap_cur].update(range(sb.bitmap_blocks))  # the other region is of unknown age
@@ -304,6 +313,13 @@ def _scan_log_blocks(vol: Volume, lo: int, hi: int) -> dict[int, LogEntry]:
     return found
 
 
+def newest_logged(vol: Volume, above: int) -> int:
+    """The highest delta number of a valid log block anywhere on the volume, or ``above`` when none is higher:
+    a superblock written over dropped deltas is numbered above it, so that none of their log blocks can be taken
+    for a later delta."""
+    return max([above, *(e.delta for e in _scan_log_blocks(vol, above, 1 << 62).values())])
+
+
 def _other_super(vol: Volume) -> fmt.Super | None:
     """The superblock copy that the volume was not loaded from, if it is valid."""
     copy = 1 - vol.sb.copy
@@ -352,7 +368,7 @@ def _older_part(vol: Volume, bad_block: int, upper: int, limit: int) -> tuple[li
 
 def _reset(vol: Volume) -> None:
     """The in-memory trees and bitmap as the last unify wrote them, before any log record."""
-    vol.alloc = load_bitmap(vol.dev.read_block, vol.sb)
+    vol.alloc = load_bitmap(vol.dev.read_block, vol.sb, [] if vol.readonly else None)
     vol.itable = BTree(vol, fmt.KIND_ILEAF, vol.sb.itree_root)
     vol.otree = BTree(vol, fmt.KIND_OLEAF, vol.sb.otree_root)
     vol.inodes = {}
@@ -466,9 +482,22 @@ def replay_error(vol: Volume, error: Exception) -> Exception:
         damage = find_damage(vol)
     except (fmt.CorruptBlock, OutOfRange, OSError, ValueError, IndexError):
         damage = None
-    if damage is None:
-        out = VolumeError(f"{vol.path}: cannot load the root directory: {error}")
-    else:
+    fix = None
+    if damage is None and isinstance(error, fmt.CorruptBlock) and error.reason == "checksum mismatch":
+        from ..recovery import meta_fix
+
+        try:
+            fix = meta_fix(vol.dev.read_block(error.block), error.block)
+        except (OSError, OutOfRange):
+            fix = None
+    if damage is not None:
         out = VolumeError(damage.message(vol.path))
+    elif fix is not None:
+        out = VolumeError(f"{vol.path}: cannot load the root directory: {error} (one flipped bit, at bit "
+                          f"{fix.offset % vol.blocksize * 8 + fix.bit}); run fsck.tux3 {vol.path} to restore it")
+    else:
+        out = VolumeError(f"{vol.path}: cannot load the root directory: {error}; fsck.tux3 cannot rebuild it: "
+                          "restore the volume from a backup")
     out.damage = damage  # type: ignore[attr-defined]
+    out.fix = fix  # type: ignore[attr-defined]
     return out
