@@ -346,13 +346,28 @@ def fsck(path: str, repair: bool = False, verbose: bool = False, data: bool = Tr
     else:
         damage = None
     if damage is not None:
+        fixes = log_fixes(path, damage)  # log blocks one flipped bit off: restored, nothing is rolled back
         if not repair or not os.access(path, os.W_OK):
-            return Report(status=FSCK_UNCORRECTED, lines=damage_lines(path, damage))
+            lines = damage_lines(path, damage)
+            if fixes:
+                lines[-1] = ("fsck.tux3 repair restores " + "; ".join(f.line().removeprefix("restored ") for f in fixes)
+                             + ": nothing is lost")
+            return Report(status=FSCK_UNCORRECTED, lines=lines)
         try:
-            rolled = damage_lines(path, damage, roll_back_volume(path, damage))
-            report, vol = check(path, data)
+            if fixes:
+                rolled = restore_bits(path, fixes)
+                try:
+                    report, vol = check(path, data)
+                    damage = None
+                except VolumeError as e:  # more damage than those bits: roll back past what still fails
+                    damage = getattr(e, "damage", None)
+                    if damage is None:
+                        raise
+            if damage is not None:
+                rolled += damage_lines(path, damage, roll_back_volume(path, damage))
+                report, vol = check(path, data)
         except (VolumeError, OSError, fmt.FormatError) as e:
-            return Report(status=FSCK_UNCORRECTED, lines=[*damage_lines(path, damage), f"roll back failed: {e}"])
+            return Report(status=FSCK_UNCORRECTED, lines=[*rolled, f"{path}: repair failed: {e}"])
     if vol.recovery.refuse:  # a delta written and then damaged (recovery.py): restore it, or roll back past it
         if not repair or not os.access(path, os.W_OK):
             report.notes.append(repair_plan(vol.recovery, vol.sb.seq))
@@ -547,6 +562,23 @@ def damage_lines(path: str, damage: LogDamage, now: int | None = None) -> list[s
     if now is None:
         lines.append(f"run fsck.tux3 {path} to roll back to delta {damage.good}")
     return lines
+
+
+def log_fixes(path: str, damage: LogDamage) -> list[Fix]:
+    """The flipped bit of each unreadable log block of ``damage``, when one flipped bit explains every one of them
+    (empty otherwise: then only a rollback helps)."""
+    bs = damage.sb.blocksize
+    fixes = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for block in damage.unreadable:
+            fix = meta_fix(os.pread(fd, bs, block * bs), block)
+            if fix is None:
+                return []
+            fixes.append(fix)
+    finally:
+        os.close(fd)
+    return fixes
 
 
 def roll_back_volume(path: str, damage: LogDamage) -> int:
