@@ -13,15 +13,11 @@ from pathlib import Path
 
 import pytest
 from conftest import fsck, opened, read_all
+from volumes import BS, FILES, NO_UNIFY, SIZE, data_block, flip_bit, write_files
 
 from tux3fuse import format as fmt
 from tux3fuse.fs import Options, Volume, VolumeError
 from tux3fuse.mkfs import mkfs
-
-BS = 4096
-NO_UNIFY = {"unify_deltas": 1 << 30, "unify_log_blocks": 1 << 30}
-FILES = 10
-SIZE = 100 * 1024
 
 
 @pytest.fixture
@@ -35,37 +31,16 @@ def content(i: int) -> bytes:
     return bytes([65 + i]) * (SIZE - 7 * i) + bytes(range(i))
 
 
-def write_files(vol: Volume) -> None:
-    for i in range(FILES):
-        a = vol.create(1, f"f{i}".encode(), 0o644)
-        vol.write(a.ino, 0, content(i))
-        vol.release(a.ino)
 
-
-def block_of(vol: Volume, name: bytes, index: int = 3) -> int:
-    inode = vol.iget(vol.lookup(1, name).ino)
-    for key, value in vol.dtree(inode).items():
-        physical, csums = fmt.unpack_extent(value)
-        if key <= index < key + len(csums):
-            return physical + index - key
-    raise AssertionError(f"{name!r} has no block {index}")
-
-
-def flip(path: Path, byte: int, bit: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(byte)
-        b = f.read(1)[0]
-        f.seek(byte)
-        f.write(bytes([b ^ (1 << bit)]))
 
 
 def written(image: Path, clean: bool) -> dict[str, int]:
     """The ten files synced (one commit), then a clean unmount or a stop without one. Returns the last delta, the
     superblock copy naming it, its log head, and block 3 of f4."""
     vol = opened(str(image), **NO_UNIFY)
-    write_files(vol)
+    write_files(vol, content)
     vol.commit()
-    out = {"block": block_of(vol, b"f4"), "log": vol.sb.log_head}
+    out = {"block": data_block(vol, b"f4"), "log": vol.sb.log_head}
     if clean:
         vol.unmount()
     else:
@@ -106,7 +81,7 @@ def repaired(image: Path, seq: int, *, refused: bool) -> str:
 @pytest.mark.parametrize("clean", [False, True], ids=["crash", "clean-unmount"])
 def test_fsck_restores_a_flipped_bit_in_a_data_block_and_loses_nothing(image, clean) -> None:
     w = written(image, clean)
-    flip(image, w["block"] * BS + 1234, 5)
+    flip_bit(image, w["block"] * BS + 1234, 5)
     out = repaired(image, w["seq"], refused=not clean)
     assert f"restored bit {1234 * 8 + 5} of block {w['block']} (data block 3 of inode " in out, out
     assert "rolled back" not in out
@@ -115,7 +90,7 @@ def test_fsck_restores_a_flipped_bit_in_a_data_block_and_loses_nothing(image, cl
 
 def test_fsck_restores_a_flipped_bit_in_a_log_block_of_the_last_delta_after_a_crash(image) -> None:
     w = written(image, clean=False)
-    flip(image, w["log"] * BS + 100, 3)
+    flip_bit(image, w["log"] * BS + 100, 3)
     out = repaired(image, w["seq"], refused=True)
     assert f"restored bit {100 * 8 + 3} of block {w['log']} (log block of delta {w['seq']})" in out, out
     assert f"delta {w['seq']} is whole again" in out
@@ -125,7 +100,7 @@ def test_fsck_restores_a_flipped_bit_in_a_log_block_of_the_last_delta_after_a_cr
 @pytest.mark.parametrize("clean", [False, True], ids=["crash", "clean-unmount"])
 def test_fsck_restores_a_flipped_bit_in_the_newest_superblock_copy(image, clean) -> None:
     w = written(image, clean)
-    flip(image, fmt.SUPER_OFFSETS[w["copy"]] + 300, 6)
+    flip_bit(image, fmt.SUPER_OFFSETS[w["copy"]] + 300, 6)
     out = repaired(image, w["seq"], refused=True)
     assert f"restored bit {300 * 8 + 6} of superblock copy {w['copy']} (delta {w['seq']})" in out, out
     assert_all_files_intact(image)
@@ -133,7 +108,7 @@ def test_fsck_restores_a_flipped_bit_in_the_newest_superblock_copy(image, clean)
 
 def test_damage_no_single_bit_explains_is_rolled_back_to_the_delta_before_and_says_so(image) -> None:
     vol = opened(str(image), **NO_UNIFY)
-    write_files(vol)
+    write_files(vol, content)
     vol.commit()
     before = vol.sb.seq
     extra = vol.create(1, b"late", 0o644)
@@ -141,8 +116,8 @@ def test_damage_no_single_bit_explains_is_rolled_back_to_the_delta_before_and_sa
     vol.commit()
     copy = vol.sb.copy
     vol.close_files()  # a stop without unmount
-    flip(image, fmt.SUPER_OFFSETS[copy] + 300, 6)
-    flip(image, fmt.SUPER_OFFSETS[copy] + 310, 1)  # two bits: what the copy held is not known
+    flip_bit(image, fmt.SUPER_OFFSETS[copy] + 300, 6)
+    flip_bit(image, fmt.SUPER_OFFSETS[copy] + 310, 1)  # two bits: what the copy held is not known
     r = fsck(image, "-n")
     assert r.returncode == 4 and f"rolls the volume back to delta {before}" in r.stdout, r.stdout
     r = fsck(image)
@@ -160,7 +135,7 @@ def test_damage_no_single_bit_explains_is_rolled_back_to_the_delta_before_and_sa
 
 def test_fsck_n_on_a_refused_volume_says_what_repair_would_do_and_changes_nothing(image) -> None:
     w = written(image, clean=False)
-    flip(image, w["block"] * BS + 9, 0)
+    flip_bit(image, w["block"] * BS + 9, 0)
     before = image.read_bytes()
     r = fsck(image, "-n")
     assert r.returncode == 4 and "fsck.tux3 repair restores bit " in r.stdout and "nothing is lost" in r.stdout
@@ -316,7 +291,7 @@ def test_a_corrupt_inode_table_leaf_holding_the_root_refuses_every_mount_naming_
 
 def test_one_flipped_bit_in_the_inode_table_leaf_holding_the_root_is_restored_by_fsck(image) -> None:
     block = tree_of_files(image)["root_leaf"]
-    flip(image, block * BS + 300, 2)
+    flip_bit(image, block * BS + 300, 2)
     with pytest.raises(VolumeError, match="one flipped bit.*run fsck.tux3 .* to restore it"):
         Volume(str(image), Options(readonly=True))
     assert fsck(image, "-n").returncode == 4
@@ -332,7 +307,7 @@ def test_one_flipped_bit_in_the_inode_table_leaf_holding_the_root_is_restored_by
 
 def test_one_flipped_bit_in_an_extent_leaf_is_restored_by_fsck_before_anything_is_freed(image) -> None:
     block = tree_of_files(image)["leaf_a"]
-    flip(image, block * BS + 40, 7)
+    flip_bit(image, block * BS + 40, 7)
     r = fsck(image, "-n")
     assert r.returncode == 4 and "marked used that nothing references" in r.stdout  # a's blocks look leaked
     r = fsck(image)

@@ -15,16 +15,12 @@ from pathlib import Path
 
 import pytest
 from conftest import fsck, opened, read_all, tool
+from volumes import BS, FILES, NO_UNIFY, SIZE, data_block, flip_bit, write_files
 
 from tux3fuse import format as fmt
 from tux3fuse.fs import Options, Volume, VolumeError
 from tux3fuse.mkfs import mkfs
 from tux3fuse.writelog import read_log
-
-BS = 4096
-NO_UNIFY = {"unify_deltas": 1 << 30, "unify_log_blocks": 1 << 30}
-FILES = 10
-SIZE = 100 * 1024
 
 
 @pytest.fixture
@@ -38,29 +34,7 @@ def content(i: int) -> bytes:
     return bytes([65 + i]) * SIZE
 
 
-def write_files(vol: Volume, base: str = "f") -> None:
-    for i in range(FILES):
-        a = vol.create(1, f"{base}{i}".encode(), 0o644)
-        vol.write(a.ino, 0, content(i))
-        vol.release(a.ino)
 
-
-def data_block(vol: Volume, name: bytes, index: int = 3) -> int:
-    """Physical block of logical block ``index`` of ``name``, as the loaded volume maps it."""
-    inode = vol.iget(vol.lookup(1, name).ino)
-    for key, value in vol.dtree(inode).items():
-        physical, csums = fmt.unpack_extent(value)
-        if key <= index < key + len(csums):
-            return physical + index - key
-    raise AssertionError(f"{name!r} has no block {index}")
-
-
-def flip(path: Path, byte: int, bit: int = 0) -> None:
-    with open(path, "r+b") as f:
-        f.seek(byte)
-        b = f.read(1)[0]
-        f.seek(byte)
-        f.write(bytes([b ^ (1 << bit)]))
 
 
 def synced_then_crashed(image: Path) -> tuple[int, int, int]:
@@ -68,7 +42,7 @@ def synced_then_crashed(image: Path) -> tuple[int, int, int]:
     before, the physical block of block 3 of f4)."""
     vol = opened(str(image), **NO_UNIFY)
     before = vol.sb.seq
-    write_files(vol)
+    write_files(vol, content)
     vol.commit()
     assert vol.sb.delta_csum  # one flush: the superblock carries the proof
     seq, block = vol.sb.seq, data_block(vol, b"f4")
@@ -93,7 +67,7 @@ def assert_damage_refuses_rw(image: Path, seq: int, before: int) -> Volume:
 
 def test_a_flipped_bit_in_a_data_block_of_a_synced_delta_after_a_crash_refuses_the_writable_mount(image) -> None:
     seq, before, block = synced_then_crashed(image)
-    flip(image, block * BS + 1234, 5)
+    flip_bit(image, block * BS + 1234, 5)
     vol = assert_damage_refuses_rw(image, seq, before)
     ino = None
     try:
@@ -102,7 +76,7 @@ def test_a_flipped_bit_in_a_data_block_of_a_synced_delta_after_a_crash_refuses_t
         assert ino in vol.recovery.inodes and len(vol.recovery.inodes) >= FILES
     finally:
         vol.close_files()
-    flip(image, block * BS + 1234, 5)  # the bit back: nothing was committed over the delta, it is whole again
+    flip_bit(image, block * BS + 1234, 5)  # the bit back: nothing was committed over the delta, it is whole again
     vol = Volume(str(image), Options(readonly=True))
     assert vol.sb.seq == seq and not vol.recovery.dropped and read_all(vol, b"f4") == content(4)
     vol.close_files()
@@ -113,7 +87,7 @@ def test_a_flipped_bit_in_a_log_block_of_a_synced_delta_after_a_crash_refuses_th
     vol = Volume(str(image), Options(readonly=True))
     head = vol.sb.log_head
     vol.close_files()
-    flip(image, head * BS + 100, 3)  # inside the records
+    flip_bit(image, head * BS + 100, 3)  # inside the records
     vol = assert_damage_refuses_rw(image, seq, before)
     assert any(f"log block {head}: one flipped bit" in b for b in vol.recovery.blocks)
     vol.close_files()
@@ -124,7 +98,7 @@ def test_a_flipped_bit_in_the_newest_superblock_copy_after_a_crash_refuses_the_w
     vol = Volume(str(image), Options(readonly=True))
     copy = vol.sb.copy
     vol.close_files()
-    flip(image, fmt.SUPER_OFFSETS[copy] + 300, 6)  # padding
+    flip_bit(image, fmt.SUPER_OFFSETS[copy] + 300, 6)  # padding
     with pytest.raises(VolumeError, match=f"named delta {seq}, newer .*fsck.tux3"):
         Volume(str(image))
     vol = Volume(str(image), Options(readonly=True))
@@ -137,7 +111,7 @@ def test_a_flipped_bit_in_the_newest_superblock_copy_after_a_crash_refuses_the_w
 def clean_unmount(image: Path) -> tuple[int, int, int]:
     """The ten files, then a clean unmount. Returns (the last delta, the delta before, f4's block 3)."""
     vol = opened(str(image), **NO_UNIFY)
-    write_files(vol)
+    write_files(vol, content)
     vol.commit()
     before = vol.sb.seq
     block = data_block(vol, b"f4")
@@ -151,7 +125,7 @@ def clean_unmount(image: Path) -> tuple[int, int, int]:
 
 def test_after_a_clean_unmount_a_flipped_data_bit_loses_no_delta_and_fsck_names_the_block(image) -> None:
     seq, _, block = clean_unmount(image)
-    flip(image, block * BS + 7, 0)
+    flip_bit(image, block * BS + 7, 0)
     vol = Volume(str(image), Options(readonly=True))
     assert vol.sb.seq == seq and not vol.recovery.dropped
     with pytest.raises((OSError, fmt.CorruptBlock), match="checksum"):
@@ -167,7 +141,7 @@ def test_after_a_clean_unmount_a_flipped_bit_in_a_tree_block_loses_no_delta_and_
     vol = Volume(str(image), Options(readonly=True))
     root = vol.sb.itree_root
     vol.close_files()
-    flip(image, root * BS + 200, 1)
+    flip_bit(image, root * BS + 200, 1)
     fd = os.open(image, os.O_RDONLY)
     try:
         from tux3fuse.fs import find_super
@@ -183,7 +157,7 @@ def test_after_a_clean_unmount_a_flipped_bit_in_the_newest_superblock_refuses_th
     vol = Volume(str(image), Options(readonly=True))
     copy = vol.sb.copy
     vol.close_files()
-    flip(image, fmt.SUPER_OFFSETS[copy] + 400, 2)
+    flip_bit(image, fmt.SUPER_OFFSETS[copy] + 400, 2)
     with pytest.raises(VolumeError, match=f"named delta {seq}, newer .*fsck.tux3"):
         Volume(str(image))
     vol = Volume(str(image), Options(readonly=True))
@@ -198,7 +172,7 @@ def test_a_damaged_older_superblock_copy_is_reported_and_costs_nothing(image) ->
     vol = Volume(str(image), Options(readonly=True))
     older = 1 - vol.sb.copy
     vol.close_files()
-    flip(image, fmt.SUPER_OFFSETS[older] + 300, 0)
+    flip_bit(image, fmt.SUPER_OFFSETS[older] + 300, 0)
     vol = Volume(str(image))  # nothing newer was lost: a writable mount goes on, and its commit rewrites the copy
     assert vol.sb.seq == seq and any(f"copy {older} is damaged" in n for n in vol.recovery.notes)
     vol.mount()
@@ -212,13 +186,13 @@ def rebuild_without(image: Path, keep) -> tuple[int, int]:
     instead, or None to leave the block unwritten). Returns (that delta, the delta before)."""
     log = image.with_suffix(".wlog")
     vol = opened(str(image), **NO_UNIFY)
-    write_files(vol, "old")
+    write_files(vol, content, "old")
     vol.commit()
     vol.close_files()
     base = image.read_bytes()
     vol = Volume(str(image), Options(writelog=str(log), **NO_UNIFY))
     before = vol.sb.seq
-    write_files(vol)
+    write_files(vol, content)
     vol.commit()
     assert vol.sb.delta_csum
     seq = vol.sb.seq
@@ -295,7 +269,7 @@ def test_sigkill_after_sync_then_one_flipped_bit_refuses_the_mount_and_fsck_name
     vol = Volume(str(m.image), Options(readonly=True))
     seq, block = vol.sb.seq, data_block(vol, b"f6")
     vol.close_files()
-    flip(m.image, block * BS + 99, 4)
+    flip_bit(m.image, block * BS + 99, 4)
     mnt = str(m.mnt)
     r = subprocess.run([tool("tux3fuse"), "-f", str(m.image), mnt], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "fsck.tux3" in r.stderr and len(r.stderr.strip().splitlines()) <= 2, r.stderr
@@ -304,7 +278,7 @@ def test_sigkill_after_sync_then_one_flipped_bit_refuses_the_mount_and_fsck_name
     m.start("ro")
     assert m.stat_json()["dropped_delta"] == seq
     m.umount()
-    flip(m.image, block * BS + 99, 4)  # the bit back: the synced delta was never committed over
+    flip_bit(m.image, block * BS + 99, 4)  # the bit back: the synced delta was never committed over
     m.start("")
     for i in range(FILES):
         with open(m.path(f"f{i}"), "rb") as f:
