@@ -55,8 +55,8 @@ def check_replay(vol: Volume) -> list[str]:
         return [f"the image does not load: {e}"]
     out: list[str] = []
     try:
-        if disk.sb.seq != vol.deltas.committed:
-            out.append(f"the newest superblock names delta {disk.sb.seq}, memory committed {vol.deltas.committed}")
+        if disk.sb.seq != vol.sb.seq:
+            out.append(f"the newest superblock names delta {disk.sb.seq}, memory's names {vol.sb.seq}")
         live_inodes = dict(vol.itable.items())
         disk_inodes = dict(disk.itable.items())
         _diff("inode table", live_inodes, disk_inodes, out)
