@@ -20,7 +20,21 @@ class UsageError(Exception):
     """Wrong usage: reported as one line, exit status 2."""
 
 
+MOUNT_FAILED = 32  # mount(8)'s exit status for a failed mount, which its helpers return for every failure
+
+
+def _message(e: Exception) -> str:
+    """The one line that reports a failure to a user (an unexpected exception is named as an internal error)."""
+    if isinstance(e, (UsageError, VolumeError)):
+        return str(e)
+    if isinstance(e, OSError):
+        return f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+    return f"internal error: {type(e).__name__}: {e}"
+
+
 def _run(main: Callable[[list[str]], int], argv: list[str] | None, default_fail: int = 1) -> None:
+    """Run a command and exit with its status: wrong usage is one line and 2, any other failure one line and
+    ``default_fail``; never a traceback."""
     try:
         code = main(sys.argv[1:] if argv is None else argv)
     except KeyboardInterrupt:
@@ -28,19 +42,9 @@ def _run(main: Callable[[list[str]], int], argv: list[str] | None, default_fail:
     except BrokenPipeError:  # output cut short by a pager or `head`: not an error worth a message
         sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - keep the interpreter quiet at exit
         code = 0
-    except UsageError as e:
-        print(f"{os.path.basename(sys.argv[0])}: {e}", file=sys.stderr)
-        code = 2
-    except VolumeError as e:
-        print(f"{os.path.basename(sys.argv[0])}: {e}", file=sys.stderr)
-        code = default_fail
-    except OSError as e:
-        print(f"{os.path.basename(sys.argv[0])}: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""),
-              file=sys.stderr)
-        code = default_fail
-    except Exception as e:  # a bug: say so in one line, never a traceback
-        print(f"{os.path.basename(sys.argv[0])}: internal error: {type(e).__name__}: {e}", file=sys.stderr)
-        code = default_fail
+    except Exception as e:  # a bug too is said in one line, never a traceback
+        print(f"{os.path.basename(sys.argv[0])}: {_message(e)}", file=sys.stderr)
+        code = 2 if isinstance(e, UsageError) else default_fail
     sys.exit(code)
 
 
@@ -53,10 +57,10 @@ class _Parser(argparse.ArgumentParser):
 # ---------------------------------------------------------------------------------------------------------------
 # mkfs.tux3
 
-def mkfs_cmd(argv: list[str]) -> int:
+def mkfs_cmd(argv: list[str], prog: str = "mkfs.tux3") -> int:
     from .mkfs import LABEL_BYTES, blocksize_problem, human, mkfs, parse_size, size_range
 
-    p = _Parser(prog="mkfs.tux3", description="Make a tux3fuse filesystem on an image file or block device. "
+    p = _Parser(prog=prog, description="Make a tux3fuse filesystem on an image file or block device. "
                 "Everything is checked before the target is written: a refused mkfs changes nothing.")
     p.add_argument("-b", "--blocksize", default="4096", help="block size, a power of two from 512 to 65536")
     p.add_argument("-L", "--label", default="", help=f"volume label (up to {LABEL_BYTES} bytes)")
@@ -139,7 +143,8 @@ def _parse_option_size(key: str, value: str) -> int:
 def parse_mount_options(text: str) -> dict:
     """-o string -> settings; raises UsageError on anything unknown and on any value out of its range."""
     out = {"ro": False, "writeback": True, "xattr": False, "commit": 5.0, "cache": None, "stable": "fork",
-           "writelog": None, "dirty_limit": None, "fsync_ahead": None, "verify_log": False, "fuse": set()}
+           "writelog": None, "dirty_limit": None, "fsync_ahead": None, "verify_log": False, "log": None,
+           "fuse": set()}
     for opt in filter(None, (text or "").split(",")):
         key, eq, value = opt.partition("=")
         if key in FLAGS and eq:
@@ -158,6 +163,10 @@ def parse_mount_options(text: str) -> dict:
             if not value:
                 raise UsageError("writelog= takes a file name")
             out["writelog"] = os.path.abspath(value)
+        elif key == "log":
+            if not value:
+                raise UsageError("log= takes a file name")
+            out["log"] = os.path.abspath(value)
         elif key == "stable":
             if value not in ("fork", "wait", "none"):
                 raise UsageError(f"stable= takes fork, wait or none, not {value!r}")
@@ -176,11 +185,22 @@ def parse_mount_options(text: str) -> dict:
 
 
 def mount_cmd(argv: list[str], prog: str = PROG_MOUNT) -> int:
-    p = _Parser(prog=prog, description="Mount a tux3fuse image.")
+    from .daemon import default_log_file
+
+    p = _Parser(prog=prog, description="Mount a tux3fuse image. Returns once the mount is up; the daemon then "
+                "serves it in the background until `tux3 umount`.",
+                epilog="Log: in the foreground on stderr. A detached daemon logs to syslog when /dev/log exists, "
+                "otherwise to the file NAME.log, NAME being the mountpoint with its slashes turned into dashes "
+                "(/mnt/data: mnt-data.log), in $XDG_STATE_HOME/tux3fuse when that is set, else in /var/log/tux3fuse "
+                "for root and in ~/.local/state/tux3fuse for other users (here: "
+                f"{os.path.dirname(default_log_file('/'))}). -o log=FILE logs to FILE as well. `tux3 stat "
+                "MOUNTPOINT` names the log and shows the last errors with their times.")
     p.add_argument("-o", dest="options", action="append", default=[], help="mount options, comma separated: ro, "
                    "allow_other, writeback|nowriteback, xattr, commit=SECONDS (0 to 86400; 0: only fsync, sync and "
                    "unmount commit), cache=SIZE, dirty_limit=SIZE (0: no limit), "
-                   "stable=fork|wait|none, fsync_ahead=SIZE|off, auto_unmount")
+                   "stable=fork|wait|none, fsync_ahead=SIZE|off, auto_unmount, log=FILE (log to FILE as well), "
+                   "writelog=FILE (record every write and flush to FILE, for crash tests), verify_log (after every "
+                   "commit read the volume back as a mount would and compare it with memory: for testing)")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     p.add_argument("--debug", action="store_true", help="log every request (implies --foreground)")
     p.add_argument("image")
@@ -200,12 +220,12 @@ def mount_cmd(argv: list[str], prog: str = PROG_MOUNT) -> int:
 
     import pyfuse3
 
-    from .daemon import Daemon, detach, setup_logging
+    from .daemon import Daemon, DaemonLog, detach
     from .fs import Volume
     from .fuse_ops import Operations
 
     foreground = a.foreground or a.debug
-    setup_logging(a.debug, True)
+    logs = DaemonLog(mnt, a.debug, foreground, opts["log"])  # opens the log files: an error here mounts nothing
     options = Options(readonly=opts["ro"], stable=opts["stable"], writelog=opts["writelog"])
     if opts["cache"] is not None:
         options.cache_bytes = opts["cache"]
@@ -233,26 +253,49 @@ def mount_cmd(argv: list[str], prog: str = PROG_MOUNT) -> int:
         raise
     if not foreground:
         detach()
-        setup_logging(a.debug, False)
-    return Daemon(vol, ops, mnt, image, opts["commit"]).run()
+        logs.detached()
+    return Daemon(vol, ops, mnt, image, opts["commit"], logs).run()
 
 
-def mount_helper_cmd(argv: list[str]) -> int:
-    """mount(8) helper: mount.fuse.tux3 IMAGE MOUNTPOINT [-o OPTIONS] [-n] [-v]."""
+def mount_helper_cmd(argv: list[str], prog: str = "mount.fuse.tux3") -> int:
+    """mount(8) helper: mount.fuse.tux3 IMAGE MOUNTPOINT [-o OPTIONS] [-n] [-v]. Every failure, wrong usage
+    included, is one line and exit status 32 (MOUNT_FAILED), as mount(8) expects of its helpers."""
     args = [x for x in argv if x not in ("-n", "-v", "-s", "-f")]
-    return mount_cmd(args, prog="mount.fuse.tux3")
+    try:
+        return mount_cmd(args, prog=prog)
+    except SystemExit as e:  # from the argument parser: --help (0), or wrong usage already said in one line
+        if not e.code:
+            raise
+        return MOUNT_FAILED
+    except (KeyboardInterrupt, BrokenPipeError):
+        raise
+    except Exception as e:
+        print(f"{prog}: {_message(e)}", file=sys.stderr)
+        return MOUNT_FAILED
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # tux3 umount / stat / sync
 
-def _mounted_at(mnt: str) -> bool:
+TUX3_TYPE = "fuse.tux3"  # the type /proc/mounts gives a tux3fuse mount (subtype=tux3)
+
+
+def _mounted_at(mnt: str) -> str | None:
+    """The type of the filesystem mounted at ``mnt`` (the topmost one; ``fuse.tux3`` for tux3fuse), "" when
+    something is mounted there but /proc/self/mounts cannot be read, None when nothing is."""
+    import re
+
     real = os.path.realpath(mnt)
+    found = None
     try:
         with open("/proc/self/mounts") as f:
-            return any(line.split()[1] == real and line.split()[2].startswith("fuse") for line in f)
+            for line in f:
+                fields = line.split()
+                if len(fields) > 2 and re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[1]) == real:
+                    found = fields[2]
     except OSError:
-        return os.path.ismount(mnt)
+        return "" if os.path.ismount(real) else None
+    return found
 
 
 def _alive(pid: int) -> bool:
@@ -273,12 +316,15 @@ def umount_cmd(argv: list[str], prog: str = "umount.tux3") -> int:
     from .daemon import state_paths
 
     p = _Parser(prog=prog, description="Unmount a tux3fuse mount and wait until its daemon has committed "
-                "everything and exited. Exit status 1 if the daemon met errors while mounted.")
+                "everything and exited. Exit status 1 if the daemon met errors while mounted (the message names "
+                "its log), 2 on wrong usage: a mountpoint where nothing or another filesystem is mounted is left "
+                "untouched.")
     p.add_argument("-z", "--lazy", action="store_true", help="lazy unmount (the mountpoint may be busy)")
     p.add_argument("mountpoint")
     a = p.parse_args(argv)
     mnt = os.path.realpath(a.mountpoint)
-    if not _mounted_at(mnt):
+    fstype = _mounted_at(mnt)
+    if fstype is None:
         raise UsageError(f"{a.mountpoint} is not mounted")
     state_file, _ = state_paths(mnt)
     try:
@@ -286,6 +332,9 @@ def umount_cmd(argv: list[str], prog: str = "umount.tux3") -> int:
             state = json.load(f)
     except (OSError, ValueError):
         state = {}  # no record of the daemon: unmount anyway, but there is nothing to wait for
+    if fstype != TUX3_TYPE and not (fstype == "" and state):
+        raise UsageError(f"{a.mountpoint} is not a tux3fuse filesystem (it is {fstype or 'of unknown type'}); "
+                         "left mounted")
     cmd = ["fusermount3", "-u"] + (["-z"] if a.lazy else []) + [mnt]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
@@ -309,7 +358,9 @@ def umount_cmd(argv: list[str], prog: str = "umount.tux3") -> int:
     except (OSError, ValueError):
         state = {"status": "unknown"}
     if state.get("status") != "done":
-        print(f"{prog}: the daemon reported errors: {state.get('error') or state.get('status')}", file=sys.stderr)
+        places = [p for p in state.get("log") or [] if p != "stderr"]
+        print(f"{prog}: the daemon reported errors: {state.get('error') or state.get('status')}"
+              + (f" (log: {', '.join(places)})" if places else ""), file=sys.stderr)
         return 1
     return 0
 
@@ -317,7 +368,7 @@ def umount_cmd(argv: list[str], prog: str = "umount.tux3") -> int:
 def _control(mnt: str, request: str) -> dict:
     from .daemon import state_paths
 
-    if not _mounted_at(mnt):
+    if _mounted_at(mnt) not in (TUX3_TYPE, ""):
         raise UsageError(f"{mnt} is not a mounted tux3fuse filesystem")
     _, sock = state_paths(os.path.realpath(mnt))
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -329,19 +380,32 @@ def _control(mnt: str, request: str) -> dict:
         data = b""
         while chunk := s.recv(65536):
             data += chunk
-    return json.loads(data)
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        reply = None
+    if not isinstance(reply, dict):
+        raise VolumeError(f"the tux3fuse daemon for {mnt} gave no answer to {request!r}")
+    return reply
 
 
 def tux3_cmd(argv: list[str]) -> int:
+    """tux3 COMMAND ...; an unknown command is wrong usage (exit 2). ``tux3 IMAGE MOUNTPOINT [-o OPTIONS]``, as
+    mount.fuse3 runs it for the type fuse.tux3, mounts as mount.fuse.tux3 does (failure: exit 32); the first
+    argument is taken for an image only when it names an existing file or holds a slash."""
     commands = ("umount", "stat", "sync", "mkfs", "fsck", "mount")
-    if argv and argv[0] not in commands and not argv[0].startswith("-") and len(argv) >= 2:
-        return mount_cmd(argv, prog="tux3")  # as run by mount.fuse3 for type fuse.tux3
+    if argv and argv[0] not in commands and not argv[0].startswith("-"):
+        if len(argv) >= 2 and (os.path.exists(argv[0]) or "/" in argv[0]):
+            return mount_helper_cmd(argv, prog="tux3")
+        raise UsageError(f"unknown command {argv[0]!r}; the commands are {', '.join(commands)} (see tux3 --help)")
     p = _Parser(prog="tux3", description="tux3fuse administration.")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
     sub.add_parser("umount", help="unmount and wait for the daemon", add_help=False)
-    s = sub.add_parser("stat", help="print the counters of a mounted volume")
+    s = sub.add_parser("stat", help="print the counters of a mounted volume, where its daemon logs, and its last "
+                       "errors with their times")
     s.add_argument("mountpoint")
-    s.add_argument("--json", action="store_true", help="one JSON object")
+    s.add_argument("--json", action="store_true", help="one JSON object: the counters, log (where the daemon "
+                   "logs) and recent_errors (its last warnings and errors: time, level, message)")
     y = sub.add_parser("sync", help="commit everything now and wait until it is durable")
     y.add_argument("mountpoint")
     sub.add_parser("mkfs", help="same as mkfs.tux3", add_help=False)
@@ -349,8 +413,8 @@ def tux3_cmd(argv: list[str]) -> int:
     sub.add_parser("mount", help="same as tux3fuse", add_help=False)
     if argv and argv[0] in ("umount", "mkfs", "fsck", "mount"):
         rest = argv[1:]
-        return {"umount": lambda: umount_cmd(rest, "tux3 umount"), "mkfs": lambda: mkfs_cmd(rest),
-                "fsck": lambda: fsck_cmd(rest), "mount": lambda: mount_cmd(rest, "tux3 mount")}[argv[0]]()
+        return {"umount": lambda: umount_cmd(rest, "tux3 umount"), "mkfs": lambda: mkfs_cmd(rest, "tux3 mkfs"),
+                "fsck": lambda: fsck_cmd(rest, "tux3 fsck"), "mount": lambda: mount_cmd(rest, "tux3 mount")}[argv[0]]()
     a = p.parse_args(argv)
     if a.cmd is None:
         p.print_help()
@@ -358,13 +422,19 @@ def tux3_cmd(argv: list[str]) -> int:
     reply = _control(a.mountpoint, a.cmd)
     if a.cmd == "stat":
         stats = reply.get("stat", {})
+        places, recent = reply.get("log") or [], reply.get("errors") or []
         if a.json:
-            print(json.dumps(stats, sort_keys=True))
+            print(json.dumps({**stats, "log": places, "recent_errors": recent}, sort_keys=True))
         else:
             width = max(map(len, stats), default=0)
             for key in sorted(stats):
                 value = stats[key]
                 print(f"{key:<{width}}  {value:.6f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+            print(f"log: {', '.join(places) or 'unknown'}")
+            print("last errors:" + ("" if recent else " none"))
+            for record in recent:
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.get("time", 0)))
+                print(f"  {when} {record.get('level', '?')}: {record.get('message', '')}")
     if reply.get("error"):
         print(f"tux3 {a.cmd}: the volume has failed: {reply['error']}", file=sys.stderr)
         return 1
@@ -374,42 +444,71 @@ def tux3_cmd(argv: list[str]) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # fsck.tux3
 
-def fsck_cmd(argv: list[str]) -> int:
+def fsck_cmd(argv: list[str], prog: str = "fsck.tux3") -> int:
     from .fsck import FSCK_ERROR, fsck
 
-    p = _Parser(prog="fsck.tux3", description="Check a tux3fuse volume. Exit status: 0 clean, 1 errors corrected, "
-                "4 errors left uncorrected, 8 operational error.")
-    p.add_argument("-n", "--no-action", action="store_true", help="open read-only, change nothing")
-    p.add_argument("-y", "-p", "-a", dest="yes", action="store_true", help="repair what can be repaired safely")
-    p.add_argument("-f", "--force", action="store_true", help="accepted for fsck(8) compatibility")
-    p.add_argument("-v", "--verbose", action="store_true", help="print every check")
-    p.add_argument("image")
+    p = _Parser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+                description="Check a tux3fuse volume that is not mounted, and repair what can be repaired safely.\n"
+                "Repair is the default: without -n, fsck.tux3 writes its repairs to the image. With -n it only\n"
+                "checks and changes nothing. Damage is reported by inode and by every path that reaches it.",
+                epilog="exit status (as e2fsck):\n"
+                "  0  no errors\n"
+                "  1  errors found and corrected\n"
+                "  4  errors left uncorrected (with -n: errors found)\n"
+                "  8  operational error: the image cannot be opened, or is in use (mounted, or being checked)\n"
+                "  2  wrong usage")
+    p.add_argument("-n", "--no-action", action="store_true", help="check only: open the image read-only and "
+                   "change nothing")
+    p.add_argument("-y", "-p", "-a", dest="yes", action="store_true", help="accepted for fsck(8) compatibility: "
+                   "the same as the default (repair what can be repaired safely, without questions)")
+    p.add_argument("-f", "--force", action="store_true", help="accepted for fsck(8) compatibility: every check "
+                   "is always complete")
+    p.add_argument("-v", "--verbose", action="store_true", help="list each check as it runs; on a volume whose "
+                   "check takes more than a second, show the progress on stderr")
+    p.add_argument("image", help="the image file or block device")
     a = p.parse_args(argv)
-    if _image_mounted(a.image):
-        print(f"fsck.tux3: {a.image} is mounted; unmount it first", file=sys.stderr)
+    if a.no_action and a.yes:
+        raise UsageError("-n (change nothing) and -y/-p/-a (repair) contradict each other")
+    mnt = _image_mounted(a.image)
+    if mnt is not None:
+        print(f"{prog}: {a.image} is in use (mounted at {mnt}); unmount it first", file=sys.stderr)
         return FSCK_ERROR
-    try:
-        report = fsck(a.image, repair=not a.no_action, verbose=a.verbose)
-    except VolumeError as e:
-        print(f"fsck.tux3: {e}", file=sys.stderr)
+    report = fsck(a.image, repair=not a.no_action, verbose=a.verbose)
+    if report.status == FSCK_ERROR:  # nothing was checked: the reason, on stderr
+        for line in report.lines:
+            print(f"{prog}: {line}", file=sys.stderr)
         return FSCK_ERROR
     for line in report.lines:
         print(line)
     return report.status
 
 
-def _image_mounted(image: str) -> bool:
-    real = os.path.realpath(image)
+def _image_mounted(image: str) -> str | None:
+    """Where ``image`` is mounted as a tux3fuse volume, or None: any mount whose source is the same file (the same
+    device and inode: through a symlink, a hard link or another spelling of its path)."""
+    import re
+
+    try:
+        st = os.stat(image)
+    except OSError:
+        return None
     try:
         with open("/proc/self/mounts") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 2 and fields[2].startswith("fuse.tux3") and os.path.realpath(
-                        fields[0].replace("\\040", " ")) == real:
-                    return True
+            lines = f.read().splitlines()
     except OSError:
-        return False
-    return False
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3 or not fields[2].startswith("fuse.tux3"):
+            continue
+        source, target = (re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), x) for x in fields[:2])
+        try:
+            other = os.stat(source)
+        except OSError:
+            continue
+        if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+            return target
+    return None
 
 
 def mkfs_main(argv: list[str] | None = None) -> None:

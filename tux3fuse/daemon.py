@@ -6,11 +6,15 @@ Guarantees:
 - On unmount, SIGTERM or SIGINT the daemon commits everything (with a unify) before it exits; it records its exit
   status in its state file, which ``tux3 umount`` waits for.
 - A control socket beside the state file answers ``stat`` (counters as JSON) and ``sync`` (a sync item on the
-  flusher's queue: it returns once everything changed before it is durable).
+  flusher's queue: it returns once everything changed before it is durable); both replies also name where the
+  daemon logs and hold its last WARNING and ERROR records with their times.
+- The daemon always keeps a log (see ``DaemonLog``): in the foreground on stderr; detached in syslog when
+  ``/dev/log`` exists, otherwise in a file (``default_log_file``); with ``-o log=FILE`` in FILE as well.
 """
 
 from __future__ import annotations
 
+import collections
 import gc
 import hashlib
 import json
@@ -26,11 +30,14 @@ import pyfuse3
 import trio
 
 from .flusher import Flusher
-from .fs import Volume
+from .fs import Volume, VolumeError
 
 log = logging.getLogger("tux3fuse")
 GC_THRESHOLDS = (20_000, 50, 100)  # the collector's thresholds while serving (see Daemon.run)
 MAX_TASKS = 256  # requests served at once: every fsync waiting for a commit holds one (group commit needs many)
+RECENT_ERRORS = 8  # WARNING and ERROR records the daemon keeps for ``tux3 stat``
+LOG_FILE_BYTES = 1 << 20  # a log file is rotated (one old copy, FILE.1) when it reaches this size
+LOG_FORMAT = "%(asctime)s tux3fuse[%(process)d] %(levelname)s: %(message)s"
 
 
 def state_dir() -> str:
@@ -77,19 +84,22 @@ def _points_to(fd: str, path: str) -> bool:
 
 
 class Daemon:
-    def __init__(self, vol: Volume, ops: pyfuse3.Operations, mountpoint: str, image: str, interval: float) -> None:
-        """``mountpoint`` must be resolved before the mount: the daemon never looks at its own mount."""
+    def __init__(self, vol: Volume, ops: pyfuse3.Operations, mountpoint: str, image: str, interval: float,
+                 logs: DaemonLog | None = None) -> None:
+        """``mountpoint`` must be resolved before the mount: the daemon never looks at its own mount. ``logs``:
+        where it logs and its recent errors, for the state file and the control socket's replies."""
         self.vol = vol
         self.ops = ops
         self.mountpoint = mountpoint
         self.image = image
         self.interval = interval
+        self.logs = logs
         self.state, self.sock = state_paths(self.mountpoint)
         self.signalled: int | None = None
 
     def _record(self, status: str) -> None:
         write_state(self.state, pid=os.getpid(), image=self.image, mountpoint=self.mountpoint, status=status,
-                    error=self.vol.failed)
+                    error=self.vol.failed, log=self.logs.places if self.logs else [])
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -116,10 +126,18 @@ class Daemon:
         with conn:
             try:
                 request = (await conn.recv(256)).decode().strip()
+                failed = None
                 if request == "sync" and self.vol.failed is None and not self.vol.readonly:
-                    await self.vol.sync()
-                reply = {"stat": self.vol.stats(), "error": self.vol.failed} if request in ("stat", "sync") else {
-                    "error": f"unknown request {request!r}"}
+                    try:
+                        await self.vol.sync()
+                    except VolumeError as e:  # the commit failed: the volume is read-only, the reply says why
+                        failed = str(e)
+                if request in ("stat", "sync"):
+                    reply = {"stat": self.vol.stats(), "error": self.vol.failed or failed,
+                             "log": self.logs.places if self.logs else [],
+                             "errors": self.logs.recent() if self.logs else []}
+                else:
+                    reply = {"error": f"unknown request {request!r}"}
                 data = memoryview(json.dumps(reply).encode())
                 while data:
                     data = data[await conn.send(data):]
@@ -179,15 +197,98 @@ def detach() -> None:
     os.close(devnull)
 
 
-def setup_logging(debug: bool, foreground: bool) -> None:
-    root = logging.getLogger()
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-    if foreground:
-        handler: logging.Handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s tux3fuse[%(process)d] %(levelname)s: %(message)s"))
-    elif os.path.exists("/dev/log"):
-        handler = logging.handlers.SysLogHandler("/dev/log")
-        handler.setFormatter(logging.Formatter("tux3fuse[%(process)d]: %(levelname)s: %(message)s"))
+def default_log_file(mountpoint: str) -> str:
+    """The file a detached daemon logs to when there is no syslog (no ``/dev/log``): NAME.log in
+    ``$XDG_STATE_HOME/tux3fuse`` when that is set, else in ``/var/log/tux3fuse`` for root and in
+    ``~/.local/state/tux3fuse`` for other users. NAME is the mountpoint without its first slash and with the others
+    turned into dashes (``/mnt/data``: ``mnt-data.log``; ``/``: ``root.log``)."""
+    if os.environ.get("XDG_STATE_HOME"):
+        base = os.path.join(os.environ["XDG_STATE_HOME"], "tux3fuse")
+    elif os.geteuid() == 0:
+        base = "/var/log/tux3fuse"
     else:
-        handler = logging.NullHandler()
-    root.handlers[:] = [handler]
+        base = os.path.join(os.path.expanduser("~"), ".local", "state", "tux3fuse")
+    name = mountpoint.strip("/").replace("/", "-") or "root"
+    return os.path.join(base, f"{name}.log")
+
+
+class RecentErrors(logging.Handler):
+    """Keeps the last ``capacity`` WARNING and ERROR records: time (seconds since the epoch), level and the
+    message's first line (with the exception's type and text when the message is not followed by them)."""
+
+    def __init__(self, capacity: int = RECENT_ERRORS) -> None:
+        super().__init__(logging.WARNING)
+        self.records: collections.deque[dict] = collections.deque(maxlen=capacity)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            lines = record.getMessage().splitlines() or [""]
+            message = lines[0]
+            exc = record.exc_info[1] if record.exc_info else None
+            if exc is not None and str(exc) not in message:
+                message += f" ({type(exc).__name__}: {exc})"
+            self.records.append({"time": record.created, "level": record.levelname, "message": message})
+        except Exception:
+            self.handleError(record)
+
+
+def _log_file_handler(path: str, make_dir: bool = False) -> logging.Handler:
+    if make_dir:
+        os.makedirs(os.path.dirname(path), mode=0o755 if os.geteuid() == 0 else 0o700, exist_ok=True)
+    handler = logging.handlers.RotatingFileHandler(path, maxBytes=LOG_FILE_BYTES, backupCount=1)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    return handler
+
+
+class DaemonLog:
+    """Where a mount daemon logs, set up on the root logger when made.
+
+    Guarantees:
+    - Until ``detached`` every record also goes to stderr, so what happens while mounting is seen by the command.
+    - In the foreground the log is stderr. Detached, it is syslog when ``/dev/log`` exists, otherwise the file
+      ``default_log_file(mountpoint)`` (or, if that cannot be created, the same name in the runtime state
+      directory). ``logfile`` (``-o log=FILE``) is written in every mode, in addition; its directory must exist.
+    - Every file is opened here: a file that cannot be written raises OSError before the daemon detaches.
+    - ``places`` names every place the log goes ("stderr", "syslog" or a file path); ``recent`` returns the last
+      ``RECENT_ERRORS`` WARNING and ERROR records, oldest first.
+    """
+
+    def __init__(self, mountpoint: str, debug: bool = False, foreground: bool = True,
+                 logfile: str | None = None) -> None:
+        root = logging.getLogger()
+        root.setLevel(logging.DEBUG if debug else logging.INFO)
+        self.stderr = logging.StreamHandler(sys.stderr)
+        self.stderr.setFormatter(logging.Formatter(LOG_FORMAT))
+        self.errors = RecentErrors()
+        handlers: list[logging.Handler] = [self.stderr, self.errors]
+        self.places: list[str] = []
+        if foreground:
+            self.places.append("stderr")
+        elif os.path.exists("/dev/log"):
+            syslog = logging.handlers.SysLogHandler("/dev/log")
+            syslog.setFormatter(logging.Formatter("tux3fuse[%(process)d]: %(levelname)s: %(message)s"))
+            handlers.append(syslog)
+            self.places.append("syslog")
+        else:
+            path = default_log_file(mountpoint)
+            try:
+                handlers.append(_log_file_handler(path, make_dir=True))
+            except OSError:  # e.g. a read-only home: the runtime state directory is writable (the daemon needs it)
+                path = os.path.join(state_dir(), os.path.basename(path))
+                handlers.append(_log_file_handler(path))
+            self.places.append(path)
+        if logfile is not None and logfile not in self.places:
+            handlers.append(_log_file_handler(logfile))
+            self.places.append(logfile)
+        for old in root.handlers:
+            if old not in handlers:
+                old.close()
+        root.handlers[:] = handlers
+
+    def detached(self) -> None:
+        """The daemon has left the terminal: stop logging to stderr (if it does not log there by choice)."""
+        if "stderr" not in self.places:
+            logging.getLogger().removeHandler(self.stderr)
+
+    def recent(self) -> list[dict]:
+        return list(self.errors.records)
