@@ -76,15 +76,25 @@ bench: install
 
 CRASH_POINTS ?= 1000
 
+# Each run's output goes to the terminal as it comes; its last line (the result) is kept for the summary line at
+# the end. A run that fails stops the target with its exit status, as before.
 crashtest: install
-	@set -e; for run in "1 1 4096" "2 8 4096" "3 2 512" "4 1 1024" "5 16 65536"; do \
+	@set -e; out=$$(mktemp -d); trap 'rm -rf "$$out"' EXIT; \
+	keep() { log="$$out/$$1"; shift; { rc=0; "$$@" || rc=$$?; echo $$rc > "$$log.rc"; } | tee "$$log"; \
+		tail -n 1 "$$log" >> "$$out/last"; return $$(cat "$$log.rc"); }; \
+	for run in "1 1 4096" "2 8 4096" "3 2 512" "4 1 1024" "5 16 65536"; do \
 		set -- $$run; \
 		echo "== seed $$1, $$2 MiB image, $$3-byte blocks"; \
-		$(PY) scripts/crashtest.py --seed $$1 --size $$2 --blocksize $$3 --ops 800 --points $(CRASH_POINTS); \
-	done
-	$(PY) scripts/stress.py --procs 4 --ops 5000 --mix full --seed 1 --kill --options verify_log
-	$(PY) scripts/stress.py --procs 8 --ops 2000 --mix full --seed 2
-	$(PY) scripts/stress.py --procs 4 --ops 2500 --mix cuf --seed 3 --kill --options commit=0.02
+		keep crash$$1 $(PY) scripts/crashtest.py --seed $$1 --size $$2 --blocksize $$3 --ops 800 \
+			--points $(CRASH_POINTS); \
+	done; \
+	keep stress1 $(PY) scripts/stress.py --procs 4 --ops 5000 --mix full --seed 1 --kill --options verify_log; \
+	keep stress2 $(PY) scripts/stress.py --procs 8 --ops 2000 --mix full --seed 2; \
+	keep stress3 $(PY) scripts/stress.py --procs 4 --ops 2500 --mix cuf --seed 3 --kill --options commit=0.02; \
+	awk '/crash points, [0-9]+ inconsistent/ { runs++; points += $$1; bad += $$(NF - 1) } \
+		/: PASS/ { pass++ } /: FAIL/ { fail++ } \
+		END { printf "crashtest: %d runs, %d crash points, %d inconsistent; stress: %d runs, %d PASS, %d FAIL\n", \
+			runs, points, bad, pass + fail, pass, fail }' "$$out/last"
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .hypothesis bench-out

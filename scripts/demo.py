@@ -5,7 +5,9 @@ Steps: mkfs.tux3 -> tux3fuse (detached) -> fio random write + verify -> fsx -> t
 -> fsck.tux3 -> mount again -> fio verify of the data written before -> tux3 umount.
 
 Everything happens in a temporary directory that is removed at the end; the filesystem is always unmounted, even
-when a step fails. Exit status 0 when every step passed, 1 otherwise.
+when a step fails. The summary at the end lists the steps, then the counters of `tux3 stat` that tell what
+happened (commits, forks, waits, blocks written, flushes), one line of meaning each. Exit status 0 when every step
+passed, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -107,6 +109,21 @@ def force_cleanup(mnt: Path, image: Path) -> None:
             return
 
 
+STORY = (  # the counters of `tux3 stat` that tell what happened, and what each one means
+    ("commits", "deltas committed: each makes one atomic group of changes durable"),
+    ("forks", "pages copied instead of waited for: a write hit a page its commit was still writing"),
+    ("waits", "times a writer waited for a commit (stable=wait, or a page not forked)"),
+    ("blocks_written", "blocks the commits wrote: data, log, and tree nodes at a unify"),
+    ("flushes", "cache flushes of the image: the cost of making commits durable"),
+)
+
+
+def story(counters: dict) -> list[str]:
+    """The lines of the demo's counter summary: each counter of STORY with its value and what it means."""
+    width = max(len(name) for name, _ in STORY)
+    return [f"  {name.ljust(width)} {counters.get(name, 0):>9}  {meaning}" for name, meaning in STORY]
+
+
 def fio_summary(path: Path) -> str:
     data = json.loads(path.read_text())
     job = data["jobs"][0]
@@ -144,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     fio_base = ["fio", "--name=demo", f"--directory={mnt}", "--rw=randwrite", "--bsrange=4k-1m", f"--size={args.size}",
                 "--verify=crc32c", "--verify_fatal=1", "--ioengine=psync", "--end_fsync=1", "--output-format=json"]
     steps: list[Step] = []
+    counters: dict = {}  # from tux3 stat --json
 
     def step(name: str, fn: Callable[[], str | None]) -> bool:
         print(f"\n== {name}", flush=True)
@@ -175,8 +193,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         run([sys.executable, REPO / "scripts" / "fsx.py", "-N", str(args.fsx_ops), "-S", "1", "-q", mnt / "fsxfile"],
             timeout=1800, capture=False)
 
-    def stat() -> None:
-        run([VENV_BIN / "tux3", "stat", mnt], timeout=30, capture=False)
+    def stat() -> str:
+        proc = run([VENV_BIN / "tux3", "stat", "--json", mnt], timeout=30)
+        counters.update(json.loads(proc.stdout))
+        for line in story(counters):
+            print(line, flush=True)
+        return "see the counters below"
 
     def umount() -> None:
         run([VENV_BIN / "tux3", "umount", mnt], timeout=300)
@@ -223,6 +245,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for s in steps:
         note = f"  {s.note.splitlines()[0]}" if s.note else ""
         print(f"  {'ok  ' if s.ok else 'FAIL'}  {s.name.ljust(width)}  {s.seconds:7.1f}s{note}")
+    if counters:
+        print("\nCounters (tux3 stat, before the unmount)")
+        for line in story(counters):
+            print(line)
     print("demo: " + ("FAILED" if failed else "all steps passed"))
     return 1 if failed else 0
 

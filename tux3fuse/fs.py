@@ -758,20 +758,65 @@ class Volume:
         return max(8, self.sb.volblocks // 512)
 
     def reserve(self, new_pages: int) -> None:
-        """Make sure ``new_pages`` more dirty pages can be committed; commit first if that frees space."""
+        """Make sure ``new_pages`` more dirty pages can be committed; commit first if that frees space.
+
+        Only blocks free in the bitmap count (``alloc.free``): blocks that unlinks and truncates free are
+        reusable once the commit that frees them is durable, so when they are needed this commits (or raises
+        WaitFor for the commit in flight, after which the caller retries) and counts them only then. A write
+        that returns has its blocks, so its commit never fails for lack of space."""
         for attempt in range(2):
             need = self._dirty_reservation() + new_pages + self._meta_estimate(new_pages, 1)
             if need + self._slack() <= self.alloc.free:
                 return
             if attempt == 0 and (self.alloc.pending or self.cache.dirty_pages or self.unify_frees
-                                 or self.unify_nodes):
+                                 or self.unify_nodes or any(self.dirty_inodes.values())):
                 if self.job is not None:  # the commit in flight holds the space: wait for it
                     raise WaitFor(self.job)
                 self.commit(unify=bool(self.unify_frees or self.unflushed))
         raise _err(errno.ENOSPC)
 
+    def _mapped_from(self, inode: Inode, index: int) -> int:
+        """Blocks the extent tree of ``inode`` maps at logical ``index`` and beyond."""
+        tree = self.dtree(inode)
+        n = 0
+        first = tree.floor(index)
+        if first is not None and first[0] < index:
+            n += max(0, first[0] + fmt.extent_head(first[1])[1] - index)
+        for _, value in tree.items(index, None):
+            n += fmt.extent_head(value)[1]
+        return n
+
+    def freeing(self) -> tuple[int, int]:
+        """(blocks, inodes): blocks that the deltas not yet committed (the one in flight included) free: those
+        freed already and waiting for their commit to be durable, the data of unlinked inodes that nothing holds
+        open (and the dirty pages of theirs that no commit will write), and what truncates cut off; and how many
+        of the dirty inodes are such unlinked ones (their commit only drops them). Reusable once those commits
+        are durable (``reserve`` commits for them when it needs them)."""
+        total, dead = self.alloc.pending_count(), 0
+        seen: dict[int, Inode] = {}
+        for dirty in self.dirty_inodes.values():
+            seen.update(dirty)
+        if self.job is not None:
+            seen.update((inode.ino, inode) for inode in self.job.inodes)
+        for ino, inode in seen.items():
+            if self.inodes.get(ino) is not inode:  # destroyed by the commit in flight: its blocks are pending
+                continue
+            if inode.rec.nlink == 0 and inode.opens <= 0:
+                total += inode.rec.blocks + inode.mapping.dirty_count()
+                dead += 1
+            elif inode.hole_from:
+                total += self._mapped_from(inode, min(inode.hole_from.values()))
+        return total, dead
+
     def statfs(self) -> dict[str, int]:
-        free = max(0, self.alloc.free - self._dirty_reservation() - self._slack())
+        """Space as a user should see it: free blocks, plus what unlinks and truncates free once their commit is
+        durable (``freeing``; a write that needs them waits for that commit), minus what dirty data and the
+        commits of it will take, minus the slack kept for deletes."""
+        freeing, dead = self.freeing()
+        pages = self.cache.dirty_pages
+        inodes = sum(len(d) for d in self.dirty_inodes.values()) - dead
+        reserved = pages + self._meta_estimate(pages, max(0, inodes)) + self._unify_estimate()
+        free = max(0, self.alloc.free + freeing - reserved - self._slack())
         per_block = max(1, self.blocksize // 128)
         return {
             "bsize": self.blocksize, "frsize": self.blocksize, "blocks": self.sb.volblocks,
