@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import functools
+import inspect
 import logging
 import os
 import stat
@@ -91,6 +92,44 @@ class Attr:
 
 def _nothing_pending() -> bool:
     return False
+
+
+def guarded(fn):
+    """The failure policy of the embedded API, for every caller (the FUSE adapter, tests, scripts): an OSError is
+    the caller's answer and goes through, as do the control-flow exceptions ``WaitFor`` and ``Throttled`` and a
+    ``VolumeError``; a corrupt block, or any other exception (a bug), is logged with its stack, turns the volume
+    read-only (``Volume.fail``: the image keeps its last commit) and reaches the caller as EIO."""
+    def fail(self, e: Exception) -> OSError:
+        if isinstance(e, (CorruptBlock, CorruptDir)):
+            reason = str(e)
+        else:
+            reason = f"unexpected {type(e).__name__} in {fn.__name__}: {e}"
+        if self.failed is None:
+            self.fail(reason)  # logs the stack
+        else:
+            log.error("%s (volume already read-only)", reason, exc_info=True)
+        return OSError(errno.EIO, f"{os.strerror(errno.EIO)}: {reason}")
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen_wrapper(self, *args, **kwargs):
+            try:
+                yield from fn(self, *args, **kwargs)
+            except (OSError, WaitFor, Throttled, VolumeError):
+                raise
+            except Exception as e:
+                raise fail(self, e) from e
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except (OSError, WaitFor, Throttled, VolumeError):
+            raise
+        except Exception as e:
+            raise fail(self, e) from e
+    return wrapper
 
 
 def _checked(steps: Iterator[None]) -> Iterator[None]:
@@ -697,13 +736,16 @@ class Volume:
                     (r.blocks + pending) * (self.blocksize // 512), self.blocksize, r.atime_ns, r.mtime_ns,
                     r.ctime_ns)
 
+    @guarded
     def getattr(self, ino: int) -> Attr:
         return self.attr(self.iget(ino))
 
+    @guarded
     def ref(self, ino: int, n: int = 1) -> None:
         """The kernel holds n more references (lookup count)."""
         self.iget(ino).lookups += n
 
+    @guarded
     def forget(self, ino: int, n: int) -> None:
         inode = self.inodes.get(ino)
         if inode is None:
@@ -723,6 +765,7 @@ class Volume:
                 else:
                     self._dirty_inode(inode, delta)
 
+    @guarded
     def open(self, ino: int, truncate: bool = False) -> Attr:
         inode = self.iget(ino)
         if truncate:
@@ -730,6 +773,7 @@ class Volume:
         inode.opens += 1
         return self.attr(inode)
 
+    @guarded
     def release(self, ino: int) -> None:
         inode = self.inodes.get(ino)
         if inode is not None:
@@ -808,6 +852,7 @@ class Volume:
                 total += self._mapped_from(inode, min(inode.hole_from.values()))
         return total, dead
 
+    @guarded
     def statfs(self) -> dict[str, int]:
         """Space as a user should see it: free blocks, plus what unlinks and truncates free once their commit is
         durable (``freeing``; a write that needs them waits for that commit), minus what dirty data and the
@@ -929,10 +974,12 @@ class Volume:
         if busy:
             raise WaitFor(self.job, written=True)
 
+    @guarded
     def page_for_mapping(self, inode: Inode, index: int) -> Page:
         """Read fault of a shared mapping: the page the index holds."""
         return self._page(inode, index)
 
+    @guarded
     def page_mkwrite(self, smap: SharedMapping, index: int) -> list:
         """Write fault of a shared mapping: make the page writable for the current delta (forking it if the
         backend owns it) and map it writable in ``smap``; returns the page-table entry."""
@@ -949,6 +996,7 @@ class Volume:
         pte = smap.ptes[index] = [page, True]
         return pte
 
+    @guarded
     def mmap(self, ino: int) -> SharedMapping:
         """Map a regular file shared and writable (the embedded API's mmap)."""
         inode = self.iget(ino)
@@ -959,6 +1007,7 @@ class Volume:
     # ---------------------------------------------------------------------------------------------------------------
     # data
 
+    @guarded
     def read(self, ino: int, offset: int, size: int) -> bytes:
         inode = self.iget(ino)
         end = min(offset + size, inode.rec.size)
@@ -979,6 +1028,7 @@ class Volume:
         lo = offset - first * bs
         return data[lo: lo + end - offset]
 
+    @guarded
     def write(self, ino: int, offset: int, data: bytes) -> int:
         self.check_writable()
         if offset + len(data) > MAX_FILE_SIZE:
@@ -1045,6 +1095,7 @@ class Volume:
                 page.data[size % bs:] = bytes(bs - size % bs)
         rec.size = size
 
+    @guarded
     def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None, gid: int | None = None,
                 size: int | None = None, atime_ns: int | None = None, mtime_ns: int | None = None,
                 ctime_ns: int | None = None) -> Attr:
@@ -1104,6 +1155,7 @@ class Volume:
         if name in (b".", b".."):
             raise _err(errno.EEXIST)
 
+    @guarded
     def lookup(self, parent: int, name: bytes) -> Attr:
         """Find a name; the kernel now holds one more reference to the inode."""
         if len(name) > fmt.NAME_MAX:
@@ -1162,6 +1214,7 @@ class Volume:
             rec.size = index.nblocks * self.blocksize
         rec.mtime_ns = rec.ctime_ns = time.time_ns()
 
+    @guarded
     def mknod(self, parent: int, name: bytes, mode: int, rdev: int = 0, uid: int = 0, gid: int = 0) -> Attr:
         if stat.S_IFMT(mode) == 0:
             mode |= stat.S_IFREG
@@ -1169,15 +1222,18 @@ class Volume:
             raise _err(errno.EINVAL)
         return self.attr(self._make(parent, name, mode, uid, gid, rdev))
 
+    @guarded
     def create(self, parent: int, name: bytes, mode: int, uid: int = 0, gid: int = 0) -> Attr:
         """Create and open a regular file."""
         inode = self._make(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid)
         inode.opens += 1
         return self.attr(inode)
 
+    @guarded
     def mkdir(self, parent: int, name: bytes, mode: int, uid: int = 0, gid: int = 0) -> Attr:
         return self.attr(self._make(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid))
 
+    @guarded
     def symlink(self, parent: int, name: bytes, target: bytes, uid: int = 0, gid: int = 0) -> Attr:
         if len(target) >= 4096:
             raise _err(errno.ENAMETOOLONG)
@@ -1192,12 +1248,14 @@ class Volume:
             self._dirty_inode(inode, delta).size = len(target)
         return self.attr(inode)
 
+    @guarded
     def readlink(self, ino: int) -> bytes:
         inode = self.iget(ino)
         if not stat.S_ISLNK(inode.rec.mode):
             raise _err(errno.EINVAL)
         return self.read(ino, 0, inode.rec.size)
 
+    @guarded
     def link(self, ino: int, parent: int, name: bytes) -> Attr:
         self.check_writable()
         self._check_name(name)
@@ -1224,9 +1282,11 @@ class Volume:
         rec.nlink = 0 if inode.is_dir else rec.nlink - 1
         rec.ctime_ns = now
 
+    @guarded
     def unlink(self, parent: int, name: bytes) -> None:
         self._remove(parent, name, is_dir=False)
 
+    @guarded
     def rmdir(self, parent: int, name: bytes) -> None:
         self._remove(parent, name, is_dir=True)
 
@@ -1270,6 +1330,7 @@ class Volume:
             cur = self.iget(cur).rec.parent
         return False
 
+    @guarded
     def rename(self, old_parent: int, old: bytes, new_parent: int, new: bytes, flags: int = 0) -> None:
         self.check_writable()
         self._check_name(new)
@@ -1354,6 +1415,7 @@ class Volume:
                 self._dirty_inode(sdir, delta).nlink -= moved
                 self._dirty_inode(ddir, delta).nlink += moved
 
+    @guarded
     def readdir(self, ino: int, start: int) -> Iterator[tuple[bytes, int, int]]:
         """(name, inode number, next position) from position ``start`` (0: the beginning)."""
         inode = self.iget(ino)
@@ -1364,15 +1426,18 @@ class Volume:
     # ---------------------------------------------------------------------------------------------------------------
     # extended attributes
 
+    @guarded
     def getxattr(self, ino: int, name: bytes) -> bytes:
         value = self.iget(ino).rec.xattrs.get(name)
         if value is None:
             raise _err(errno.ENODATA)
         return value
 
+    @guarded
     def listxattr(self, ino: int) -> list[bytes]:
         return sorted(self.iget(ino).rec.xattrs)
 
+    @guarded
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
         self.check_writable()
         if not (name.startswith(b"user.") or name.startswith(b"trusted.") or name.startswith(b"security.")):
@@ -1394,6 +1459,7 @@ class Volume:
             rec.xattrs[name] = bytes(value)
             rec.ctime_ns = time.time_ns()
 
+    @guarded
     def removexattr(self, ino: int, name: bytes) -> None:
         self.check_writable()
         inode = self.iget(ino)

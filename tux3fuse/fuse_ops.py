@@ -1,8 +1,9 @@
 """The pyfuse3 adapter: kernel requests in, Volume calls, errno out. Nothing else.
 
 Guarantees:
-- No exception other than FUSEError leaves a handler. An OSError becomes its errno; a corrupt block or any unexpected
-  exception is logged with its stack, turns the volume read-only, and is answered with EIO, so the mount never dies.
+- No exception other than FUSEError leaves a handler. An OSError becomes its errno, a VolumeError EIO. The volume
+  itself turns a corrupt block or an unexpected exception into a read-only volume, a logged stack and EIO
+  (``fs.guarded``), for embedded callers as for the mount; what escapes the adapter's own code gets the same.
 - What readers see is what the volume keeps. With the writeback cache the kernel takes a ``write()`` into its page
   cache and its own idea of the file size, and sends the data later (at close, fsync or writeback); when the volume
   refuses some of it (ENOSPC), the kernel still holds the refused data and the larger size. The handler of the
@@ -24,8 +25,6 @@ import threading
 import pyfuse3
 import trio
 
-from .dir import CorruptDir
-from .format import CorruptBlock
 from .fs import Attr, Volume, VolumeError
 
 log = logging.getLogger("tux3fuse")
@@ -61,10 +60,7 @@ def _translate(fn):
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
         except VolumeError:
             raise pyfuse3.FUSEError(errno.EIO) from None
-        except (CorruptBlock, CorruptDir) as e:
-            self.vol.fail(str(e))
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except Exception as e:  # a bug: keep the mount alive, stop changing the image
+        except Exception as e:  # the volume's policy (fs.guarded) for what escapes the adapter's own code
             log.exception("unexpected error in %s", fn.__name__)
             self.vol.fail(f"unexpected {type(e).__name__} in {fn.__name__}: {e}")
             raise pyfuse3.FUSEError(errno.EIO) from None
