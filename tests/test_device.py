@@ -54,42 +54,37 @@ def test_filling_holes_keeps_every_byte_and_leaves_no_hole_in_a_written_chunk(be
     """Blocks written earlier (flushed, as every commit is) and blocks of each batch read back exactly, every
     other block reads as zeros, a chunk that was written to holds no hole afterwards, and a chunk never written
     to stays a hole."""
-    mp = pytest.MonkeyPatch()
-    mp.setattr(device, "FILL_CHUNK", CHUNK_BLOCKS * BS)
-    try:
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, "img")
-            sparse_image(path)
-            fd = os.open(path, os.O_RDWR)
-            for b, byte in before.items():
-                os.pwrite(fd, block(byte), b * BS)
-            os.fdatasync(fd)
-            os.close(fd)
-            model = dict(before)
-            dev = Device(path, BS, VOLBLOCKS)
-            assert dev.fill_holes
-            touched: set[int] = set()
-            for batch in batches:
-                dev.write_blocks([(b, block(byte)) for b, byte in batch.items()])
-                dev.flush()
-                model.update(batch)
-                touched |= {b // CHUNK_BLOCKS for b in batch}
-            for b in range(VOLBLOCKS):
-                assert dev.read_block(b) == block(model.get(b, 0)), f"block {b}"
-            for chunk in range(CHUNKS):
-                start, end = chunk * CHUNK_BLOCKS * BS, (chunk + 1) * CHUNK_BLOCKS * BS
-                if chunk in touched:
-                    assert holes(dev.fd, start, end) == [], f"chunk {chunk} still has holes"
-                elif not any(b // CHUNK_BLOCKS == chunk for b in before):
-                    assert holes(dev.fd, start, end) == [(start, end)], f"chunk {chunk} was filled unasked"
-            assert dev.stats.fill_bytes <= len(touched) * CHUNK_BLOCKS * BS
-            filled = dev.stats.fill_bytes
-            again = min(touched) * CHUNK_BLOCKS
-            dev.write_blocks([(again, block(model.get(again, 0) ^ 1))])
-            assert dev.stats.fill_bytes == filled  # a filled chunk gets no more zeros
-            dev.close()
-    finally:
-        mp.undo()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "img")
+        sparse_image(path)
+        fd = os.open(path, os.O_RDWR)
+        for b, byte in before.items():
+            os.pwrite(fd, block(byte), b * BS)
+        os.fdatasync(fd)
+        os.close(fd)
+        model = dict(before)
+        dev = Device(path, BS, VOLBLOCKS, fill_chunk=CHUNK_BLOCKS * BS)
+        assert dev.fill_holes
+        touched: set[int] = set()
+        for batch in batches:
+            dev.write_blocks([(b, block(byte)) for b, byte in batch.items()])
+            dev.flush()
+            model.update(batch)
+            touched |= {b // CHUNK_BLOCKS for b in batch}
+        for b in range(VOLBLOCKS):
+            assert dev.read_block(b) == block(model.get(b, 0)), f"block {b}"
+        for chunk in range(CHUNKS):
+            start, end = chunk * CHUNK_BLOCKS * BS, (chunk + 1) * CHUNK_BLOCKS * BS
+            if chunk in touched:
+                assert holes(dev.fd, start, end) == [], f"chunk {chunk} still has holes"
+            elif not any(b // CHUNK_BLOCKS == chunk for b in before):
+                assert holes(dev.fd, start, end) == [(start, end)], f"chunk {chunk} was filled unasked"
+        assert dev.stats.fill_bytes <= len(touched) * CHUNK_BLOCKS * BS
+        filled = dev.stats.fill_bytes
+        again = min(touched) * CHUNK_BLOCKS
+        dev.write_blocks([(again, block(model.get(again, 0) ^ 1))])
+        assert dev.stats.fill_bytes == filled  # a filled chunk gets no more zeros
+        dev.close()
 
 
 @pytest.mark.parametrize("failing", ["lseek", "pwrite"])
@@ -98,7 +93,7 @@ def test_a_host_that_cannot_fill_still_gets_every_block(tmp_path, monkeypatch, f
     the same."""
     path = str(tmp_path / "img")
     sparse_image(path)
-    dev = Device(path, BS, VOLBLOCKS)
+    dev = Device(path, BS, VOLBLOCKS, fill_chunk=CHUNK_BLOCKS * BS)
     real = getattr(os, failing)
 
     def refuse(*args):
@@ -124,13 +119,11 @@ def test_a_read_only_device_never_fills(tmp_path):
 
 
 def test_no_write_system_call_carries_more_than_a_piece(tmp_path, monkeypatch):
-    """Data runs and hole fills are cut into writes of at most WRITE_PIECE bytes (a long write would hold a CPU
+    """Data runs and hole fills are cut into writes of at most ``write_piece`` bytes (a long write would hold a CPU
     in the kernel), and every block still lands where it belongs."""
-    monkeypatch.setattr(device, "WRITE_PIECE", 3 * BS)
-    monkeypatch.setattr(device, "FILL_CHUNK", CHUNK_BLOCKS * BS)
     path = str(tmp_path / "img")
     sparse_image(path)
-    dev = Device(path, BS, VOLBLOCKS)
+    dev = Device(path, BS, VOLBLOCKS, write_piece=3 * BS, fill_chunk=CHUNK_BLOCKS * BS)
     sizes: list[int] = []
     real_pwrite, real_pwritev = os.pwrite, os.pwritev
 
@@ -165,7 +158,7 @@ def test_a_held_block_stops_its_run_there_and_the_rest_follows_on_release(tmp_pa
 
     path = str(tmp_path / "img")
     sparse_image(path)
-    dev = Device(path, BS, VOLBLOCKS)
+    dev = Device(path, BS, VOLBLOCKS, fill_chunk=CHUNK_BLOCKS * BS)
     batch = {b: b + 1 for b in range(10, 20)}
     reached, release = dev.hold(14)
     writer = threading.Thread(target=dev.write_blocks, args=([(b, block(x)) for b, x in batch.items()],))
@@ -181,7 +174,7 @@ def test_a_held_block_stops_its_run_there_and_the_rest_follows_on_release(tmp_pa
 def test_planning_checks_every_block_and_yields_as_it_goes(tmp_path):
     path = str(tmp_path / "img")
     sparse_image(path)
-    dev = Device(path, BS, VOLBLOCKS)
+    dev = Device(path, BS, VOLBLOCKS, fill_chunk=CHUNK_BLOCKS * BS)
     writes = [(b, block(1)) for b in range(0, 100, 2)]
     yields, plan = drive(dev.plan_steps(writes, step=8))
     assert yields == len(writes) // 8

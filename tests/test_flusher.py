@@ -207,7 +207,7 @@ async def test_touched_inode_moves_to_the_tail_without_postponing_expiry(make_vo
     vol = make_vol()
     a, b = vol.create(1, b"a", 0o644), vol.create(1, b"b", 0o644)
     vol.commit()
-    assert vol.touch_after == 1.0
+    assert vol.options.touch_after == 1.0
     async with trio.open_nursery() as nursery:
         await nursery.start(Flusher(vol, interval=5).run)
         t0, commits = trio.current_time(), vol.counters["commits"]

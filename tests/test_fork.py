@@ -540,11 +540,9 @@ def test_a_commit_gives_the_loop_back_only_when_the_frontend_has_work(make_vol, 
                                                                        yields):
     """Between two slices a commit passes through the scheduler when a request waits unread (the daemon's poll
     of /dev/fuse: ``frontend_pending``) or a task is runnable; otherwise it goes on without the trip."""
-    import tux3fuse.fs as fs
 
-    monkeypatch.setattr(fs, "PREPARE_SLICE", 0.0)  # every step ends a slice: the counts do not depend on speed
-    monkeypatch.setattr(fs, "COMMIT_YIELD", 3600.0)
-    vol = make_vol()
+    # every step ends a slice: the counts do not depend on speed
+    vol = make_vol(prepare_slice=0.0, commit_yield=3600.0)
     f = vol.create(1, b"f", 0o644)
     for i in range(0, 600, 2):  # runs of one page: one prepare step each
         vol.write(f.ino, i * BS, fill(i % 251))
@@ -584,14 +582,10 @@ def test_requests_that_arrive_while_the_frontend_runs_go_first_too(make_vol, mon
     """At a slice boundary a background commit lets requests go first until none waits unread, including those
     that reached the kernel while the frontend had its turn (a small write queued behind a large one). A commit
     that someone waits for (an fsync's; with stable=wait, any) gives the frontend one turn per boundary."""
-    import tux3fuse.fs as fs
     from tux3fuse.backend.commit import CommitJob
 
-    monkeypatch.setattr(fs, "PREPARE_SLICE", 0.0)  # every step ends a slice
-    monkeypatch.setattr(fs, "URGENT_SLICE", 0.0)
-    monkeypatch.setattr(fs, "COMMIT_YIELD", 3600.0)
-    monkeypatch.setattr(fs, "COMMIT_SHARE", 0.0)  # no share kept: the order alone is under test
-    vol = make_vol(stable=stable)
+    # every step ends a slice; no share kept: the order alone is under test
+    vol = make_vol(stable=stable, prepare_slice=0.0, urgent_slice=0.0, commit_yield=3600.0, commit_share=0.0)
     f = vol.create(1, b"f", 0o644)
     for i in range(0, 100, 2):  # runs of one page: one prepare step each
         vol.write(f.ino, i * BS, fill(i % 251))
@@ -635,12 +629,9 @@ def test_a_steady_stream_of_requests_never_stops_a_commit(make_vol, monkeypatch)
     """Requests go first only while the commit keeps its share of the loop: with a request always waiting and a
     frontend task always runnable, the commit still takes its steps. (A commit is shielded from cancellation, so
     the frontend itself notices a commit that no longer runs, and stops the requests.)"""
-    import tux3fuse.fs as fs
     from tux3fuse.backend.commit import CommitJob
 
-    monkeypatch.setattr(fs, "PREPARE_SLICE", 0.0)
-    monkeypatch.setattr(fs, "COMMIT_YIELD", 3600.0)
-    vol = make_vol()
+    vol = make_vol(prepare_slice=0.0, commit_yield=3600.0)
     f = vol.create(1, b"f", 0o644)
     for i in range(0, 200, 2):
         vol.write(f.ino, i * BS, fill(i % 251))
@@ -682,12 +673,9 @@ def test_a_steady_stream_of_requests_never_stops_a_commit(make_vol, monkeypatch)
 def test_a_commit_counts_its_first_slice_from_its_last_turn(make_vol, monkeypatch, held):
     """Work the committing task did since it last got the loop (the stage before, the commit before) belongs to
     the first slice: when that already used up a slice, a runnable task goes before the first prepare step."""
-    import tux3fuse.fs as fs
     from tux3fuse.backend.commit import CommitJob
 
-    monkeypatch.setattr(fs, "PREPARE_SLICE", 0.5)  # no slice of this small commit ends by the clock
-    monkeypatch.setattr(fs, "COMMIT_YIELD", 3600.0)
-    vol = make_vol()
+    vol = make_vol(prepare_slice=0.5, commit_yield=3600.0)  # no slice of this small commit ends by the clock
     f = vol.create(1, b"f", 0o644)
     for i in range(0, 20, 2):
         vol.write(f.ino, i * BS, fill(i))

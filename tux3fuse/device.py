@@ -1,7 +1,7 @@
 """The image: block reads and writes, flushes, and I/O accounting.
 
 Guarantee: a block outside the volume is never read or written (``OutOfRange``); a write batch is issued as
-vectored writes of contiguous runs, no system call carrying more than ``WRITE_PIECE`` bytes; ``flush`` returns
+vectored writes of contiguous runs, no system call carrying more than ``write_piece`` bytes; ``flush`` returns
 only after the image's data is durable (fdatasync). The device never interprets what it stores; the zeros it
 writes into holes of a sparse image (``fill``) change no byte that a read returns.
 """
@@ -24,8 +24,7 @@ IOV_MAX = 1024
 # tasks (PREEMPT_NONE): one 1 MiB write into the host's page cache held a CPU for 0.3-0.8 ms, and on two cores the
 # event loop's thread and the processes waiting for it could not run meanwhile, whatever the writing thread's
 # nice value. Between two pieces they can.
-WRITE_PIECE = 64 << 10
-_ZEROS = memoryview(bytes(WRITE_PIECE))
+WRITE_PIECE = 64 << 10  # bytes: the most one write system call carries (Options.write_piece)
 FILL_CHUNK = 1 << 20  # bytes: the image's holes are filled this much at a time, around the blocks written
 
 
@@ -80,7 +79,7 @@ class Device:
     """Block I/O on an open image file or block device."""
 
     def __init__(self, path: str, blocksize: int, volblocks: int, readonly: bool = False,
-                 writelog: str | None = None) -> None:
+                 writelog: str | None = None, *, write_piece: int = WRITE_PIECE, fill_chunk: int = FILL_CHUNK) -> None:
         self.path = path
         self.readonly = readonly
         self.fd = os.open(path, os.O_RDONLY if readonly else os.O_RDWR)
@@ -91,8 +90,11 @@ class Device:
         self.writelog = WriteLog(writelog) if writelog else None
         # a regular image file may be sparse: see fill
         self.fill_holes = not readonly and stat.S_ISREG(os.fstat(self.fd).st_mode)
-        self.run_max = max(1, min(IOV_MAX, WRITE_PIECE // blocksize))  # blocks per vectored write
-        self.filled = bytearray(-(-volblocks * blocksize // FILL_CHUNK) // 8 + 1)  # bit per chunk: no hole left
+        self.write_piece = write_piece
+        self.fill_chunk = fill_chunk
+        self.zeros = memoryview(bytes(write_piece))
+        self.run_max = max(1, min(IOV_MAX, write_piece // blocksize))  # blocks per vectored write
+        self.filled = bytearray(-(-volblocks * blocksize // fill_chunk) // 8 + 1)  # bit per chunk: no hole left
 
     def hold(self, block: int) -> tuple[threading.Event, threading.Event]:
         """Make the next write of ``block`` stop before it is issued (tests): returns (reached, release)."""
@@ -160,7 +162,7 @@ class Device:
     def _fill_plan(self, spans: list[list[int]]) -> list[tuple[int, list[tuple[int, int]]]]:
         """The chunks around ``spans`` that may still hold holes, each with the spans (clipped to it) that the
         batch writes there."""
-        per_chunk = max(1, FILL_CHUNK // self.blocksize)
+        per_chunk = max(1, self.fill_chunk // self.blocksize)
         filled = self.filled
         chunks: dict[int, list[tuple[int, int]]] = {}
         for first, end in spans:
@@ -209,7 +211,7 @@ class Device:
         change no byte that a read returns, so this is safe at any moment; if the host is full it stops trying.
         """
         bs = self.blocksize
-        per_chunk = max(1, FILL_CHUNK // bs)
+        per_chunk = max(1, self.fill_chunk // bs)
         filled = self.filled
         end_of_image = self.volblocks * bs
         for chunk, written in chunks:
@@ -229,9 +231,9 @@ class Device:
                     data = min(data, end)
                     first, last = -(-hole // bs), data // bs  # whole blocks of the hole
                     for b0, b1 in _uncovered(first, last, written):
-                        for at_byte in range(b0 * bs, b1 * bs, WRITE_PIECE):
-                            n = min(WRITE_PIECE, b1 * bs - at_byte)
-                            os.pwrite(self.fd, _ZEROS[:n], at_byte)
+                        for at_byte in range(b0 * bs, b1 * bs, self.write_piece):
+                            n = min(self.write_piece, b1 * bs - at_byte)
+                            os.pwrite(self.fd, self.zeros[:n], at_byte)
                         self.stats.fill_bytes += (b1 - b0) * bs
                     at = data
             except OSError:  # host full, or no SEEK_HOLE here: the blocks are written all the same

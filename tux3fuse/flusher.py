@@ -25,7 +25,7 @@ Guarantees:
   ``dirtied`` is never later than the oldest change still pending in the delta. The flusher sleeps until
   ``head.dirtied + interval`` (no fixed timer) and then commits, so a change is durable at most ``interval`` plus
   one commit after it was made, if no commit was in flight when its deadline came. Nothing dirty, no wake-ups.
-- Touch: an inode dirtied again at least ``Volume.touch_after`` (1 s) after its ``dirtied`` time moves to the
+- Touch: an inode dirtied again at least ``Options.touch_after`` (1 s) after its ``dirtied`` time moves to the
   tail with a new time (one O(1) move per second for a file being written, not one per write); if it was the head,
   the new head takes over its age, so touching never postpones expiry.
 - Done: an inode leaves its delta's list when nothing of it is left to write for that delta. Every frontend change

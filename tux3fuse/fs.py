@@ -34,7 +34,7 @@ from .cache import AddressSpace, Page, PageCache
 from .cache.fork import FORK, MODES, WAIT, Action, ForkRegistry, clone_page, need_fork
 from .cache.mmap import SharedMapping
 from .delta import Deltas
-from .device import Device, OutOfRange, image_size
+from .device import FILL_CHUNK, WRITE_PIECE, Device, OutOfRange, image_size
 from .dir import CorruptDir, DirIndex
 from .format import ROOT_INO, CorruptBlock, FormatError, InodeRecord, Super
 from .inode import Inode
@@ -47,10 +47,6 @@ DT_OF_MODE = {stat.S_IFREG: fmt.DT_REG, stat.S_IFDIR: fmt.DT_DIR, stat.S_IFCHR: 
               stat.S_IFLNK: fmt.DT_LNK}
 MAX_FILE_SIZE = 1 << 50  # logical blocks must fit the 48-bit range of the format at any block size
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
-PREPARE_SLICE = 0.00002  # seconds: the longest a commit's prepare or complete stage holds the event loop at once
-URGENT_SLICE = 0.0002  # seconds: the same for a commit that an fsync waits for
-COMMIT_YIELD = 0.001  # seconds: a commit passes through the scheduler at least this often, even with no request
-COMMIT_SHARE = 0.2  # between two slices requests go first, while the commit has had this share of the loop
 
 
 class VolumeError(Exception):
@@ -162,6 +158,14 @@ class Options:
     readonly: bool = False
     stable: str = FORK  # what a write to a page under writeback does: fork, wait or none
     cache_bytes: int = 256 << 20
+    # the commit runner (Volume._sliced): how long a commit stage holds the event loop at once, in seconds
+    prepare_slice: float = 0.00002  # a commit nobody waits for
+    urgent_slice: float = 0.0002  # a commit an fsync waits for
+    commit_yield: float = 0.001  # a commit passes through the scheduler at least this often, even with no request
+    commit_share: float = 0.2  # between two slices requests go first, while the commit has had this share of the loop
+    touch_after: float = 1.0  # seconds: a re-dirtied inode moves to its dirty list's tail at most this often
+    write_piece: int = WRITE_PIECE  # bytes: the most one write system call of a commit carries (device.py)
+    fill_chunk: int = FILL_CHUNK  # bytes: the image's holes are filled this much at a time, around the blocks written
     unify_deltas: int = 16  # unify every this many deltas (not in a commit an fsync waits for): PERFORMANCE.md
     unify_log_blocks: int = 64  # ... or when the log would pass this many 4 KiB (it bounds the replay at mount)
     background_bytes: int = 32 << 20  # dirty data that starts a commit without waiting for the timer
@@ -202,7 +206,6 @@ class Volume:
         # this when it resumes, and a commit's first slice counts from it
         self.turn_started = 0.0
         self.io_thread = None  # backend.iothread.IOThread for the writes of commits nobody waits for, once needed
-        self.touch_after = 1.0  # seconds: a re-dirtied inode moves to its list's tail at most this often
         self.failed: str | None = None
         try:
             fd = os.open(path, os.O_RDONLY if self.readonly else os.O_RDWR)
@@ -230,7 +233,8 @@ class Volume:
         self.sb = sb
         self.blocksize = bs = sb.blocksize
         self.leaf_capacity = fmt.leaf_capacity(bs)  # bytes of entries one btree leaf holds
-        self.dev = Device(self.path, bs, sb.volblocks, self.readonly, self.options.writelog)
+        self.dev = Device(self.path, bs, sb.volblocks, self.readonly, self.options.writelog,
+                          write_piece=self.options.write_piece, fill_chunk=self.options.fill_chunk)
         self.counters: Counter[str] = Counter()
         for key in ("forks", "data_forks", "dir_forks", "attr_forks", "waits", "commits", "blocks_written",
                     "flushes", "unifies", "bytes_copied", "pinned_copies", "commits_ahead", "in_place_writes",
@@ -262,8 +266,6 @@ class Volume:
         self.alloc.meta_goal = first  # metadata from the front, data from a sixteenth of the way in
         self.alloc.goal = first + (sb.volblocks - first) // 16
         self.deltas_since_unify = sb.seq - sb.unify_seq
-        self.unify_deltas = self.options.unify_deltas
-        self.unify_log_blocks = self.options.unify_log_blocks
         self.itable = BTree(self, fmt.KIND_ILEAF, sb.itree_root)
         self.otree = BTree(self, fmt.KIND_OLEAF, sb.otree_root)
         committed = sb.seq
@@ -444,17 +446,18 @@ class Volume:
         return job.delta
 
     async def _sliced(self, steps: Iterator[None], urgent: bool = False) -> float:
-        """Run a commit stage's steps on the event loop in slices of about ``PREPARE_SLICE`` (``URGENT_SLICE``
+        """Run a commit stage's steps on the event loop in slices of about ``Options.prepare_slice`` (``urgent_slice``
         when someone waits for the commit), letting the frontend go first between two slices when it has work;
         return the longest the loop was held at once. The first slice counts from the task's last turn
         (``turn_started``), so the work between two stages, and between two commits, is part of a slice too.
         Requests that reach the kernel while the frontend has its turn go first as well, as long as the stage has
-        held the loop for ``COMMIT_SHARE`` of its time; not when someone waits for the commit (an fsync, or with
+        held the loop for ``commit_share`` of its time; not when someone waits for the commit (an fsync, or with
         stable pages any writer may)."""
         import trio
 
         clock = time.perf_counter
-        length = URGENT_SLICE if urgent else PREPARE_SLICE
+        opts = self.options
+        length = opts.urgent_slice if urgent else opts.prepare_slice
         pending = self.frontend_pending
         # the instrument is added at the first slice boundary, so a stage shorter than a slice costs the frontend
         # nothing; tasks runnable before it was added are unknown to it, so that boundary always yields
@@ -472,7 +475,7 @@ class Volume:
                         trio.lowlevel.add_instrument(runnable)
                         go = True
                     else:
-                        go = bool(runnable.tasks) or pending() or now - yielded >= COMMIT_YIELD
+                        go = bool(runnable.tasks) or pending() or now - yielded >= opts.commit_yield
                     if go:
                         hold = max(hold, now - yielded)
                         held += now - yielded
@@ -480,7 +483,7 @@ class Volume:
                         await self._frontend_first()
                         # a request that came while the frontend ran (a small write behind a large one) would
                         # otherwise wait for one more slice
-                        while requests_first and pending() and held >= COMMIT_SHARE * (self.turn_started - began):
+                        while requests_first and pending() and held >= opts.commit_share * (self.turn_started - began):
                             await self._frontend_first()
                         last = yielded = self.turn_started
                     else:  # nobody waits for the loop: go on without a trip through the scheduler
@@ -702,7 +705,7 @@ class Volume:
         if inode.ino not in dirty:
             inode.dirtied = self.clock()
             dirty[inode.ino] = inode
-        elif (now := self.clock()) - inode.dirtied >= self.touch_after:  # touch: move to the tail
+        elif (now := self.clock()) - inode.dirtied >= self.options.touch_after:  # touch: move to the tail
             del dirty[inode.ino]
             self._inherit_head(dirty, inode.dirtied)
             inode.dirtied = now

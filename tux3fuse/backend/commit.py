@@ -121,8 +121,8 @@ class CommitJob:
         groups = yield from split_log_steps(records, vol.blocksize)
         log_blocks = len(groups)
         yield
-        if (self.unify or (vol.deltas_since_unify >= vol.unify_deltas and not self.urgent)
-                or (sb.log_count + log_blocks) * vol.blocksize > vol.unify_log_blocks * fmt.LOG_UNIT):
+        if (self.unify or (vol.deltas_since_unify >= vol.options.unify_deltas and not self.urgent)
+                or (sb.log_count + log_blocks) * vol.blocksize > vol.options.unify_log_blocks * fmt.LOG_UNIT):
             yield from self._unify()
             sb.delta_csum = 0
         else:
