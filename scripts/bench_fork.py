@@ -54,18 +54,13 @@ interrupted.
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
 import gc
-import json
 import math
 import os
 import random
-import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -73,14 +68,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchfs import BenchError, NullFs, dispose
-from procutil import default_workdir, end_process, interrupt_on_signals, log, wait_until
-from report import comma_choices, machine_info, md_table, text_table, update_section
-
-REPO = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from benchfs import NullFs, Tux3Fs, dispose
+from benchkit import VENV_BIN, BenchError, Harness, comma_choices, log, machine_info, md_table
 
 PATHS = ("embedded", "mounted")
 MODES = ("fork", "wait", "none")
@@ -222,13 +211,14 @@ async def _embedded(mode: str, cfg: Config, image: Path, result: Result) -> list
         max_dirty = 0
         violations: list[str] = []
 
+        touched: set[int] = set()  # hot pages written since the last commit started: the delta's dirty hot pages
+
         async def committer() -> None:
-            nonlocal max_dirty
-            hot_mapping = vol.inodes[hot].mapping
+            nonlocal max_dirty, touched
             while not stop:
                 st = vol.stats()
                 dirty, peak = int(st["dirty_pages"]), int(st["forked_pages_peak"])
-                hot_dirty = len(hot_mapping.dirty.get(vol.deltas.current, ()))
+                hot_dirty, touched = len(touched), set()
                 max_dirty = max(max_dirty, dirty)
                 delta = await vol.commit_async()
                 new_peak = int(vol.stats()["forked_pages_peak"])
@@ -271,6 +261,7 @@ async def _embedded(mode: str, cfg: Config, image: Path, result: Result) -> list
                     prev = clock()
                     lat.append(prev - t0)
                     last[index] = data
+                    touched.add(index)
                     await trio.sleep(0)
                 result.elapsed = prev - start
                 result.max_gap = gap
@@ -284,8 +275,8 @@ async def _embedded(mode: str, cfg: Config, image: Path, result: Result) -> list
         result.stats = stat_delta(before, vol.stats())
         result.max_delta_dirty = max_dirty
         result.peak_violations = violations
-        if vol.failed:
-            raise BenchError(f"the volume failed: {vol.failed}")
+        if vol.stats()["read_only"]:
+            raise BenchError("the volume went read-only during the run (see the log)")
         return last
     finally:
         gc.set_threshold(*thresholds)
@@ -297,88 +288,24 @@ async def _embedded(mode: str, cfg: Config, image: Path, result: Result) -> list
 # mounted
 
 
-def is_mounted(path: Path) -> bool:
-    target = str(path.resolve())
-    try:
-        with open("/proc/self/mounts") as f:
-            return any(line.split()[1].replace("\\040", " ") == target for line in f)
-    except OSError:
-        return os.path.ismount(path)
-
-
-def tux3_stat(mnt: Path) -> dict:
-    r = subprocess.run([str(VENV_BIN / "tux3"), "stat", "--json", str(mnt)], capture_output=True, text=True,
-                       timeout=60)
-    if r.returncode not in (0, 1) or not r.stdout.strip():
-        raise BenchError(f"tux3 stat --json {mnt}: exit status {r.returncode}: {r.stderr.strip()}")
-    return json.loads(r.stdout)
-
-
-class Daemon:
-    """tux3fuse in the foreground as a child process; ``stop`` always leaves nothing mounted or running."""
-
-    def __init__(self, image: Path, mnt: Path, options: str) -> None:
-        self.image, self.mnt, self.options = image, mnt, options
-        self.logpath = image.with_suffix(".log")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.logpath.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def start(self) -> None:
-        self.mnt.mkdir(exist_ok=True)
-        args = [str(VENV_BIN / "tux3fuse"), "-f", "-o", self.options, str(self.image), str(self.mnt)]
-        with open(self.logpath, "ab") as logfile:
-            self.proc = subprocess.Popen(args, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
-        proc = self.proc
-        if not wait_until(lambda: is_mounted(self.mnt) or proc.poll() is not None, 30, 0.02):
-            raise BenchError(f"{shlex.join(args)}: no mount after 30 s\n{self.log_tail()}")
-        if not is_mounted(self.mnt):
-            raise BenchError(f"{shlex.join(args)}: exit status {proc.returncode}\n{self.log_tail()}")
-
-    def umount(self) -> None:
-        """tux3 umount (returns after the daemon's last commit), then the daemon's exit status."""
-        r = subprocess.run([str(VENV_BIN / "tux3"), "umount", str(self.mnt)], capture_output=True, text=True,
-                           timeout=300)
-        if r.returncode:
-            raise BenchError(f"tux3 umount {self.mnt}: exit status {r.returncode}: {r.stderr.strip()}\n"
-                             f"{self.log_tail()}")
-        assert self.proc is not None
-        code = self.proc.wait(timeout=60)
-        self.proc = None
-        if code:
-            raise BenchError(f"tux3fuse exited with status {code}\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        """Cleanup after a failure: lazy unmount, then wait for the daemon, then terminate it."""
-        if is_mounted(self.mnt):
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True, timeout=60)
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            end_process(proc, "tux3fuse")
-
-
 def run_mounted(mode: str, cfg: Config, image: Path) -> Result:
+    """``tux3fuse -f`` on IMAGE (a child of the script); the timed phase reads ``tux3 stat --json``."""
     from tux3fuse.mkfs import mkfs
 
-    mkfs(str(image), BLOCK, IMAGE_SIZE, force=True)
-    mnt = image.with_suffix(".mnt")
+    fs = Tux3Fs(image.parent, options=f"nowriteback,stable={mode},commit={cfg.commit_interval:g}",
+                foreground=True, label=image.stem)
+    mkfs(str(fs.image), BLOCK, IMAGE_SIZE, force=True)
     result = Result("mounted", mode)
-    options = f"nowriteback,stable={mode},commit={cfg.commit_interval:g}"
-    daemon = Daemon(image, mnt, options)
     try:
-        daemon.start()
-        expected = timed_writes(mnt, cfg, result, lambda: tux3_stat(mnt))
+        fs.mount()
+        expected = timed_writes(fs.mnt, cfg, result, fs.stats)
         if result.stats.get("read_only"):
-            raise BenchError(f"the volume went read-only during the run\n{daemon.log_tail()}")
-        daemon.umount()
-    finally:
-        daemon.stop()
-    verify_image(image, expected)
+            raise BenchError(f"the volume went read-only during the run\n{fs.log_tail(30)}")
+    except BaseException:
+        dispose(fs)  # unmount and reap what the failure left; the failure is what is reported
+        raise
+    fs.umount()  # tux3 umount, then the daemon's exit status
+    verify_image(fs.image, expected)
     return result
 
 
@@ -574,15 +501,7 @@ def goal_lines(results: list[Result], hot_pages: int) -> list[str]:
     return lines
 
 
-def write_chart(path: Path, results: list[Result], commit_interval: float) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib not installed: skipping the chart (pip install matplotlib)")
-        return False
+def draw_chart(plt, results: list[Result], commit_interval: float):
     colors = {"fork": "#1f77b4", "wait": "#d62728", "none": "#7f7f7f", FLOOR: "#2ca02c"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, p in zip(axes, PATHS, strict=True):
@@ -614,18 +533,13 @@ def write_chart(path: Path, results: list[Result], commit_interval: float) -> bo
     axes[0].set_ylabel("fraction of writes")
     axes[0].set_ylim(0, 1.01)
     fig.suptitle("4 KiB rewrites of a hot set while commits run: latency CDF by stable-page mode (dotted: p99)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return fig
 
 
 
-def section_text(results: list[Result], cfg: Config, argv: Sequence[str], goals: list[str], chart: str | None,
+def section_text(results: list[Result], cfg: Config, cmd: str, now: str, goals: list[str], chart: str | None,
                  loads: list[str]) -> str:
     info = machine_info()
-    now = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    cmd = shlex.join(["scripts/bench_fork.py", *argv])
     out = [SECTION, ""]
     out.append(f"Generated by `{cmd}` on {now}; machine: nproc {info['nproc']}, kernel {info['kernel']}"
                + (f", {info['cpu']}" if "cpu" in info else "") + f", Python {info['python']}; load average "
@@ -669,16 +583,12 @@ def section_text(results: list[Result], cfg: Config, argv: Sequence[str], goals:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="1 s runs, output in bench-out/ (smoke run)")
+    h = Harness("bench_fork", __doc__, "bench_fork.png", "1 s runs, output in bench-out/ (smoke run)", SECTION)
+    ap = h.parser
+    h.add_only(PATHS, "paths")
     ap.add_argument("--seconds", type=float, help="timed phase of each run (default 5, or 1 with --quick)")
-    ap.add_argument("--only", choices=PATHS, help="run one path only")
     ap.add_argument("--modes", type=comma_choices(MODES), default=list(MODES),
                     help="stable modes (default fork,wait,none)")
-    ap.add_argument("--workdir", type=Path, help="parent of the temporary image directory (default: /var/tmp)")
-    ap.add_argument("--outdir", type=Path, help="where PERFORMANCE.md and bench_fork.png go "
-                    "(default: docs/, or bench-out/ with --quick)")
     ap.add_argument("--hot-pages", type=int, default=256, help="hot set size in 4 KiB pages (default 256)")
     ap.add_argument("--stream", type=float, default=32.0, metavar="MBPS",
                     help="background stream to a second file in MB/s, 0 for none (default 32)")
@@ -687,34 +597,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
     ap.add_argument("--no-floor", action="store_true",
                     help="skip the mounted path's floor run on scripts/nullfs.py --nowriteback")
-    args = ap.parse_args(argv)
+    args = h.parse(argv)
     if args.hot_pages < 1:
         ap.error("--hot-pages must be at least 1")
     seconds = args.seconds if args.seconds is not None else (1.0 if args.quick else 5.0)
     if seconds <= 0:
         ap.error("--seconds must be positive")
-    paths = [args.only] if args.only else list(PATHS)
+    paths = args.only
     if "mounted" in paths and not (VENV_BIN / "tux3fuse").exists():
         print(f"bench_fork: {VENV_BIN / 'tux3fuse'} not found (run 'make install')", file=sys.stderr)
         return 2
     if "mounted" in paths and (not os.path.exists("/dev/fuse") or not shutil.which("fusermount3")):
         print("bench_fork: the mounted path needs /dev/fuse and fusermount3 (use --only embedded)", file=sys.stderr)
         return 2
-    outdir: Path = args.outdir or (REPO / ("bench-out" if args.quick else "docs"))
-    outdir.mkdir(parents=True, exist_ok=True)
-    parent = (args.workdir or default_workdir()).resolve()
 
-    interrupt_on_signals()
-
-    workdir = Path(tempfile.mkdtemp(prefix="tux3fork-", dir=parent))
-    cfg = Config(seconds=seconds, hot_pages=args.hot_pages, stream_mbps=args.stream, commit_interval=args.commit,
-                 seed=args.seed, workdir=workdir)
-    load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    log(f"bench_fork: work directory {workdir}; {seconds:g} s per run, hot set {args.hot_pages} pages, "
-        f"stream {args.stream:g} MB/s; load average {load_start}")
     results: list[Result] = []
-    interrupted = False
-    try:
+    with h.workdir("tux3fork-") as workdir:
+        cfg = Config(seconds=seconds, hot_pages=args.hot_pages, stream_mbps=args.stream,
+                     commit_interval=args.commit, seed=args.seed, workdir=workdir)
+        log(f"bench_fork: work directory {workdir}; {seconds:g} s per run, hot set {args.hot_pages} pages, "
+            f"stream {args.stream:g} MB/s; load average {h.loads[0]}")
         for path in paths:
             modes = [*args.modes, *([FLOOR] if path == "mounted" and not args.no_floor else [])]
             for mode in modes:
@@ -739,35 +641,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"({time.monotonic() - started:.1f} s)")
                 results.append(r)
                 image.unlink(missing_ok=True)
-    except KeyboardInterrupt:
-        interrupted = True
-        log("bench_fork: interrupted; cleaning up")
-    finally:
-        for mnt in workdir.glob("*.mnt"):
-            if is_mounted(mnt):
-                subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, timeout=60)
-        shutil.rmtree(workdir, onerror=lambda _f, p, exc: log(f"bench_fork: cannot remove {p}: {exc[1]}"))
-    if interrupted:
+    if h.interrupted:
         return 130
 
-    load_end = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    print()
-    for line in text_table(TABLE_HEADER, table_rows(results), left=2):
-        print(line)
-    print()
-    for line in text_table(LOAD_HEADER, load_rows(results), left=2):
-        print(line)
+    h.table(TABLE_HEADER, table_rows(results), left=2)
+    h.table(LOAD_HEADER, load_rows(results), left=2)
     print()
     goals = goal_lines(results, args.hot_pages)
     for line in goals:
         print(line)
     if args.quick:
         print("(quick run: 1 s per run, numbers are indicative only)")
-    print(f"load average (1/5/15 min): {load_start} at the start, {load_end} at the end")
-    chart = "bench_fork.png" if write_chart(outdir / "bench_fork.png", results, cfg.commit_interval) else None
-    md = outdir / "PERFORMANCE.md"
-    update_section(md, SECTION, section_text(results, cfg, argv, goals, chart, [load_start, load_end]))
-    log(f"\nwrote {md}" + (f" and {outdir / chart}" if chart else ""))
+    print(h.load_line())
+    chart = h.chart(lambda plt: draw_chart(plt, results, cfg.commit_interval))
+    h.write(section_text(results, cfg, h.command(), h.now(), goals, chart, h.loads), chart)
     return 1 if any(r.error for r in results) else 0
 
 

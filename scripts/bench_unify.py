@@ -18,8 +18,8 @@ fresh 1 GiB sparse image per run in a temporary directory on local disk (default
            them create a file of 1 to 16 KiB in one of 16 directories, half overwrite a random 4 KiB page of one
            of four 16 MiB files; per (K, L), over whole unify cycles from right after a unify until --commits
            commits have passed: blocks written per changed data page, flushes per commit, unifies, the longest
-           log, and the most tree nodes held dirty in memory between unifies (counted in the trees after every
-           commit: inode table, orphan tree and every extent tree with changes since the last unify).
+           log, and the most tree nodes held dirty in memory until a unify wrote them (the blocks a unify
+           wrote beyond its data pages: inode table, orphan tree and extent tree nodes, and bitmap blocks).
            Then the workload goes on until the log is at its longest (the next commit would unify), and the
            volume crashes there (closed without unmount) and is mounted again: the periodic crash.
   crash    the longest log a crash can leave, per L: fsync commits never unify because of K, so for every K the
@@ -54,26 +54,17 @@ OUTDIR/PERFORMANCE.md (replaced if present, the rest of the file is kept). OUTDI
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
 import random
-import shlex
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from procutil import default_workdir, interrupt_on_signals, log
-from report import machine_info, md_table, text_table, update_section
-
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from benchkit import Harness, log, machine_info, md_table
 
 SECTION = "## Unify"
 BLOCK = 4096
@@ -152,8 +143,7 @@ class MixedResult:
     flushes: int = 0
     unifies: int = 0
     log_max: int = 0
-    peak_nodes: int = 0
-    peak_estimate: int = 0  # Volume._unify_estimate() at the same moments: the bound the space reservation uses
+    peak_nodes: int = 0  # the most tree nodes and bitmap blocks one unify wrote: what it found dirty in memory
     seconds: float = 0.0
     unify_after: list[bool] = field(default_factory=list)  # per commit: did it unify
     log_after: list[int] = field(default_factory=list)  # per commit: log blocks after it
@@ -184,22 +174,55 @@ def _fill(vol, ino: int, mib: int, rnd: random.Random) -> None:
         vol.write(ino, i << 20, chunk)
 
 
-def dirty_tree_nodes(vol) -> int:
-    """Tree nodes held dirty in memory: what the next unify writes. Only the inode table, the orphan tree and the
-    extent trees of inodes with changes since the last unify (``Volume.unflushed``) can hold dirty nodes; nodes
-    not loaded from disk are clean by definition."""
-    from tux3fuse.backend.btree import Node
+class OnDisk:
+    """What the image's newest superblock says, read with the format module alone (docs/FORMAT.md), after a
+    commit has returned: the log length, the deltas since the last unify, and the records of the log chain."""
 
-    trees = [vol.itable, vol.otree, *(inode.dtree for inode in vol.unflushed.values() if inode.dtree is not None)]
-    count = 0
-    for tree in trees:
-        stack = [tree._root] if tree._root is not None else []
-        while stack:
-            node = stack.pop()
-            count += node.dirty
-            if node.level > 0:
-                stack.extend(c for c in node.vals if isinstance(c, Node))
-    return count
+    def __init__(self, image: Path) -> None:
+        self.fd = os.open(image, os.O_RDONLY)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def super(self):
+        from tux3fuse import format as fmt
+
+        copies = []
+        for copy, offset in enumerate(fmt.SUPER_OFFSETS):
+            try:
+                copies.append(fmt.Super.unpack(os.pread(self.fd, fmt.SUPER_SIZE, offset), copy))
+            except fmt.FormatError:
+                continue
+        if not copies:
+            raise AssertionError("no superblock copy of the image can be read")
+        return max(copies, key=lambda sb: sb.seq)
+
+    @property
+    def log_blocks(self) -> int:
+        return self.super().log_count
+
+    @property
+    def since_unify(self) -> int:
+        sb = self.super()
+        return sb.seq - sb.unify_seq
+
+    def records(self) -> int:
+        from tux3fuse import format as fmt
+
+        sb = self.super()
+        block, count = sb.log_head, 0
+        for _ in range(sb.log_count):
+            buf = os.pread(self.fd, sb.blocksize, block * sb.blocksize)
+            _, _, n, _ = fmt.unseal(buf, block, (fmt.KIND_LOG,))
+            block, records = fmt.unpack_log(buf, n)
+            count += len(records)
+        return count
+
+
+def counters(vol) -> dict[str, int]:
+    """The public counters of ``Volume.stats()`` this benchmark reads (a counter never incremented reads 0)."""
+    st = vol.stats()
+    return {k: int(st.get(k, 0)) for k in ("blocks_written", "data_blocks_written", "unifies", "flushes")}
 
 
 def run_fsync(image: Path, k: int, l: int, *, file_mib: int = FSYNC_FILE_MIB, min_fsyncs: int = 512,
@@ -224,27 +247,32 @@ def run_fsync(image: Path, k: int, l: int, *, file_mib: int = FSYNC_FILE_MIB, mi
         pages = (file_mib << 20) // BLOCK
 
         async def loop() -> None:
-            c, flushes = vol.counters, vol.dev.stats.flushes
-            blocks, unifies = c["blocks_written"], c["unifies"]
+            first = c = counters(vol)
             started = time.perf_counter()
             n = 0
             while True:
-                before_blocks, before_unifies = c["blocks_written"], c["unifies"]
+                before = c
                 vol.write(ino, rnd.randrange(pages) * BLOCK, payloads[n % PAYLOADS])
                 await vol.sync()
                 n += 1
-                unified = c["unifies"] > before_unifies
-                result.steps.append(FsyncStep(c["blocks_written"] - before_blocks, vol.sb.log_count, unified))
-                result.log_max = max(result.log_max, vol.sb.log_count)
-                if unified and n >= min_fsyncs and c["unifies"] - unifies >= min_unifies:
+                c = counters(vol)
+                unified = c["unifies"] > before["unifies"]
+                log_blocks = disk.log_blocks
+                result.steps.append(FsyncStep(c["blocks_written"] - before["blocks_written"], log_blocks, unified))
+                result.log_max = max(result.log_max, log_blocks)
+                if unified and n >= min_fsyncs and c["unifies"] - first["unifies"] >= min_unifies:
                     break
             result.seconds = time.perf_counter() - started
             result.fsyncs = n
-            result.blocks = c["blocks_written"] - blocks
-            result.flushes = vol.dev.stats.flushes - flushes
-            result.unifies = c["unifies"] - unifies
+            result.blocks = c["blocks_written"] - first["blocks_written"]
+            result.flushes = c["flushes"] - first["flushes"]
+            result.unifies = c["unifies"] - first["unifies"]
 
-        trio.run(loop)
+        disk = OnDisk(image)
+        try:
+            trio.run(loop)
+        finally:
+            disk.close()
         vol.unmount()
     finally:
         vol.close_files()
@@ -306,43 +334,49 @@ def run_mixed(image: Path, k: int, l: int, *, commits: int = 192, ops: int = 100
         vol.mount()
         work = Mixed(vol, seed)
         vol.commit(unify=True)
-        c = vol.counters
-        pages, blocks, flushes, unifies = c["data_blocks_written"], c["blocks_written"], vol.dev.stats.flushes, \
-            c["unifies"]
+        disk = OnDisk(image)
+        first = c = counters(vol)
         started = time.perf_counter()
         n = 0
         while True:
-            before = c["unifies"]
+            before = c
             work.delta(ops)
             vol.commit()
             n += 1
-            unified = c["unifies"] > before
+            c = counters(vol)
+            unified = c["unifies"] > before["unifies"]
+            log_blocks = disk.log_blocks
             result.unify_after.append(unified)
-            result.log_after.append(vol.sb.log_count)
-            result.log_max = max(result.log_max, vol.sb.log_count)
-            result.peak_nodes = max(result.peak_nodes, dirty_tree_nodes(vol))
-            result.peak_estimate = max(result.peak_estimate, vol._unify_estimate())
+            result.log_after.append(log_blocks)
+            result.log_max = max(result.log_max, log_blocks)
+            if unified:  # a unify writes, beside the delta's data, every tree node and bitmap block held dirty
+                meta = (c["blocks_written"] - before["blocks_written"]) - (c["data_blocks_written"]
+                                                                          - before["data_blocks_written"])
+                result.peak_nodes = max(result.peak_nodes, meta)
             if unified and n >= commits:
                 break
         result.seconds = time.perf_counter() - started
         result.commits = n
         result.ops = n * ops
-        result.pages = c["data_blocks_written"] - pages
-        result.blocks = c["blocks_written"] - blocks
-        result.flushes = vol.dev.stats.flushes - flushes
-        result.unifies = c["unifies"] - unifies
+        result.pages = c["data_blocks_written"] - first["data_blocks_written"]
+        result.blocks = c["blocks_written"] - first["blocks_written"]
+        result.flushes = c["flushes"] - first["flushes"]
+        result.unifies = c["unifies"] - first["unifies"]
         if not crash:
+            disk.close()
             vol.unmount()
             return result
         last = 1
         for _ in range(2 * k + 64):  # the log is longest just before the commit that unifies
-            if vol.deltas_since_unify + 1 >= k or vol.sb.log_count + last > l:
+            before_log = disk.log_blocks
+            if disk.since_unify + 1 >= k or before_log + last > l:
                 break
-            before_log, before = vol.sb.log_count, c["unifies"]
+            before = counters(vol)["unifies"]
             work.delta(ops)
             vol.commit()
-            if c["unifies"] == before:
-                last = max(1, vol.sb.log_count - before_log)
+            if counters(vol)["unifies"] == before:
+                last = max(1, disk.log_blocks - before_log)
+        disk.close()
         vol.close_files()  # the crash: nothing more reaches the image
         closed = True
         result.crash = mount_after_crash(image, k, l)
@@ -385,16 +419,19 @@ def run_crash(image: Path, l: int, *, file_mib: int = FSYNC_FILE_MIB, seed: int 
 
         async def fill() -> None:
             most = 1
-            while vol.sb.log_count + most <= l:
-                before = vol.sb.log_count
+            while (before := disk.log_blocks) + most <= l:
                 for i in range(batch):
                     vol.write(ino, rnd.randrange(pages) * BLOCK, payloads[i % PAYLOADS])
                 await vol.sync()
-                if vol.sb.log_count <= before:
+                if disk.log_blocks <= before:
                     raise AssertionError(f"an fsync commit unified with the log at {before} of {l} blocks")
-                most = max(most, vol.sb.log_count - before)
+                most = max(most, disk.log_blocks - before)
 
-        trio.run(fill)
+        disk = OnDisk(image)
+        try:
+            trio.run(fill)
+        finally:
+            disk.close()
     finally:
         vol.close_files()  # the crash
     return mount_after_crash(image, 1, l, repeats=repeats)
@@ -412,19 +449,19 @@ def _drop_cache(image: Path) -> None:
 def mount_after_crash(image: Path, k: int, l: int, repeats: int = 3) -> CrashResult:
     """Time the replay (read-only ``Volume``, the fastest of ``repeats``) and one ``Volume`` + ``mount()`` of a
     crashed image, each from a cold page cache; then unmount cleanly and check the log is empty."""
-    from tux3fuse.backend.log import read_chain
     from tux3fuse.fs import Volume
 
     result = CrashResult()
+    disk = OnDisk(image)
+    try:
+        result.log_blocks, result.records = disk.log_blocks, disk.records()
+    finally:
+        disk.close()
     for _ in range(repeats):
         _drop_cache(image)
         started = time.perf_counter()
         vol = Volume(str(image), _options(k, l, readonly=True))
         result.replays.append(time.perf_counter() - started)
-        if not result.log_blocks:
-            result.log_blocks = vol.sb.log_count
-            result.records = sum(len(r) for _, r in read_chain(vol.dev.read_block, vol.sb.log_head,
-                                                                   vol.sb.log_count))
         vol.close_files()
     result.replay = min(result.replays)
     result.replay_median = statistics.median(result.replays)
@@ -434,16 +471,16 @@ def mount_after_crash(image: Path, k: int, l: int, repeats: int = 3) -> CrashRes
     try:
         vol.mount()
         result.mount = time.perf_counter() - started
-        result.mount_unified = vol.counters["unifies"] > 0
+        result.mount_unified = counters(vol)["unifies"] > 0
         vol.unmount()
     finally:
         vol.close_files()
-    vol = Volume(str(image), _options(k, l, readonly=True))
+    disk = OnDisk(image)
     try:
-        if vol.sb.log_count:
-            raise AssertionError(f"log of {vol.sb.log_count} blocks after a clean unmount")
+        if disk.log_blocks:
+            raise AssertionError(f"log of {disk.log_blocks} blocks after a clean unmount")
     finally:
-        vol.close_files()
+        disk.close()
     return result
 
 
@@ -577,16 +614,8 @@ def mixed_rows(mixed: dict[tuple[int, int], MixedResult]) -> list[list[str]]:
     return rows
 
 
-def write_chart(path: Path, fsync: dict[int, FsyncResult], mixed: dict[tuple[int, int], MixedResult],
-                crash: dict[int, CrashResult], decision: Decision, budget_ms: float, memory_nodes: int) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib not installed: skipping the chart (pip install matplotlib)")
-        return False
+def draw_chart(plt, fsync: dict[int, FsyncResult], mixed: dict[tuple[int, int], MixedResult],
+               crash: dict[int, CrashResult], decision: Decision, budget_ms: float, memory_nodes: int):
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     (a, b), (c, d) = axes
     ls = sorted(fsync)
@@ -638,10 +667,7 @@ def write_chart(path: Path, fsync: dict[int, FsyncResult], mixed: dict[tuple[int
         c.legend(fontsize=8)
     pick = f"recommended K = {decision.k}, L = {decision.l}" if decision.l is not None else "no recommendation"
     fig.suptitle(f"Unify every K deltas or when the log would pass L blocks: {pick}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return fig
 
 
 
@@ -659,29 +685,23 @@ class Settings:
     quick: bool = False
 
 
-def busy(loads: list[str]) -> str:
-    """A warning when the machine was busy (1-minute load average above the number of CPUs) at either end."""
-    cpus = os.cpu_count() or 1
-    if max(float(x.split()[0]) for x in loads) > cpus:
-        return (f"The machine was busy during the run (1-minute load average above {cpus}): times, and a "
-                "decision that rests on the replay bound, may be off; blocks, flushes and nodes are not affected.")
-    return ""
+BUSY = ("The machine was busy during the run (1-minute load average above {cpus}): times, and a decision that "
+        "rests on the replay bound, may be off; blocks, flushes and nodes are not affected.")
 
 
 def section_text(s: Settings, fsync: dict[int, FsyncResult], mixed: dict[tuple[int, int], MixedResult],
-                 crash: dict[int, CrashResult], decision: Decision, errors: list[str], argv: Sequence[str],
-                 chart: str | None, loads: list[str], workdir: Path, elapsed: float) -> str:
+                 crash: dict[int, CrashResult], decision: Decision, errors: list[str], h: Harness,
+                 chart: str | None, elapsed: float) -> str:
     info = machine_info()
-    now = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    cmd = shlex.join(["scripts/bench_unify.py", *argv])
+    loads, workdir = h.loads, h.parent
     k0, l0 = defaults()
     out = [SECTION, ""]
-    out.append(f"Generated by `{cmd}` on {now} in {elapsed:.0f} s; machine: "
+    out.append(f"Generated by `{h.command()}` on {h.now()} in {elapsed:.0f} s; machine: "
                + ", ".join(f"{k} {v}" for k, v in info.items())
                + f"; load average (1/5/15 min) {loads[0]} at the start, {loads[1]} at the end.")
-    if busy(loads):
+    if h.busy():
         out.append("")
-        out.append(f"*{busy(loads)}*")
+        out.append(f"*{BUSY.format(cpus=os.cpu_count() or 1)}*")
     out.append("")
     out.append("A unify writes every tree node changed since the last one and the changed bitmap blocks (two "
                "flushes); between unifies a delta writes its data and log blocks only. It happens every K = "
@@ -696,9 +716,10 @@ def section_text(s: Settings, fsync: dict[int, FsyncResult], mixed: dict[tuple[i
     out.append(f"- **(b) mixed**: a `vol.commit()` every {s.ops} operations, half of them creating a file of 1 to "
                "16 KiB in one of 16 directories, half overwriting a random 4 KiB page of one of four 16 MiB files; "
                f"per (K, L), over whole unify cycles (at least {s.commits} commits). *blocks/page*: blocks written "
-               "per changed data page; *dirty nodes*: the most tree nodes held dirty in memory between unifies "
-               "(inode table, orphan tree and the extent trees changed since the last unify, counted after every "
-               "commit). Then the workload goes on until the log is at its longest (the next commit would "
+               "per changed data page; *dirty nodes*: the most tree nodes held dirty in memory until a unify "
+               "wrote them (what a unify wrote beyond the delta's data pages, from `Volume.stats()`: the inode "
+               "table, orphan tree and extent tree nodes changed since the last unify, and the bitmap blocks). "
+               "Then the workload goes on until the log is at its longest (the next commit would "
                "unify) and the volume crashes there: *periodic crash*.")
     out.append("- **(c) crash run**: the longest log a crash can leave, per L. fsync commits never unify because "
                "of K, so for every K the log can grow to L blocks; here each fsync'd delta overwrites as many "
@@ -757,9 +778,9 @@ def int_list(text: str) -> list[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="a small sweep, output in bench-out/ (smoke run)")
+    h = Harness("bench_unify", __doc__, "bench_unify.png", "a small sweep, output in bench-out/ (smoke run)",
+                SECTION)
+    ap = h.parser
     ap.add_argument("--k", type=int_list, help=f"K values (default {','.join(map(str, KS))}; quick "
                     f"{','.join(map(str, QUICK_KS))})")
     ap.add_argument("--l", type=int_list, help=f"L values (default {','.join(map(str, LS))}; quick "
@@ -774,44 +795,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--tolerance", type=float, default=TOLERANCE,
                     help=f"how far from the best counts as close (default {TOLERANCE:g})")
     ap.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
-    ap.add_argument("--workdir", type=Path, help="parent of the temporary image directory (default: /var/tmp)")
-    ap.add_argument("--outdir", type=Path, help="where PERFORMANCE.md and bench_unify.png go "
-                    "(default: docs/, or bench-out/ with --quick)")
-    args = ap.parse_args(argv)
+    args = h.parse(argv)
     s = Settings(ks=args.k or (QUICK_KS if args.quick else KS), ls=args.l or (QUICK_LS if args.quick else LS),
-                 fsyncs=args.fsyncs or (128 if args.quick else 512), commits=args.commits or (32 if args.quick
-                                                                                               else 96),
-                 ops=args.ops, budget_ms=args.budget_ms, memory_nodes=args.memory_nodes, tolerance=args.tolerance,
-                 seed=args.seed, quick=args.quick)
-    outdir: Path = args.outdir or (REPO / ("bench-out" if args.quick else "docs"))
-    outdir.mkdir(parents=True, exist_ok=True)
-    parent = (args.workdir or default_workdir()).resolve()
-
-    interrupt_on_signals()
-    load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    workdir = Path(tempfile.mkdtemp(prefix="tux3unify-", dir=parent))
-    log(f"bench_unify: work directory {workdir}; K {list(s.ks)}, L {list(s.ls)}; load average {load_start}")
+                 fsyncs=args.fsyncs or (128 if args.quick else 512),
+                 commits=args.commits or (32 if args.quick else 96), ops=args.ops, budget_ms=args.budget_ms,
+                 memory_nodes=args.memory_nodes, tolerance=args.tolerance, seed=args.seed, quick=args.quick)
     fsync: dict[int, FsyncResult] = {}
     crash: dict[int, CrashResult] = {}
     mixed: dict[tuple[int, int], MixedResult] = {}
     errors: list[str] = []
-    image = workdir / "unify.img"
     started = time.monotonic()
 
-    def attempt(what: str, fn):
-        t = time.monotonic()
-        try:
-            value = fn()
-        except Exception:  # a tux3fuse bug: keep the traceback for the report
-            errors.append(f"{what}: {traceback.format_exc()}")
-            log(f"  {what} FAILED:\n{traceback.format_exc()}")
-            return None
-        finally:
-            image.unlink(missing_ok=True)
-        log(f"  {what} ({time.monotonic() - t:.1f} s)")
-        return value
+    with h.workdir("tux3unify-") as workdir:
+        log(f"bench_unify: work directory {workdir}; K {list(s.ks)}, L {list(s.ls)}; load average {h.loads[0]}")
+        image = workdir / "unify.img"
 
-    try:
+        def attempt(what: str, fn):
+            t = time.monotonic()
+            try:
+                value = fn()
+            except Exception:  # a tux3fuse bug: keep the traceback for the report
+                errors.append(f"{what}: {traceback.format_exc()}")
+                log(f"  {what} FAILED:\n{traceback.format_exc()}")
+                return None
+            finally:
+                image.unlink(missing_ok=True)
+            log(f"  {what} ({time.monotonic() - t:.1f} s)")
+            return value
+
         for l in s.ls:
             f = attempt(f"fsync L={l}", lambda l=l: run_fsync(image, 1, l, min_fsyncs=s.fsyncs, seed=s.seed))
             if f is not None:
@@ -825,36 +836,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                                              ops=s.ops, seed=s.seed))
                 if m is not None:
                     mixed[(k, l)] = m
-    except KeyboardInterrupt:
-        log("bench_unify: interrupted; cleaning up")
+    if h.interrupted:
         return 130
-    finally:
-        shutil.rmtree(workdir, onerror=lambda _f, p, exc: log(f"bench_unify: cannot remove {p}: {exc[1]}"))
     elapsed = time.monotonic() - started
 
-    load_end = " ".join(f"{x:.2f}" for x in os.getloadavg())
     decision = recommend(fsync, mixed, crash, s.budget_ms, s.memory_nodes, s.tolerance)
-    print()
-    for line in text_table(FSYNC_HEADER, fsync_rows(fsync, crash)):
-        print(line)
-    print()
-    for line in text_table(MIXED_HEADER, mixed_rows(mixed), left=2):
-        print(line)
+    h.table(FSYNC_HEADER, fsync_rows(fsync, crash))
+    h.table(MIXED_HEADER, mixed_rows(mixed), left=2)
     print()
     for line in decision.lines:
         print(line)
     print(verdict(decision))
     if s.quick:
         print("(quick run: a small sweep with short runs; numbers are indicative only)")
-    print(f"{elapsed:.0f} s; load average (1/5/15 min): {load_start} at the start, {load_end} at the end")
-    if busy([load_start, load_end]):
-        print(busy([load_start, load_end]))
-    chart = "bench_unify.png" if write_chart(outdir / "bench_unify.png", fsync, mixed, crash, decision,
-                                             s.budget_ms, s.memory_nodes) else None
-    md = outdir / "PERFORMANCE.md"
-    update_section(md, SECTION, section_text(s, fsync, mixed, crash, decision, errors, argv, chart,
-                                             [load_start, load_end], parent, elapsed))
-    log(f"\nwrote {md}" + (f" and {outdir / chart}" if chart else ""))
+    print(f"{elapsed:.0f} s; {h.load_line()}")
+    if h.busy():
+        print(BUSY.format(cpus=os.cpu_count() or 1))
+    chart = h.chart(lambda plt: draw_chart(plt, fsync, mixed, crash, decision, s.budget_ms, s.memory_nodes))
+    h.write(section_text(s, fsync, mixed, crash, decision, errors, h, chart, elapsed), chart)
     return 1 if errors else 0
 
 

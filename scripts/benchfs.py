@@ -1,6 +1,6 @@
-"""The filesystems that scripts/bench.py and scripts/bench_fsync.py measure: make, mount, unmount, clean up.
+"""The filesystems that scripts/bench.py, bench_fsync.py and bench_fork.py measure: make, mount, unmount, clean up.
 
-  tux3fuse        mkfs.tux3 -s SIZE -f IMAGE; tux3fuse [-o OPTS] IMAGE MNT; tux3 umount MNT
+  tux3fuse        mkfs.tux3 -s SIZE -f IMAGE; tux3fuse [-f] [-o OPTS] IMAGE MNT; tux3 umount MNT
   fuse2fs         truncate -s SIZE IMAGE; mkfs.ext4 -F -q IMAGE; fuse2fs IMAGE MNT -o fakeroot; fusermount -u MNT
   ext4            losetup --find --show IMAGE; mkfs.ext4 -F -q LOOP; mount -t ext4 -o noinit_itable LOOP MNT;
                   umount MNT; losetup -d LOOP (kernel ext4; needs root and loop devices)
@@ -13,7 +13,10 @@ Guarantees:
 - `Fs.teardown` leaves nothing mounted on the mountpoint and no daemon serving it: three unmount attempts, then a
   lazy unmount, then the daemon is waited for and terminated after a timeout; loop devices are detached. It
   raises the unmount error, if there was one, only after all that.
-- `cleanup` does the same for whatever a failed or interrupted run left in a work directory, then removes it.
+- A daemon run in the foreground (nullfs, and tux3fuse with ``foreground``) is a child of the script in its own
+  session (a Ctrl-C reaches only the script), logging to NAME.log beside the image; its exit status after the
+  unmount must be 0.
+- `benchkit.cleanup` does the same for whatever a failed or interrupted run left in a work directory.
 
 The scripts import this module as `benchfs` (scripts/ is on sys.path when they run).
 """
@@ -27,43 +30,30 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
-from procutil import call, end_process, log, reap_daemons, wait_until
+from benchkit import (
+    BenchError,
+    end_process,
+    force_umount,
+    fusermount,
+    log,
+    loop_devices,
+    reap_daemons,
+    run,
+    wait_until,
+    which,
+)
+
+from tux3fuse.mounts import is_mounted
 
 VENV_BIN = Path(sys.executable).parent
 NULLFS = Path(__file__).resolve().parent / "nullfs.py"
-SBIN_PATH = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
 NAMES = ("tux3fuse", "fuse2fs", "ext4", "null", "null-fdatasync")
-
-
-class BenchError(Exception):
-    pass
 
 
 class Unavailable(Exception):
     """The filesystem cannot be set up on this machine (for instance: no loop devices); it is skipped."""
-
-
-def run(cmd: Sequence[str | os.PathLike[str]], timeout: float = 120, check: bool = True, cwd: Path | None = None
-        ) -> subprocess.CompletedProcess[str]:
-    """Run CMD (see procutil.call); a timeout, a missing program or (with CHECK) a failure raises BenchError."""
-    args = [str(c) for c in cmd]
-    try:
-        proc = call(args, timeout, cwd=cwd)
-    except subprocess.TimeoutExpired as e:
-        raise BenchError(f"timed out after {timeout:.0f}s: {shlex.join(args)}") from e
-    except OSError as e:
-        raise BenchError(f"cannot run {shlex.join(args)}: {e}") from e
-    if check and proc.returncode != 0:
-        detail = (proc.stderr.strip() or proc.stdout.strip())[-2000:]
-        raise BenchError(f"exit status {proc.returncode}: {shlex.join(args)}\n{detail}")
-    return proc
-
-
-def which(tool: str) -> str | None:
-    return shutil.which(tool, path=SBIN_PATH)
 
 
 def parse_size(text: str) -> int:
@@ -72,50 +62,6 @@ def parse_size(text: str) -> int:
     if text and text[-1] in units:
         return int(float(text[:-1]) * units[text[-1]])
     return int(text)
-
-
-def mount_fstype(path: Path) -> str | None:
-    """The filesystem type mounted on PATH, or None if nothing is."""
-    target = str(path.resolve())
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                parts = line.split()
-                if parts[4].replace("\\040", " ") == target:
-                    return parts[parts.index("-") + 1]
-    except (OSError, ValueError, IndexError):
-        return "unknown" if os.path.ismount(path) else None
-    return None
-
-
-def is_mounted(path: Path) -> bool:
-    return mount_fstype(path) is not None
-
-
-def fusermount() -> str:
-    return shutil.which("fusermount") or shutil.which("fusermount3") or "fusermount3"
-
-
-def force_umount(mnt: Path) -> None:
-    """Lazy unmount of whatever is mounted on MNT (cleanup after a failure or an interrupt)."""
-    kind = mount_fstype(mnt)
-    if kind is None:
-        return
-    if kind.startswith("fuse") and os.geteuid() != 0:
-        run([fusermount(), "-u", "-z", mnt], check=False, timeout=60)
-    else:
-        run(["umount", "-l", mnt], check=False, timeout=60)
-
-
-def loop_devices(image: Path) -> list[str]:
-    """Loop devices backed by IMAGE (`losetup -j`)."""
-    if not which("losetup"):
-        return []
-    try:
-        out = run([which("losetup") or "losetup", "-j", image], check=False, timeout=30).stdout
-    except BenchError:
-        return []
-    return [line.split(":", 1)[0] for line in out.splitlines() if line.startswith("/dev/")]
 
 
 def drop_caches() -> None:
@@ -137,7 +83,35 @@ class Fs:
     def __init__(self, workdir: Path, size: str = "2G") -> None:
         self.image = workdir / f"{self.name}.img"
         self.mnt = workdir / f"{self.name}.mnt"
+        self.logpath = workdir / f"{self.name}.log"  # a foreground daemon's output
         self.size = size
+        self.proc: subprocess.Popen[bytes] | None = None  # the foreground daemon
+
+    def log_tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.logpath.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def _spawn(self, args: list[str]) -> None:
+        """Start ARGS, a daemon that stays in the foreground, as a child in a session of its own; wait for it to
+        mount (BenchError, with its log, if it exits or does not mount within 30 s)."""
+        with open(self.logpath, "ab") as out:
+            self.proc = proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                start_new_session=True)
+        if not wait_until(lambda: is_mounted(self.mnt) or proc.poll() is not None, 30, 0.02):
+            raise BenchError(f"{shlex.join(args)}: no mount after 30 s\n{self.log_tail()}")
+        if not is_mounted(self.mnt):
+            raise BenchError(f"{shlex.join(args)}: exit status {proc.returncode}\n{self.log_tail()}")
+
+    def _reap_child(self) -> None:
+        """Wait for the foreground daemon to exit (terminate it after a while); BenchError unless its status is 0."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        code = end_process(proc, f"{self.name} daemon")
+        if code:
+            raise BenchError(f"{self.name} exited with status {code}\n{self.log_tail()}")
 
     def missing(self) -> str | None:
         """Why this filesystem cannot run here (a tool is missing), or None."""
@@ -216,11 +190,16 @@ def fuse_missing() -> str | None:
 
 
 class Tux3Fs(Fs):
+    """tux3fuse; with ``foreground``, ``tux3fuse -f`` as a child of the script (its exit status is checked)."""
+
     name = "tux3fuse"
 
-    def __init__(self, workdir: Path, size: str = "2G", options: str | None = None) -> None:
+    def __init__(self, workdir: Path, size: str = "2G", options: str | None = None, foreground: bool = False,
+                 label: str | None = None) -> None:
+        if label:
+            self.name = label
         super().__init__(workdir, size)
-        self.options = options
+        self.options, self.foreground = options, foreground
 
     def missing(self) -> str | None:
         for tool in ("mkfs.tux3", "tux3fuse", "tux3"):
@@ -233,20 +212,32 @@ class Tux3Fs(Fs):
 
     def _mount(self) -> None:
         opts = ["-o", self.options] if self.options else []
-        run([VENV_BIN / "tux3fuse", *opts, self.image, self.mnt], timeout=60)
+        if self.foreground:
+            self._spawn([str(VENV_BIN / "tux3fuse"), "-f", *opts, str(self.image), str(self.mnt)])
+        else:
+            run([VENV_BIN / "tux3fuse", *opts, self.image, self.mnt], timeout=60)
 
     def _umount(self) -> None:
         run([VENV_BIN / "tux3", "umount", self.mnt], timeout=300)
+
+    def _reap(self) -> None:
+        if self.foreground:
+            self._reap_child()
+        else:
+            super()._reap()
 
     def sync(self) -> None:
         run([VENV_BIN / "tux3", "sync", self.mnt], timeout=300)
 
     def stats(self) -> dict[str, float]:
+        """The numeric counters of ``tux3 stat --json`` (commits and flushes at least)."""
         proc = run([VENV_BIN / "tux3", "stat", "--json", self.mnt], timeout=60, check=False)
         try:
             data = json.loads(proc.stdout)
-            return {"commits": float(data["commits"]), "flushes": float(data["flushes"])}
-        except (ValueError, KeyError, TypeError) as e:
+            out = {k: float(v) for k, v in data.items() if isinstance(v, int | float)}
+            out["commits"], out["flushes"] = float(data["commits"]), float(data["flushes"])
+            return out
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise BenchError(f"tux3 stat --json {self.mnt}: exit status {proc.returncode}, unusable output "
                              f"({type(e).__name__}: {e}): {(proc.stdout + proc.stderr).strip()[:500]}") from e
 
@@ -273,9 +264,8 @@ class Fuse2Fs(Fs):
 
 
 class NullFs(Fs):
-    """scripts/nullfs.py in the foreground as a child process (its own session, so a Ctrl-C reaches only us).
-
-    With fdatasync, IMAGE is its scratch file: every fsync writes and fdatasyncs 4 KiB of it."""
+    """scripts/nullfs.py in the foreground as a child process. With fdatasync, IMAGE is its scratch file: every
+    fsync writes and fdatasyncs 4 KiB of it."""
 
     name = "null"
     persistent = False
@@ -286,8 +276,6 @@ class NullFs(Fs):
         super().__init__(workdir, size)
         self.fdatasync = fdatasync
         self.nowriteback = nowriteback  # the kernel's writeback cache off: every write() is a request
-        self.logpath = workdir / f"{self.name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def missing(self) -> str | None:
         return fuse_missing()
@@ -295,33 +283,15 @@ class NullFs(Fs):
     def mkfs(self) -> None:
         pass
 
-    def log_tail(self) -> str:
-        try:
-            return "\n".join(self.logpath.read_text(errors="replace").splitlines()[-20:])
-        except OSError:
-            return ""
-
     def _mount(self) -> None:
-        args = [sys.executable, str(NULLFS), *(["--fdatasync", str(self.image)] if self.fdatasync else []),
-                *(["--nowriteback"] if self.nowriteback else []), str(self.mnt)]
-        with open(self.logpath, "ab") as out:
-            self.proc = proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                start_new_session=True)
-        if not wait_until(lambda: is_mounted(self.mnt) or proc.poll() is not None, 30, 0.02):
-            raise BenchError(f"{shlex.join(args)}: no mount after 30 s\n{self.log_tail()}")
-        if proc.poll() is not None:
-            raise BenchError(f"{shlex.join(args)}: exit status {proc.returncode}\n{self.log_tail()}")
+        self._spawn([sys.executable, str(NULLFS), *(["--fdatasync", str(self.image)] if self.fdatasync else []),
+                     *(["--nowriteback"] if self.nowriteback else []), str(self.mnt)])
 
     def _umount(self) -> None:
         run([fusermount(), "-u", self.mnt], timeout=60)
 
     def _reap(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        code = end_process(proc, f"{self.name} daemon")
-        if code:
-            raise BenchError(f"nullfs exited with status {code}\n{self.log_tail()}")
+        self._reap_child()
 
 
 class Ext4LoopFs(Fs):
@@ -403,20 +373,3 @@ def make_fs(name: str, workdir: Path, size: str = "2G", tux3_options: str | None
     if name in ("null", "null-fdatasync"):
         return NullFs(workdir, size, fdatasync=name == "null-fdatasync")
     return {"fuse2fs": Fuse2Fs, "ext4": Ext4LoopFs}[name](workdir, size)
-
-
-def cleanup(workdir: Path, prog: str) -> None:
-    """Whatever is left in WORKDIR: lazy unmounts, FUSE daemons, loop devices, then the directory itself.
-
-    A daemon is found by its command line naming the image or the mountpoint (nullfs has no image)."""
-    for name in NAMES:
-        mnt, image = workdir / f"{name}.mnt", workdir / f"{name}.img"
-        if is_mounted(mnt):
-            log(f"{prog}: lazy unmount of {mnt}")
-            force_umount(mnt)
-        reap_daemons(image, timeout=10)
-        reap_daemons(mnt, timeout=10)
-        for dev in loop_devices(image):
-            log(f"{prog}: detaching {dev}")
-            run([which("losetup") or "losetup", "-d", dev], check=False, timeout=60)
-    shutil.rmtree(workdir, onerror=lambda _f, p, exc: log(f"{prog}: cannot remove {p}: {exc[1]}"))

@@ -26,7 +26,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from procutil import call, interrupt_on_signals, live_processes
+from benchkit import call, interrupt_on_signals, live_processes
+
+from tux3fuse.mounts import is_mounted
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -59,15 +61,6 @@ def run(
         detail = ((proc.stderr or "") + (proc.stdout or "")).strip() if capture else ""
         raise StepFailed(f"exit status {proc.returncode}" + (f": {detail[-1500:]}" if detail else ""))
     return proc
-
-
-def is_mounted(path: Path) -> bool:
-    target = str(path)
-    try:
-        with open("/proc/self/mountinfo") as f:
-            return any(line.split()[4].replace("\\040", " ") == target for line in f)
-    except OSError:
-        return os.path.ismount(path)
 
 
 def wait_until(pred: Callable[[], bool], timeout: float) -> bool:

@@ -723,10 +723,7 @@ class Daemon:
                 if " ERROR:" in line or " CRITICAL:" in line or "read-only" in line or "Traceback" in line]
 
 
-def mounted(path: Path) -> bool:
-    real = os.path.realpath(path)
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == real for line in f)
+from tux3fuse.mounts import is_mounted as mounted  # noqa: E402
 
 
 def fsck(image: Path) -> None:

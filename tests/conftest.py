@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_script(name: str) -> ModuleType:
-    """scripts/NAME.py as a module, importing its sibling modules (benchfs, procutil, report) as it would."""
+    """scripts/NAME.py as a module, importing its sibling modules (benchfs, benchkit) as it would."""
     scripts = ROOT / "scripts"
     if str(scripts) not in sys.path:
         sys.path.insert(0, str(scripts))
@@ -64,10 +64,7 @@ def require_fuse() -> None:
         pytest.skip(problem)
 
 
-def is_mounted(path: str) -> bool:
-    real = os.path.realpath(path)
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == real for line in f)
+from tux3fuse.mounts import is_mounted  # noqa: E402,F401  (the tests import it from here)
 
 
 def mkfs(image: Path, size: str = "256M", blocksize: int = 4096) -> None:

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from conftest import load_script, require_fuse
 
+from tux3fuse.mounts import is_mounted
+
 bench = load_script("bench_fork")
 
 
@@ -24,7 +26,7 @@ def test_the_floor_run_mounts_nullfs_and_times_the_same_writer(tmp_path: Path) -
     r = bench.run_floor(cfg)
     assert r.mode == bench.FLOOR and r.error is None
     assert r.writes > 10 and r.elapsed >= 0.3 and r.stream_bytes > 0
-    assert not any(bench.is_mounted(m) for m in tmp_path.glob("*.mnt"))  # unmounted, and the daemon reaped
+    assert not any(is_mounted(m) for m in tmp_path.glob("*.mnt"))  # unmounted, and the daemon reaped
 
 
 def test_the_report_shows_the_floor_beside_the_goal() -> None:

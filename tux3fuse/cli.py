@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 
 from .fs import Options, VolumeError
+from .mounts import TUX3_TYPE, image_mountpoint, mounted_type
 
 PROG_MOUNT = "tux3fuse"
 
@@ -277,27 +278,6 @@ def mount_helper_cmd(argv: list[str], prog: str = "mount.fuse.tux3") -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # tux3 umount / stat / sync
 
-TUX3_TYPE = "fuse.tux3"  # the type /proc/mounts gives a tux3fuse mount (subtype=tux3)
-
-
-def _mounted_at(mnt: str) -> str | None:
-    """The type of the filesystem mounted at ``mnt`` (the topmost one; ``fuse.tux3`` for tux3fuse), "" when
-    something is mounted there but /proc/self/mounts cannot be read, None when nothing is."""
-    import re
-
-    real = os.path.realpath(mnt)
-    found = None
-    try:
-        with open("/proc/self/mounts") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 2 and re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[1]) == real:
-                    found = fields[2]
-    except OSError:
-        return "" if os.path.ismount(real) else None
-    return found
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -323,7 +303,7 @@ def umount_cmd(argv: list[str], prog: str = "umount.tux3") -> int:
     p.add_argument("mountpoint")
     a = p.parse_args(argv)
     mnt = os.path.realpath(a.mountpoint)
-    fstype = _mounted_at(mnt)
+    fstype = mounted_type(mnt)
     if fstype is None:
         raise UsageError(f"{a.mountpoint} is not mounted")
     state_file, _ = state_paths(mnt)
@@ -368,7 +348,7 @@ def umount_cmd(argv: list[str], prog: str = "umount.tux3") -> int:
 def _control(mnt: str, request: str) -> dict:
     from .daemon import state_paths
 
-    if _mounted_at(mnt) not in (TUX3_TYPE, ""):
+    if mounted_type(mnt) not in (TUX3_TYPE, ""):
         raise UsageError(f"{mnt} is not a mounted tux3fuse filesystem")
     _, sock = state_paths(os.path.realpath(mnt))
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -469,7 +449,7 @@ def fsck_cmd(argv: list[str], prog: str = "fsck.tux3") -> int:
     a = p.parse_args(argv)
     if a.no_action and a.yes:
         raise UsageError("-n (change nothing) and -y/-p/-a (repair) contradict each other")
-    mnt = _image_mounted(a.image)
+    mnt = image_mountpoint(a.image)
     if mnt is not None:
         print(f"{prog}: {a.image} is in use (mounted at {mnt}); unmount it first", file=sys.stderr)
         return FSCK_ERROR
@@ -481,34 +461,6 @@ def fsck_cmd(argv: list[str], prog: str = "fsck.tux3") -> int:
     for line in report.lines:
         print(line)
     return report.status
-
-
-def _image_mounted(image: str) -> str | None:
-    """Where ``image`` is mounted as a tux3fuse volume, or None: any mount whose source is the same file (the same
-    device and inode: through a symlink, a hard link or another spelling of its path)."""
-    import re
-
-    try:
-        st = os.stat(image)
-    except OSError:
-        return None
-    try:
-        with open("/proc/self/mounts") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 3 or not fields[2].startswith("fuse.tux3"):
-            continue
-        source, target = (re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), x) for x in fields[:2])
-        try:
-            other = os.stat(source)
-        except OSError:
-            continue
-        if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
-            return target
-    return None
 
 
 def mkfs_main(argv: list[str] | None = None) -> None:
