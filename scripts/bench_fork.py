@@ -16,7 +16,7 @@ Two paths, each on a fresh 1 GiB sparse image in a temporary directory (default 
             committer gets to run. The latency is that of the write call alone: the committer's prepare and
             complete stages (and garbage collections) run on the same event loop between writes: they show up as the
             "max gap" column of the commit-load table. The garbage collector is set as the daemon sets it
-            (``gc.freeze()`` after the setup, thresholds ``tux3fuse.daemon.GC_THRESHOLDS``) for the timed phase.
+            (``gc.freeze()`` after the setup, thresholds ``Options.gc_thresholds``) for the timed phase.
   mounted   ``tux3fuse -f -o nowriteback,stable=MODE,commit=0.01 IMAGE MNT`` in a subprocess. With the kernel's
             writeback cache off every pwrite() is a request to the daemon, so the latency the writer sees is the
             daemon's. The daemon's flusher commits every 10 ms; the script times os.pwrite() of random 4 KiB hot
@@ -180,7 +180,6 @@ def run_embedded(mode: str, cfg: Config, image: Path) -> Result:
 async def _embedded(mode: str, cfg: Config, image: Path, result: Result) -> list[bytes]:
     import trio
 
-    from tux3fuse.daemon import GC_THRESHOLDS
     from tux3fuse.format import ROOT_INO
     from tux3fuse.fs import Options, Volume
 
@@ -204,7 +203,7 @@ async def _embedded(mode: str, cfg: Config, image: Path, result: Result) -> list
         # the collector as the daemon sets it, so that both paths run the filesystem under the same runtime: with
         # Python's defaults, full collections of the cache's objects hold the loop for 30-60 ms
         gc.freeze()
-        gc.set_threshold(*GC_THRESHOLDS)
+        gc.set_threshold(*Options().gc_thresholds)
         before = vol.stats()
         chunk = rnd.randbytes(STREAM_CHUNK)
         stop = False

@@ -32,7 +32,7 @@ import pyfuse3
 import trio
 
 TIMEOUT = 300.0  # entry and attribute timeouts, as tux3fuse's
-MAX_TASKS = 256  # as tux3fuse's daemon
+MAX_TASKS = 256  # as tux3fuse's daemon (Options.max_tasks)
 BLOCK = 4096
 
 

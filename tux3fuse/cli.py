@@ -227,7 +227,8 @@ def mount_cmd(argv: list[str], prog: str = PROG_MOUNT) -> int:
 
     foreground = a.foreground or a.debug
     logs = DaemonLog(mnt, a.debug, foreground, opts["log"])  # opens the log files: an error here mounts nothing
-    options = Options(readonly=opts["ro"], stable=opts["stable"], writelog=opts["writelog"])
+    options = Options(readonly=opts["ro"], stable=opts["stable"], writelog=opts["writelog"],
+                      commit_interval=opts["commit"])
     if opts["cache"] is not None:
         options.cache_bytes = opts["cache"]
     if opts["dirty_limit"] is not None:
@@ -255,7 +256,7 @@ def mount_cmd(argv: list[str], prog: str = PROG_MOUNT) -> int:
     if not foreground:
         detach()
         logs.detached()
-    return Daemon(vol, ops, mnt, image, opts["commit"], logs).run()
+    return Daemon(vol, ops, mnt, image, logs).run()
 
 
 def mount_helper_cmd(argv: list[str], prog: str = "mount.fuse.tux3") -> int:

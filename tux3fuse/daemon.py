@@ -33,8 +33,6 @@ from .flusher import Flusher
 from .fs import Volume, VolumeError
 
 log = logging.getLogger("tux3fuse")
-GC_THRESHOLDS = (20_000, 50, 100)  # the collector's thresholds while serving (see Daemon.run)
-MAX_TASKS = 256  # requests served at once: every fsync waiting for a commit holds one (group commit needs many)
 RECENT_ERRORS = 8  # WARNING and ERROR records the daemon keeps for ``tux3 stat``
 LOG_FILE_BYTES = 1 << 20  # a log file is rotated (one old copy, FILE.1) when it reaches this size
 LOG_FORMAT = "%(asctime)s tux3fuse[%(process)d] %(levelname)s: %(message)s"
@@ -84,7 +82,7 @@ def _points_to(fd: str, path: str) -> bool:
 
 
 class Daemon:
-    def __init__(self, vol: Volume, ops: pyfuse3.Operations, mountpoint: str, image: str, interval: float,
+    def __init__(self, vol: Volume, ops: pyfuse3.Operations, mountpoint: str, image: str,
                  logs: DaemonLog | None = None) -> None:
         """``mountpoint`` must be resolved before the mount: the daemon never looks at its own mount. ``logs``:
         where it logs and its recent errors, for the state file and the control socket's replies."""
@@ -92,7 +90,6 @@ class Daemon:
         self.ops = ops
         self.mountpoint = mountpoint
         self.image = image
-        self.interval = interval
         self.logs = logs
         self.state, self.sock = state_paths(self.mountpoint)
         self.signalled: int | None = None
@@ -148,8 +145,8 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._signals)
             await nursery.start(self._control)
-            await nursery.start(Flusher(self.vol, self.interval).run)
-            await pyfuse3.main(min_tasks=2, max_tasks=MAX_TASKS)
+            await nursery.start(Flusher(self.vol).run)
+            await pyfuse3.main(min_tasks=2, max_tasks=self.vol.options.max_tasks)
             nursery.cancel_scope.cancel()
 
     def run(self) -> int:
@@ -160,7 +157,7 @@ class Daemon:
         # milliseconds. Freeze what exists now and collect the young generation less often.
         gc.collect()
         gc.freeze()
-        gc.set_threshold(*GC_THRESHOLDS)
+        gc.set_threshold(*self.vol.options.gc_thresholds)
         crashed = False
         try:
             trio.run(self.main)

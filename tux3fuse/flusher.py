@@ -102,9 +102,10 @@ def has_changes(vol: Volume, delta: int) -> bool:
 class Flusher:
     """The work queue and its one worker task (``run``) for one volume."""
 
-    def __init__(self, vol: Volume, interval: float) -> None:
+    def __init__(self, vol: Volume, interval: float | None = None) -> None:
         self.vol = vol
-        self.interval = interval  # the commit= option: the age at which dirty state is committed (<= 0: never)
+        # the age at which dirty state is committed (<= 0: never); default Options.commit_interval (commit=)
+        self.interval = vol.options.commit_interval if interval is None else interval
         self.queue: list[Item] = []  # waiting for the next commit (coalescing keeps it to one item)
         self.inflight: Item | None = None  # the item whose commit is running
         self.inflight_delta = 0  # the delta that commit makes durable

@@ -158,6 +158,9 @@ class Options:
     readonly: bool = False
     stable: str = FORK  # what a write to a page under writeback does: fork, wait or none
     cache_bytes: int = 256 << 20
+    commit_interval: float = 5.0  # seconds: the flusher commits a delta this old (commit=; <= 0: only on demand)
+    max_tasks: int = 256  # requests the daemon serves at once: every fsync waiting for a commit holds one
+    gc_thresholds: tuple[int, int, int] = (20_000, 50, 100)  # the collector's thresholds while the daemon serves
     # the commit runner (Volume._sliced): how long a commit stage holds the event loop at once, in seconds
     prepare_slice: float = 0.00002  # a commit nobody waits for
     urgent_slice: float = 0.0002  # a commit an fsync waits for
