@@ -62,7 +62,7 @@ $(STAMP): setup.cfg pyproject.toml | deps $(PY)
 install: $(STAMP)
 
 test: install
-	$(PY) -m ruff check tux3fuse scripts tests
+	$(PY) -m ruff check tux3fuse mkfs scripts tests
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 demo: install

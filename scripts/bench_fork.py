@@ -168,7 +168,7 @@ def verify_image(image: Path, expected: list[bytes]) -> None:
 def run_embedded(mode: str, cfg: Config, image: Path) -> Result:
     import trio
 
-    from tux3fuse.mkfs import mkfs
+    from mkfs import mkfs
 
     mkfs(str(image), BLOCK, IMAGE_SIZE, force=True)
     result = Result("embedded", mode)
@@ -289,7 +289,7 @@ async def _embedded(mode: str, cfg: Config, image: Path, result: Result) -> list
 
 def run_mounted(mode: str, cfg: Config, image: Path) -> Result:
     """``tux3fuse -f`` on IMAGE (a child of the script); the timed phase reads ``tux3 stat --json``."""
-    from tux3fuse.mkfs import mkfs
+    from mkfs import mkfs
 
     fs = Tux3Fs(image.parent, options=f"nowriteback,stable={mode},commit={cfg.commit_interval:g}",
                 foreground=True, label=image.stem)

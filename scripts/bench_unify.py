@@ -230,9 +230,9 @@ def run_fsync(image: Path, k: int, l: int, *, file_mib: int = FSYNC_FILE_MIB, mi
     """Random 4 KiB overwrites of one file, each followed by ``await vol.sync()``, over whole unify cycles."""
     import trio
 
+    from mkfs import mkfs
     from tux3fuse.format import ROOT_INO
     from tux3fuse.fs import Volume
-    from tux3fuse.mkfs import mkfs
 
     mkfs(str(image), BLOCK, IMAGE_BYTES, force=True)
     rnd = random.Random(seed)
@@ -323,8 +323,8 @@ def run_mixed(image: Path, k: int, l: int, *, commits: int = 192, ops: int = 100
               crash: bool = True) -> MixedResult:
     """Periodic commits of the mixed workload over whole unify cycles; then, with ``crash``, go on until the log
     is at its longest, crash there and time the mount."""
+    from mkfs import mkfs
     from tux3fuse.fs import Volume
-    from tux3fuse.mkfs import mkfs
 
     mkfs(str(image), BLOCK, IMAGE_BYTES, force=True)
     vol = Volume(str(image), _options(k, l))
@@ -401,9 +401,9 @@ def run_crash(image: Path, l: int, *, file_mib: int = FSYNC_FILE_MIB, seed: int 
     """Fill the log to L blocks of dense records with fsync'd deltas, crash, and time the mount."""
     import trio
 
+    from mkfs import mkfs
     from tux3fuse.format import ROOT_INO
     from tux3fuse.fs import Volume
-    from tux3fuse.mkfs import mkfs
 
     mkfs(str(image), BLOCK, IMAGE_BYTES, force=True)
     rnd = random.Random(seed)

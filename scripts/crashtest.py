@@ -47,12 +47,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mkfs import mkfs  # noqa: E402
 from tux3fuse import format as fmt  # noqa: E402
 from tux3fuse.backend.commit import CommitJob  # noqa: E402
 from tux3fuse.backend.replaycheck import check_replay  # noqa: E402
 from tux3fuse.fs import Options, Throttled, Volume, VolumeError, WaitFor  # noqa: E402
 from tux3fuse.fsck import Checker  # noqa: E402
-from tux3fuse.mkfs import mkfs  # noqa: E402
 from tux3fuse.writelog import read_log  # noqa: E402
 
 SECTOR = 512

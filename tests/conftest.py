@@ -101,8 +101,8 @@ def read_all(vol, name: bytes, parent: int = 1) -> bytes:
 def make_vol(tmp_path):
     """make_vol(stable="fork", **options) -> an embedded volume on a fresh 32 MiB image with 4 KiB blocks, mounted;
     unmounted at the end if still open."""
+    from mkfs import mkfs as make_volume
     from tux3fuse.fs import Options, Volume
-    from tux3fuse.mkfs import mkfs as make_volume
 
     vols = []
 
@@ -123,7 +123,7 @@ def make_vol(tmp_path):
 @pytest.fixture
 def image(tmp_path) -> str:
     """A fresh 64 MiB image with 4 KiB blocks, for the embedded API."""
-    from tux3fuse.mkfs import mkfs as make_volume
+    from mkfs import mkfs as make_volume
 
     path = str(tmp_path / "a.img")
     make_volume(path, 4096, 64 << 20)

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from conftest import read_all
 
+from mkfs import mkfs
 from tux3fuse import format as fmt
 from tux3fuse.fs import Options, Volume, VolumeError
 from tux3fuse.fsck import FSCK_OK, Checker, fsck
-from tux3fuse.mkfs import mkfs
 
 IMAGES = int(os.environ.get("TUX3FUSE_FUZZ_IMAGES", "25"))
 FILES = 10

@@ -14,10 +14,10 @@ import time
 import pytest
 from conftest import ROOT, fsck
 
+from mkfs import mkfs
 from tux3fuse import alloc, fs
 from tux3fuse.backend.commit import CommitJob
 from tux3fuse.fsck import Checker
-from tux3fuse.mkfs import mkfs
 
 spec = importlib.util.spec_from_file_location("crashtest", ROOT / "scripts" / "crashtest.py")
 crashtest = importlib.util.module_from_spec(spec)

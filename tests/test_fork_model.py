@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from mkfs import mkfs
 from tux3fuse.cache.page import CLEAN
 from tux3fuse.fs import Options, Volume, WaitFor
-from tux3fuse.mkfs import mkfs
 
 BS = 512
 MAXPAGES = 8

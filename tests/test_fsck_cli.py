@@ -17,9 +17,9 @@ import pytest
 from conftest import opened, tool
 from volumes import flip_bit
 
+from mkfs import mkfs as make_volume
 from tux3fuse import format as fmt
 from tux3fuse.fs import Options, Volume
-from tux3fuse.mkfs import mkfs as make_volume
 
 pytestmark = pytest.mark.timeout(180)
 

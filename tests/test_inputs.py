@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 from conftest import Mount, fsck, is_mounted, mkfs, opened, read_all, require_fuse, tool
 
+from mkfs import MAX_BLOCKS, host_file_limit
 from tux3fuse.fs import Options, Volume
-from tux3fuse.mkfs import MAX_BLOCKS, host_file_limit, parse_size
+from tux3fuse.units import parse_size
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -15,11 +15,11 @@ from conftest import drive, opened, read_all
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mkfs import mkfs
 from tux3fuse import format as fmt
 from tux3fuse.backend.log import LOG_STEP, split_log, split_log_steps, write_log
 from tux3fuse.fs import Options, Volume
 from tux3fuse.fsck import fsck
-from tux3fuse.mkfs import mkfs
 
 BS = 4096
 NO_UNIFY = {"unify_deltas": 1 << 30, "unify_log_blocks": 1 << 30}

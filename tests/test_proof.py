@@ -17,9 +17,9 @@ import pytest
 from conftest import fsck, opened, read_all, tool
 from volumes import BS, FILES, NO_UNIFY, SIZE, data_block, flip_bit, write_files
 
+from mkfs import mkfs
 from tux3fuse import format as fmt
 from tux3fuse.fs import Options, Volume, VolumeError
-from tux3fuse.mkfs import mkfs
 from tux3fuse.writelog import read_log
 
 

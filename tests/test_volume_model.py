@@ -22,11 +22,11 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from mkfs import mkfs
 from tux3fuse import format as fmt
 from tux3fuse.backend import extents
 from tux3fuse.backend.btree import BTree
 from tux3fuse.fs import Options, Volume
-from tux3fuse.mkfs import mkfs
 
 MAX_OFFSET = 200 * 1024
 

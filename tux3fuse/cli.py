@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from .fs import Options, VolumeError
 from .mounts import TUX3_TYPE, image_mountpoint, mounted_type
+from .units import human, parse_size
 
 PROG_MOUNT = "tux3fuse"
 
@@ -55,43 +56,12 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# mkfs.tux3
+def mkfs_run(argv: list[str], prog: str) -> int:
+    """``tux3 mkfs``: the mkfs.tux3 command of the top-level ``mkfs`` package (imported here only, so that
+    mounting never loads it); it reports its own failures in one line and returns its exit status."""
+    from mkfs.command import run
 
-def mkfs_cmd(argv: list[str], prog: str = "mkfs.tux3") -> int:
-    from .mkfs import LABEL_BYTES, blocksize_problem, human, mkfs, parse_size, size_range
-
-    p = _Parser(prog=prog, description="Make a tux3fuse filesystem on an image file or block device. "
-                "Everything is checked before the target is written: a refused mkfs changes nothing.")
-    p.add_argument("-b", "--blocksize", default="4096", help="block size, a power of two from 512 to 65536")
-    p.add_argument("-L", "--label", default="", help=f"volume label (up to {LABEL_BYTES} bytes)")
-    p.add_argument("-s", "--size", help="size of the image (e.g. 512M, 2G; at least 64 blocks and 64 KiB); "
-                   "the file is created sparse")
-    p.add_argument("-f", "--force", action="store_true", help="overwrite an existing filesystem")
-    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
-    p.add_argument("image")
-    a = p.parse_args(argv)
-    try:
-        bs = parse_size(a.blocksize)
-    except ValueError:
-        bs = None
-    if bs is None or blocksize_problem(bs):
-        raise UsageError(f"-b takes a power of two from 512 to 65536, not {a.blocksize!r}")
-    size = None
-    if a.size is not None:
-        try:
-            size = parse_size(a.size)
-        except ValueError:
-            raise UsageError(f"-s takes a size such as 512M or 2G, from {size_range(bs)} with {bs}-byte "
-                             f"blocks, not {a.size!r}") from None
-    if size is None and not os.path.lexists(a.image):
-        raise UsageError(f"{a.image} does not exist; give its size with -s")
-    sb = mkfs(a.image, bs, size, a.label, a.force)
-    if not a.quiet:
-        print(f"{a.image}: tux3fuse volume, {sb.volblocks} blocks of {sb.blocksize} bytes "
-              f"({human(sb.volblocks * sb.blocksize)}), {sb.free_blocks} free"
-              + (f", label {a.label!r}" if a.label else ""))
-    return 0
+    return run(argv, prog)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -127,8 +97,6 @@ def _parse_seconds(key: str, value: str, high: float) -> float:
 
 def _parse_option_size(key: str, value: str) -> int:
     """A size from 0 to the host's memory (512K, 64M, 1G)."""
-    from .mkfs import human, parse_size
-
     high = _memory_bytes()
     try:
         size = parse_size(value)
@@ -394,7 +362,7 @@ def tux3_cmd(argv: list[str]) -> int:
     sub.add_parser("mount", help="same as tux3fuse", add_help=False)
     if argv and argv[0] in ("umount", "mkfs", "fsck", "mount"):
         rest = argv[1:]
-        return {"umount": lambda: umount_cmd(rest, "tux3 umount"), "mkfs": lambda: mkfs_cmd(rest, "tux3 mkfs"),
+        return {"umount": lambda: umount_cmd(rest, "tux3 umount"), "mkfs": lambda: mkfs_run(rest, "tux3 mkfs"),
                 "fsck": lambda: fsck_cmd(rest, "tux3 fsck"), "mount": lambda: mount_cmd(rest, "tux3 mount")}[argv[0]]()
     a = p.parse_args(argv)
     if a.cmd is None:
@@ -462,10 +430,6 @@ def fsck_cmd(argv: list[str], prog: str = "fsck.tux3") -> int:
     for line in report.lines:
         print(line)
     return report.status
-
-
-def mkfs_main(argv: list[str] | None = None) -> None:
-    _run(mkfs_cmd, argv)
 
 
 def mount_main(argv: list[str] | None = None) -> None:

@@ -305,18 +305,6 @@ class Volume:
                 self._dirty_inode(inode, self.deltas.current)
         self.commit(state=fmt.STATE_MOUNTED)
 
-    def make_root(self, uid: int, gid: int) -> None:
-        """mkfs: create the root directory in an empty volume and commit it to both superblock copies."""
-        now = time.time_ns()
-        rec = InodeRecord(mode=stat.S_IFDIR | 0o755, uid=uid, gid=gid, nlink=2, atime_ns=now, mtime_ns=now,
-                          ctime_ns=now, parent=ROOT_INO)
-        with self.deltas.change() as delta:
-            self._dirty_inode(self._new_inode(ROOT_INO, rec, on_disk=False), delta)
-            self.used_inodes = 1
-            self.next_inum = ROOT_INO + 1
-        self.commit(unify=True, state=fmt.STATE_CLEAN)
-        self.commit(unify=True, state=fmt.STATE_CLEAN)
-
     def close_files(self) -> None:
         if getattr(self, "io_thread", None) is not None:
             self.io_thread.close()

@@ -1,4 +1,8 @@
-"""Making a volume: lay out the superblocks and bitmap regions, then create the root directory.
+"""mkfs.tux3: making a tux3fuse volume from the on-disk format alone.
+
+This package writes a volume with ``tux3fuse.format`` (and ``tux3fuse.units`` for the sizes in its messages) and
+nothing else of tux3fuse: the format does not depend on the mount daemon, and the daemon never imports this
+package. ``mkfs`` is the library call; ``mkfs.command`` is the ``mkfs.tux3`` command.
 
 Guarantees:
 - Every argument and the target are checked before a byte is written: the block size, the label, the size (from
@@ -8,7 +12,11 @@ Guarantees:
   created, a block device is never resized.
 - A mkfs that fails once it has started (the host file system cannot hold a file that large, is full, an I/O
   error) removes the file it created; an existing file changes only when all its checks passed.
-- The volume it leaves passes fsck with both superblock copies valid.
+- The volume it leaves is the one two unifies leave after the root directory was created, and passes fsck with
+  both superblock copies valid: delta 1 wrote the inode-table leaf holding the root directory (block
+  ``reserved_blocks + 2 * bitmap_blocks``, the first block past the bitmap regions), bitmap region 1 and
+  superblock copy 1; delta 2 wrote bitmap region 0 and superblock copy 0, which a mount loads. Both regions mark
+  the reserved blocks, both regions and the leaf used; the volume is clean, with one inode and ``next_inum`` 2.
 """
 
 from __future__ import annotations
@@ -16,18 +24,13 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import re
 import resource
 import stat
 import time
 import uuid
-from fractions import Fraction
 
-from . import format as fmt
-from .alloc import Allocator
-from .backend.log import bitmap_block
-from .device import image_size
-from .fs import Options, Volume, VolumeError
+from tux3fuse import format as fmt
+from tux3fuse.units import human
 
 # (byte offset, signature, name) of filesystems mkfs refuses to overwrite without -f
 SIGNATURES = [
@@ -41,32 +44,20 @@ MIN_BYTES = 64 << 10  # and at least this many bytes
 # the allocator keeps one bit per block in memory (512 MiB at this size) and fsck walks every block
 MAX_BLOCKS = 1 << 32
 LABEL_BYTES = 32
-UNITS = "KMGTPE"
-_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([KMGTPE])(?:I?B)?|B)?\s*", re.IGNORECASE)
+ROOT_MODE = stat.S_IFDIR | 0o755
 
 
-def parse_size(text: str) -> int:
-    """'512M', '2G', '1T', '4096', '64k', '1GiB', '1.5K' -> bytes. Raises ValueError on anything else: a sign,
-    nan, inf, an exponent, or a fraction of a byte."""
-    m = _SIZE.fullmatch(text)
-    if not m:
-        raise ValueError(f"not a size: {text!r}")
-    value = Fraction(m[1]) * (1 << 10 * (UNITS.index(m[2].upper()) + 1) if m[2] else 1)
-    if value.denominator != 1:
-        raise ValueError(f"not a whole number of bytes: {text!r}")
-    return int(value)
+class MkfsError(Exception):
+    """mkfs refused its arguments or its target, or could not write the volume; the message is one line for a
+    user."""
 
 
-def human(n: int) -> str:
-    """Bytes as a person reads them: '256 KiB', '16 TiB', '1.5 GiB', '15.99 TiB' (rounded down when not exact:
-    never more than ``n``), '512 bytes'."""
-    for i in reversed(range(len(UNITS))):
-        unit = 1 << 10 * (i + 1)
-        if n >= unit:
-            hundredths = n * 100 // unit
-            text = f"{hundredths // 100}.{hundredths % 100:02d}".rstrip("0").rstrip(".")
-            return f"{text} {UNITS[i]}iB"
-    return f"{n} bytes"
+def image_size(fd: int) -> int:
+    """Size in bytes of an open image file or block device."""
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        return os.lseek(fd, 0, os.SEEK_END)
+    return st.st_size
 
 
 def blocksize_problem(blocksize: int) -> str | None:
@@ -143,26 +134,26 @@ def _same_file(path: str, st: os.stat_result) -> bool:
 
 def _check_target(path: str, size: int | None, force: bool) -> tuple[int, os.stat_result, int]:
     """Open an existing target without writing and check it: (read-only fd holding the image lock, its stat, the
-    bytes the volume will have). Raises VolumeError, leaving the target as it was."""
+    bytes the volume will have). Raises MkfsError, leaving the target as it was."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)  # a fifo must not block the check
     except OSError as e:
-        raise VolumeError(f"cannot open {path}: {e.strerror}") from None
+        raise MkfsError(f"cannot open {path}: {e.strerror}") from None
     try:
         st = os.fstat(fd)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-            raise VolumeError(f"{path} is neither a regular file nor a block device")
+            raise MkfsError(f"{path} is neither a regular file nor a block device")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise VolumeError(f"{path} is in use (mounted, or being checked)") from None
+            raise MkfsError(f"{path} is in use (mounted, or being checked)") from None
         if not force:
             found = signature(fd)
             if found:
-                raise VolumeError(f"{path} holds a {found} filesystem; use -f to overwrite it")
+                raise MkfsError(f"{path} holds a {found} filesystem; use -f to overwrite it")
         have = image_size(fd)
         if stat.S_ISBLK(st.st_mode) and size is not None and size > have:
-            raise VolumeError(f"{path} holds {human(have)} ({have} bytes), less than the {human(size)} asked for")
+            raise MkfsError(f"{path} holds {human(have)} ({have} bytes), less than the {human(size)} asked for")
         return fd, st, have if size is None else size
     except BaseException:
         os.close(fd)
@@ -172,7 +163,7 @@ def _check_target(path: str, size: int | None, force: bool) -> tuple[int, os.sta
 def _check_file_limit(path: str, size: int) -> None:
     soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
     if soft != resource.RLIM_INFINITY and size > soft:
-        raise VolumeError(f"{path}: {human(size)} is more than this process may write to a file "
+        raise MkfsError(f"{path}: {human(size)} is more than this process may write to a file "
                           f"(ulimit -f: {human(soft)}, {soft} bytes)")
 
 
@@ -182,28 +173,30 @@ def _resize(fd: int, path: str, size: int) -> None:
         os.ftruncate(fd, size)
     except OSError as e:
         if e.errno != errno.EFBIG:
-            raise VolumeError(f"cannot make {path} {human(size)}: {e.strerror}") from None
+            raise MkfsError(f"cannot make {path} {human(size)}: {e.strerror}") from None
         limit = host_file_limit(os.path.dirname(os.path.abspath(path)))
         if limit is None:
-            raise VolumeError(f"{path}: the file system it is on cannot hold a file of {human(size)}") from None
-        raise VolumeError(f"{path}: the file system it is on holds files of at most {human(limit)} ({limit} "
+            raise MkfsError(f"{path}: the file system it is on cannot hold a file of {human(size)}") from None
+        raise MkfsError(f"{path}: the file system it is on holds files of at most {human(limit)} ({limit} "
                           f"bytes), less than {human(size)}") from None
 
 
 def mkfs(path: str, blocksize: int = 4096, size: int | None = None, label: str = "", force: bool = False,
          uid: int | None = None, gid: int | None = None) -> fmt.Super:
-    """Create a volume on ``path`` (created sparse when ``size`` is given). Raises VolumeError on bad input,
-    before anything is written."""
+    """Create a volume on ``path`` (created sparse when ``size`` is given) whose root directory belongs to
+    ``uid``:``gid`` (default: this process's). Returns superblock copy 0, the copy a mount loads. Raises MkfsError
+    on bad input before anything is written, and on a failed write after removing the file it created. The image
+    lock that mounts and fsck take is held from the checks to the end."""
     problem = blocksize_problem(blocksize)
     if problem:
-        raise VolumeError(problem)
+        raise MkfsError(problem)
     label_bytes = os.fsencode(label)
     if len(label_bytes) > LABEL_BYTES:
-        raise VolumeError(f"label is longer than {LABEL_BYTES} bytes")
+        raise MkfsError(f"label is longer than {LABEL_BYTES} bytes")
     if size is not None:
         problem = size_problem(size, blocksize)
         if problem:
-            raise VolumeError(f"{path}: {problem}")
+            raise MkfsError(f"{path}: {problem}")
     check_fd = -1
     created: list[os.stat_result] = []  # the file this call made, removed if it fails
     try:
@@ -211,11 +204,11 @@ def mkfs(path: str, blocksize: int = 4096, size: int | None = None, label: str =
             check_fd, st, total = _check_target(path, size, force)
             problem = size_problem(total, blocksize)
             if problem:
-                raise VolumeError(f"{path}: {problem}")
+                raise MkfsError(f"{path}: {problem}")
             if stat.S_ISREG(st.st_mode) and total > st.st_size:
                 _check_file_limit(path, total)
         elif size is None:
-            raise VolumeError(f"{path} does not exist; give its size")
+            raise MkfsError(f"{path} does not exist; give its size")
         else:
             st, total = None, size
             _check_file_limit(path, total)
@@ -224,18 +217,10 @@ def mkfs(path: str, blocksize: int = 4096, size: int | None = None, label: str =
         try:
             if size is not None and (st is None or stat.S_ISREG(st.st_mode)):
                 _resize(fd, path, size)
-            _write_volume(fd, path, blocksize, total, label_bytes)
+            return _write_volume(fd, path, blocksize, total, label_bytes, os.getuid() if uid is None else uid,
+                                 os.getgid() if gid is None else gid)
         finally:
             os.close(fd)
-        if check_fd >= 0:
-            os.close(check_fd)  # the image lock: the volume below takes its own
-            check_fd = -1
-        vol = Volume(path, Options())
-        try:
-            vol.make_root(os.getuid() if uid is None else uid, os.getgid() if gid is None else gid)
-        finally:
-            vol.close_files()
-        return vol.sb
     except BaseException:
         if created and _same_file(path, created[0]):
             os.unlink(path)
@@ -252,44 +237,88 @@ def _open_for_writing(path: str, checked: os.stat_result | None, created: list[o
         if checked is None:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
             created.append(os.fstat(fd))
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise MkfsError(f"{path} is in use (mounted, or being checked)") from None
             return fd
         fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
     except OSError as e:
-        raise VolumeError(f"cannot {'create' if checked is None else 'open'} {path}: {e.strerror}") from None
+        raise MkfsError(f"cannot {'create' if checked is None else 'open'} {path}: {e.strerror}") from None
     st = os.fstat(fd)
     if (st.st_dev, st.st_ino) != (checked.st_dev, checked.st_ino):
         os.close(fd)
-        raise VolumeError(f"{path} was replaced while it was being checked")
+        raise MkfsError(f"{path} was replaced while it was being checked")
     return fd
 
 
-def _write_volume(fd: int, path: str, blocksize: int, total: int, label: bytes) -> None:
-    """Lay out the reserved blocks, both bitmap regions and both superblock copies on the open image."""
-    volblocks = total // blocksize
+def root_record(uid: int, gid: int, now_ns: int) -> fmt.InodeRecord:
+    """The root directory of a new volume: mode 0755, owned by ``uid``:``gid``, empty with two links as every
+    empty directory has, its own parent, every time ``now_ns``."""
+    return fmt.InodeRecord(mode=ROOT_MODE, uid=uid, gid=gid, nlink=2, atime_ns=now_ns, mtime_ns=now_ns,
+                           ctime_ns=now_ns, parent=fmt.ROOT_INO)
+
+
+def bitmap_images(volblocks: int, used: int, bits_per_block: int, nbitmap: int) -> list[bytes]:
+    """The bits of each bitmap block of a volume whose first ``used`` blocks are used and the rest free: bit b of
+    byte n is block 8n + b; the bits of the last byte past the end of the volume read as used, the bytes past it
+    are zero."""
+    nbytes = -(-volblocks // 8)
+    bits = bytearray(b"\xff" * (used >> 3))
+    if used & 7:
+        bits.append((1 << (used & 7)) - 1)
+    bits.extend(bytes(nbytes - len(bits)))
+    if volblocks & 7:
+        bits[-1] |= 0xFF & ~((1 << (volblocks & 7)) - 1)
+    per_block = bits_per_block // 8
+    return [bytes(bits[i * per_block: (i + 1) * per_block]).ljust(per_block, b"\0") for i in range(nbitmap)]
+
+
+def layout(blocksize: int, volblocks: int, label: bytes, uid: int, gid: int, now_ns: int,
+           volume_uuid: bytes) -> tuple[dict[int, bytes], list[fmt.Super]]:
+    """The blocks of a new volume ({block number: bytes}) and its two superblock copies (copy 0, copy 1), as
+    described in the module docstring. Pure: no I/O."""
+    bpb = fmt.bitmap_bits_per_block(blocksize)
+    nbitmap = -(-volblocks // bpb)
+    reserved = fmt.reserved_blocks(blocksize)
+    regions = (reserved, reserved + nbitmap)
+    leaf = reserved + 2 * nbitmap
+    used = leaf + 1
+    blocks: dict[int, bytes] = {
+        leaf: bytes(fmt.pack_leaf(blocksize, fmt.KIND_ILEAF, [fmt.ROOT_INO], [root_record(uid, gid, now_ns).pack()],
+                                  leaf, 1)),
+    }
+    for i, image in enumerate(bitmap_images(volblocks, used, bpb, nbitmap)):
+        for region, delta in ((0, 2), (1, 1)):
+            block = regions[region] + i
+            buf = bytearray(blocksize)
+            buf[fmt.HEADER_SIZE:] = image
+            blocks[block] = bytes(fmt.seal(buf, fmt.KIND_BITMAP, 0, 0, block, delta))
+    supers = []
+    for copy, seq in ((0, 2), (1, 1)):
+        supers.append(fmt.Super(
+            blockbits=blocksize.bit_length() - 1, volblocks=volblocks, seq=seq, itree_root=leaf, unify_seq=seq,
+            bitmap_start=regions, bitmap_blocks=nbitmap, bitmap_cur=copy, state=fmt.STATE_CLEAN,
+            free_blocks=volblocks - used, used_inodes=1, next_inum=fmt.ROOT_INO + 1, label=label,
+            uuid=volume_uuid, created_ns=now_ns, copy=copy))
+    return blocks, supers
+
+
+def _write_volume(fd: int, path: str, blocksize: int, total: int, label: bytes, uid: int, gid: int) -> fmt.Super:
+    """Write the new volume on the open image: wipe the reserved blocks (and a btrfs signature further in), then
+    the leaf and both bitmap regions, then both superblock copies, then fsync. Returns copy 0."""
+    now = time.time_ns()
+    blocks, supers = layout(blocksize, total // blocksize, label, uid, gid, now, uuid.uuid4().bytes)
     try:
-        bpb = fmt.bitmap_bits_per_block(blocksize)
-        nbitmap = -(-volblocks // bpb)
-        reserved = fmt.reserved_blocks(blocksize)
-        alloc = Allocator(volblocks, bpb)
-        alloc.mark_used(0, reserved + 2 * nbitmap)
-        alloc.recount()
-        sb = fmt.Super(blockbits=blocksize.bit_length() - 1, volblocks=volblocks,
-                       bitmap_start=(reserved, reserved + nbitmap),
-                       bitmap_blocks=nbitmap, free_blocks=alloc.free, used_inodes=0, label=label,
-                       uuid=uuid.uuid4().bytes, created_ns=time.time_ns(), next_inum=fmt.ROOT_INO)
-        os.pwrite(fd, bytes(reserved * blocksize), 0)  # wipe old signatures and superblocks
-        if volblocks * blocksize > 65600 + 8:  # and a btrfs signature further in
+        os.pwrite(fd, bytes(fmt.reserved_blocks(blocksize) * blocksize), 0)  # old signatures and superblocks
+        if total > 65600 + 8:
             os.pwrite(fd, bytes(8), 65600)
-        for region in (0, 1):
-            for i in range(nbitmap):
-                block = sb.bitmap_start[region] + i
-                os.pwrite(fd, bitmap_block(alloc, i, block, blocksize, 0), block * blocksize)
-        for copy, offset in enumerate(fmt.SUPER_OFFSETS):
-            sb.copy = copy
-            os.pwrite(fd, sb.pack(), offset)
+        for block in sorted(blocks):
+            os.pwrite(fd, blocks[block], block * blocksize)
+        for sb in supers:
+            os.pwrite(fd, sb.pack(), fmt.SUPER_OFFSETS[sb.copy])
         os.fsync(fd)
     except OSError as e:
-        raise VolumeError(f"cannot write {path}: {e.strerror}") from None
-
-
-
+        raise MkfsError(f"cannot write {path}: {e.strerror}") from None
+    return supers[0]
