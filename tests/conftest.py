@@ -67,6 +67,14 @@ def require_fuse() -> None:
 from tux3fuse.mounts import is_mounted  # noqa: E402,F401  (the tests import it from here)
 
 
+def one_line(r: subprocess.CompletedProcess) -> str:
+    """The one line a failing command printed on stderr (no traceback, no "internal error")."""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "internal error" not in lines[0], lines[0]
+    return lines[0]
+
+
 def mkfs(image: Path, size: str = "256M", blocksize: int = 4096) -> None:
     subprocess.run([tool("mkfs.tux3"), "-q", "-f", "-b", str(blocksize), "-s", size, str(image)], check=True)
 

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import fsck, mkfs, require_fuse, tool
+from conftest import fsck, mkfs, one_line, require_fuse, tool
 
 from tux3fuse import format as fmt
 from tux3fuse.fs import Options, Volume
@@ -19,12 +19,6 @@ def run(*args: str) -> subprocess.CompletedProcess:
     r = subprocess.run([tool(args[0]), *args[1:]], capture_output=True, text=True, timeout=60)
     assert "Traceback" not in r.stderr + r.stdout
     return r
-
-
-def one_line(r: subprocess.CompletedProcess) -> str:
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    return lines[0]
 
 
 @pytest.mark.parametrize("cmd", ["mkfs.tux3", "tux3fuse", "fsck.tux3", "umount.tux3", "tux3", "mount.fuse.tux3"])

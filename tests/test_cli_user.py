@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import is_mounted, mkfs, require_fuse, tool
+from conftest import is_mounted, mkfs, one_line, require_fuse, tool
 from test_nullfs import NullMount
 
 pytestmark = pytest.mark.timeout(120)
@@ -27,13 +27,6 @@ def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
                        env={**os.environ, **(env or {})})
     assert "Traceback" not in r.stderr + r.stdout, r.stderr
     return r
-
-
-def one_line(r: subprocess.CompletedProcess) -> str:
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    assert "internal error" not in lines[0], lines[0]
-    return lines[0]
 
 
 def _alive(pid: int) -> bool:

@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import Mount, fsck, is_mounted, mkfs, opened, read_all, require_fuse, tool
+from conftest import Mount, fsck, is_mounted, mkfs, one_line, opened, read_all, require_fuse, tool
 
 from mkfs import MAX_BLOCKS, host_file_limit
 from tux3fuse.fs import Options, Volume
@@ -32,13 +32,6 @@ def run(*args: str, limit_file_size: int | None = None) -> subprocess.CompletedP
     r = subprocess.run([tool(args[0]), *args[1:]], capture_output=True, text=True, timeout=60, preexec_fn=limit)
     assert "Traceback" not in r.stderr + r.stdout
     return r
-
-
-def one_line(r: subprocess.CompletedProcess) -> str:
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    assert "internal error" not in lines[0], lines[0]
-    return lines[0]
 
 
 def fingerprint(path: Path) -> tuple[int, int, str]:
