@@ -8,10 +8,12 @@ writes into holes of a sparse image (``fill``) change no byte that a read return
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 import threading
 from collections.abc import Generator, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from .steps import run_steps
@@ -73,6 +75,19 @@ def image_size(fd: int) -> int:
     if stat.S_ISBLK(st.st_mode):
         return os.lseek(fd, 0, os.SEEK_END)
     return st.st_size
+
+
+@contextmanager
+def exclusive(path: str) -> Iterator[int]:
+    """The image opened for writing under the lock a mount holds (``BlockingIOError`` when it is mounted or being
+    checked), for the repairs made while no volume is open; its writes are durable when the block ends."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield fd
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class Device:

@@ -43,6 +43,7 @@ from . import format as fmt
 from .alloc import Allocator
 from .backend.btree import BTree, Node
 from .backend.log import LogDamage, bitmap_block, newest_logged, roll_back, walk_log
+from .device import exclusive
 from .dir import CorruptDir, parse_block
 from .format import CorruptBlock, InodeRecord, unpack_extent
 from .fs import Options, Volume, VolumeError, read_super
@@ -949,14 +950,9 @@ def roll_back_volume(path: str, damage: LogDamage) -> int:
 
 def restore_bits(path: str, fixes: list[Fix]) -> list[str]:
     """Flip back the single bits found flipped (each block's own checksum names the bit); returns what it did."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError if mounted or being checked
+    with exclusive(path) as fd:
         for fix in fixes:
             fix.apply(fd)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
     return [fix.line() for fix in fixes]
 
 
@@ -1009,9 +1005,7 @@ def rebuild_bitmap(path: str, damaged: list[tuple[int, int]], owned: set[int]) -
     it lies in the fixed areas or the check found an owner for it (``owned``: tree nodes, data, log blocks, nodes
     kept until the next unify). That is the state after the log; replaying the log over it gives it again, since
     each allocation record sets the bits it names, as the newest record for a block left them."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError if mounted or being checked
+    with exclusive(path) as fd:
         sb = read_super(fd, path)
         bs = sb.blocksize
         alloc = Allocator(sb.volblocks, fmt.bitmap_bits_per_block(bs))
@@ -1025,7 +1019,4 @@ def rebuild_bitmap(path: str, damaged: list[tuple[int, int]], owned: set[int]) -
             used = sum(alloc.is_used(b) for b in range(lo, hi))
             out.append(f"rebuilt bitmap block {block} from the trees, the log and the fixed areas: {used} of "
                        f"blocks {lo}-{hi - 1} in use")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
     return out

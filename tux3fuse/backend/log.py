@@ -19,7 +19,6 @@ Guarantees:
 
 from __future__ import annotations
 
-import fcntl
 import os
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, replace
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from .. import format as fmt
 from ..alloc import Allocator
-from ..device import OutOfRange
+from ..device import OutOfRange, exclusive
 from ..steps import run_steps
 from . import extents
 from .btree import BTree
@@ -449,14 +448,12 @@ def roll_back(path: str, damage: LogDamage) -> int:
     """Write both superblock copies naming the log of ``damage.good``: the volume then loads as of that delta.
     The new superblock's delta number is above every delta seen, so that no log block of a dropped delta can be
     taken for one of the deltas committed after it. Returns that delta number."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError if mounted or being checked
+    with exclusive(path) as fd:
         found = []
         for copy, offset in enumerate(fmt.SUPER_OFFSETS):
             try:
                 found.append(fmt.Super.unpack(os.pread(fd, fmt.SUPER_SIZE, offset), copy))
-            except fmt.FormatError:
+            except fmt.FormatError:  # a damaged copy: the numbers of the other one and of the log count
                 pass
         new = replace(damage.sb, seq=max(damage.newest, *(s.seq for s in found)) + 1,
                       log_head=damage.chain[-1].block if damage.chain else 0, log_count=len(damage.chain),
@@ -468,8 +465,6 @@ def roll_back(path: str, damage: LogDamage) -> int:
             os.pwrite(fd, raw, offset)
             os.fsync(fd)
         return new.seq
-    finally:
-        os.close(fd)
 
 
 def replay_error(vol: Volume, error: Exception) -> Exception:
