@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tux3fuse import format as fmt
 from tux3fuse.fs import Volume
+from tux3fuse.fsck import fsck
 
 BS = 4096
 NO_UNIFY = {"unify_deltas": 1 << 30, "unify_log_blocks": 1 << 30}  # every delta stays in the log
@@ -39,3 +40,11 @@ def flip_bit(path: Path | str, byte: int, bit: int = 0) -> None:
         b = f.read(1)[0]
         f.seek(byte)
         f.write(bytes([b ^ (1 << bit)]))
+
+
+def unmount_clean(vol: Volume) -> None:
+    """Unmount a volume that must not have failed, and require a clean fsck of its image."""
+    failed = vol.failed
+    vol.unmount()
+    assert failed is None, failed
+    assert fsck(vol.path).status == 0
