@@ -782,9 +782,11 @@ class Volume:
         leaf = self.leaf_capacity
         return 16 + 12 * dirty_inodes + (dirty_pages * 64) // leaf + (dirty_inodes * 160) // leaf
 
-    def _dirty_reservation(self) -> int:
+    def _dirty_reservation(self, dead: int = 0) -> int:
+        """Blocks the dirty pages and the commits of them may take; ``dead``: dirty inodes whose commit only drops
+        them (they write no record)."""
         pages = self.cache.dirty_pages
-        inodes = sum(len(d) for d in self.dirty_inodes.values())
+        inodes = max(0, sum(len(d) for d in self.dirty_inodes.values()) - dead)
         return pages + self._meta_estimate(pages, inodes) + self._unify_estimate()
 
     def _unify_estimate(self) -> int:
@@ -852,10 +854,7 @@ class Volume:
         durable (``freeing``; a write that needs them waits for that commit), minus what dirty data and the
         commits of it will take, minus the slack kept for deletes."""
         freeing, dead = self.freeing()
-        pages = self.cache.dirty_pages
-        inodes = sum(len(d) for d in self.dirty_inodes.values()) - dead
-        reserved = pages + self._meta_estimate(pages, max(0, inodes)) + self._unify_estimate()
-        free = max(0, self.alloc.free + freeing - reserved - self._slack())
+        free = max(0, self.alloc.free + freeing - self._dirty_reservation(dead) - self._slack())
         per_block = max(1, self.blocksize // 128)
         return {
             "bsize": self.blocksize, "frsize": self.blocksize, "blocks": self.sb.volblocks,
