@@ -10,7 +10,7 @@ while it is being written (no stable pages at all, the baseline).
 Two paths, each on a fresh 1 GiB sparse image in a temporary directory (default /var/tmp, not tmpfs):
 
   embedded  the embedded API in one trio run: ``Volume(image, Options(stable=MODE))``, then two tasks for
-            --seconds: a committer calling ``await vol.commit_async()`` back to back (its I/O runs in a worker
+            --seconds: a committer calling ``await vol.flusher.commit_async()`` back to back (its I/O runs in a worker
             thread, so the frontend keeps running), and a writer calling ``await vol.call(vol.write, ...)`` for
             random 4 KiB hot pages, timing each call, with ``await trio.sleep(0)`` between writes so the
             committer gets to run. The latency is that of the write call alone: the committer's prepare and
@@ -198,7 +198,7 @@ async def _embedded(mode: str, cfg: Config, image: Path, result: Result) -> list
             last.append(page_data(payloads, seq))
             vol.write(hot, index * BLOCK, last[-1])
             seq += 1
-        await vol.commit_async()  # the hot set starts clean, on disk
+        await vol.flusher.commit_async()  # the hot set starts clean, on disk
         gc.collect()  # garbage of earlier runs is not collected during this one
         # the collector as the daemon sets it, so that both paths run the filesystem under the same runtime: with
         # Python's defaults, full collections of the cache's objects hold the loop for 30-60 ms
@@ -219,7 +219,7 @@ async def _embedded(mode: str, cfg: Config, image: Path, result: Result) -> list
                 dirty, peak = int(st["dirty_pages"]), int(st["forked_pages_peak"])
                 hot_dirty, touched = len(touched), set()
                 max_dirty = max(max_dirty, dirty)
-                delta = await vol.commit_async()
+                delta = await vol.flusher.commit_async()
                 new_peak = int(vol.stats()["forked_pages_peak"])
                 if new_peak > peak and new_peak > dirty:
                     violations.append(f"delta {delta}: forked_pages_peak rose to {new_peak} during its commit, "
@@ -547,7 +547,7 @@ def section_text(results: list[Result], cfg: Config, cmd: str, now: str, goals: 
     out.append(f"A writer rewrites random 4 KiB pages of a hot set of {cfg.hot_pages} pages for {cfg.seconds:g} s "
                f"per run while commits run all the time, beside a background stream of {cfg.stream_mbps:g} MB/s "
                "appended to a second file (so that commits carry data besides the hot pages). *embedded*: the "
-               "embedded API in one trio run, `await vol.commit_async()` back to back in one task and timed "
+               "embedded API in one trio run, `await vol.flusher.commit_async()` back to back in one task and timed "
                "`await vol.call(vol.write, ...)` in another, with the garbage collector set as the daemon sets "
                "it. *mounted*: `tux3fuse -f -o "
                f"nowriteback,stable=MODE,commit={cfg.commit_interval:g}`, timed `os.pwrite()`; every write is a "

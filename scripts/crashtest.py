@@ -50,9 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mkfs import mkfs  # noqa: E402
 from tux3fuse import format as fmt  # noqa: E402
 from tux3fuse.backend.commit import CommitJob  # noqa: E402
-from tux3fuse.backend.replaycheck import check_replay  # noqa: E402
+from tux3fuse.checker import Checker  # noqa: E402
 from tux3fuse.fs import Options, Throttled, Volume, VolumeError, WaitFor  # noqa: E402
-from tux3fuse.fsck import Checker  # noqa: E402
+from tux3fuse.replaycheck import check_replay  # noqa: E402
 from tux3fuse.writelog import read_log  # noqa: E402
 
 SECTOR = 512
@@ -68,7 +68,7 @@ def snapshot(vol: Volume, inos: dict[bytes, int] | None = None) -> dict[bytes, t
     while stack:
         path, ino = stack.pop()
         inode = vol.iget(ino)
-        for name, (child, _, _, _) in sorted(vol._dir(inode).names.items()):
+        for name, (child, _, _, _) in sorted(vol.names.dir(inode).names.items()):
             node = vol.iget(child)
             p = path + b"/" + name
             if inos is not None:
@@ -104,8 +104,8 @@ class Workload:
     def __init__(self, vol: Volume, rng: random.Random, callers: int = 0) -> None:
         self.vol = vol
         self.rng = rng
-        self.inos: dict[int, dict[bytes, int]] = {vol.sb.seq: {}}
-        self.states: dict[int, dict] = {vol.sb.seq: snapshot(vol, self.inos[vol.sb.seq])}
+        self.inos: dict[int, dict[bytes, int]] = {vol.backend.sb.seq: {}}
+        self.states: dict[int, dict] = {vol.backend.sb.seq: snapshot(vol, self.inos[vol.backend.sb.seq])}
         self.dirs = [fmt.ROOT_INO]
         self.files: list[tuple[int, bytes]] = []  # (parent, name)
         self.open_orphans: list[int] = []
@@ -122,8 +122,8 @@ class Workload:
         def commit(**kwargs) -> bool:  # every commit, also those a full volume makes inside an operation
             written = plain_commit(**kwargs)
             if written:
-                inos = self.inos[vol.sb.seq] = {}
-                self.states[vol.sb.seq] = snapshot(vol, inos)
+                inos = self.inos[vol.backend.sb.seq] = {}
+                self.states[vol.backend.sb.seq] = snapshot(vol, inos)
             self.check_count()
             return written
 
@@ -140,12 +140,12 @@ class Workload:
         """After a commit: the superblock's used-inode count is the number of inodes in the inode table."""
         vol = self.vol
         self.stats["commits"] += 1
-        n = len(list(vol.itable.items()))
-        if vol.sb.used_inodes != n:
-            self.count_errors.append(f"after the commit of delta {vol.sb.seq}: used inode count "
-                                     f"{vol.sb.used_inodes}, but {n} inodes in the inode table")
-        if vol.job is None:  # the replay invariant: the image just committed replays to what memory holds
-            self.count_errors += [f"after the commit of delta {vol.sb.seq}: {p}" for p in check_replay(vol)]
+        n = len(list(vol.backend.itable.items()))
+        if vol.backend.sb.used_inodes != n:
+            self.count_errors.append(f"after the commit of delta {vol.backend.sb.seq}: used inode count "
+                                     f"{vol.backend.sb.used_inodes}, but {n} inodes in the inode table")
+        if vol.runner.job is None:  # the replay invariant: the image just committed replays to what memory holds
+            self.count_errors += [f"after the commit of delta {vol.backend.sb.seq}: {p}" for p in check_replay(vol)]
 
     def commit(self) -> None:
         self.finish_job()
@@ -155,7 +155,7 @@ class Workload:
         """The state a commit of ``ino`` ahead of its delta leaves on disk: the last committed one with only this
         file's content and attributes newer."""
         vol = self.vol
-        base = vol.sb.seq
+        base = vol.backend.sb.seq
         rec = vol.iget(ino).rec
         state = dict(self.states[base])
         for path, owner in self.inos[base].items():
@@ -169,13 +169,13 @@ class Workload:
         state, inos = self.ahead_state(ino)
         self.stats["ahead"] += 1
         if self.plain_commit(only={ino}):
-            self.states[self.vol.sb.seq] = state
-            self.inos[self.vol.sb.seq] = inos
+            self.states[self.vol.backend.sb.seq] = state
+            self.inos[self.vol.backend.sb.seq] = inos
         self.check_count()
 
     def start_job(self, only: set[int] | None = None) -> CommitJob:
         """Transition and start a commit whose prepare stage runs in steps between other operations, as
-        ``Volume.commit_async`` runs it; ``only``: an fsync ahead of the delta. The state it commits is the one at
+        ``Flusher.commit_async`` runs it; ``only``: an fsync ahead of the delta. The state it commits is the one at
         the transition."""
         vol = self.vol
         assert self.job is None
@@ -185,7 +185,7 @@ class Workload:
         else:
             self.job_state = self.ahead_state(next(iter(only)))
             self.stats["ahead"] += 1
-        job = self.job = vol.start_commit(prepare=False, only=only)
+        job = self.job = vol.flusher.start_commit(prepare=False, only=only)
         self.steps = job.prepare_steps()
         self.stats["stepped"] += 1
         return job
@@ -231,9 +231,9 @@ class Workload:
     def _completed(self) -> None:
         """The commit in flight completed: record the state it committed, check the count."""
         job = self.job
-        assert job is not None and self.vol.job is None
+        assert job is not None and self.vol.runner.job is None
         self.job = self.completing = None
-        self.vol.counters["flushes"] = self.vol.dev.stats.flushes
+        self.vol.counters["flushes"] = self.vol.backend.dev.stats.flushes
         if not job.empty:
             self.states[job.delta], self.inos[job.delta] = self.job_state
         for c in self.callers:
@@ -245,7 +245,7 @@ class Workload:
         job, vol = self.job, self.vol
         assert job is not None
         vol.fail(f"commit of delta {job.delta} failed: {e}")
-        vol.job = self.job = self.steps = self.completing = None
+        vol.runner.job = self.job = self.steps = self.completing = None
         raise VolumeError(vol.failed) from e
 
     def call(self, fn, *args, **kwargs):
@@ -265,10 +265,10 @@ class Workload:
         for while the others go on."""
         vol = self.vol
         self.finish_job()
-        inode = vol.inodes.get(ino)
+        inode = vol.icache.inodes.get(ino)
         if inode is None or not inode.dirty_deltas:
             return
-        ahead = vol.deltas.current in inode.dirty_deltas and vol.commit_ahead_pays({ino})
+        ahead = vol.deltas.current in inode.dirty_deltas and vol.transition.commit_ahead_pays({ino})
         if caller is None or self.rng.random() < 0.3:
             self.fsync_ahead(ino) if ahead else self.commit()
         else:
@@ -318,13 +318,13 @@ class Workload:
             self.vol.release(ino)
         else:
             self.vol.forget(ino, 1)
-        inode = self.vol.inodes.get(ino)
+        inode = self.vol.icache.inodes.get(ino)
         if self.steps is not None and inode is not None and inode.dead and self.job.delta in inode.dirty_deltas:
             self.stats["late_drops_in_prepare"] += 1  # it died after its delta's transition, during the prepare
 
     def _own(self, c: Caller, name: bytes) -> int | None:
         """The inode a caller's name stands for (None, and the name is forgotten, if it is gone)."""
-        entry = self.vol._dir(self.vol.iget(c.home)).get(name)
+        entry = self.vol.names.dir(self.vol.iget(c.home)).get(name)
         if entry is None or not stat.S_ISREG(self.vol.iget(entry[0]).rec.mode):
             c.names.remove(name)
             return None
@@ -341,7 +341,7 @@ class Workload:
 
     def _unnamed(self, c: Caller, ino: int) -> None:
         """The caller's file lost its last name: its references become late ones."""
-        inode = self.vol.inodes.get(ino)
+        inode = self.vol.icache.inodes.get(ino)
         if inode is not None and inode.rec.nlink:
             return
         c.late += [r for r in c.held if r[0] == ino]
@@ -439,7 +439,7 @@ class Workload:
             return
         parent, name = rng.choice(self.files)
         try:
-            entry = vol._dir(vol.iget(parent)).get(name)
+            entry = vol.names.dir(vol.iget(parent)).get(name)
         except OSError:
             entry = None
         if entry is None or not stat.S_ISREG(vol.iget(entry[0]).rec.mode):
@@ -501,7 +501,7 @@ class Workload:
         elif op == "rmdir" and len(self.dirs) > 1:
             d = self.dirs[-1]
             parent_ino = vol.iget(d).rec.parent
-            names = vol._dir(vol.iget(parent_ino)).names
+            names = vol.names.dir(vol.iget(parent_ino)).names
             for n, (child, _, _, _) in list(names.items()):
                 if child == d:
                     try:
@@ -561,7 +561,7 @@ def check_point(image: Path, base: bytes | bytearray, records: list, writes: lis
     except VolumeError as e:
         return f"does not mount: {e}"
     try:
-        seq = vol.sb.seq
+        seq = vol.backend.sb.seq
         if seq < durable:
             return f"recovered delta {seq}, but delta {durable} was durable"
         if seq not in states:
@@ -617,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
         mkfs(str(image), a.blocksize, a.size << 20)
         base = image.read_bytes()
         before = snapshot_after(image)
-        base_seq = Volume(str(image), Options(readonly=True, lock=False)).sb.seq
+        base_seq = Volume(str(image), Options(readonly=True, lock=False)).backend.sb.seq
         logpath = work / "writes.log"
         vol = Volume(str(image), Options(writelog=str(logpath), unify_deltas=5, fsync_ahead_bytes=0))
         vol.mount()
@@ -633,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
         states = load.states
         if failed is None:
             vol.unmount()
-            states[vol.sb.seq] = states.get(vol.sb.seq) or snapshot_after(image)
+            states[vol.backend.sb.seq] = states.get(vol.backend.sb.seq) or snapshot_after(image)
         else:
             vol.close_files()
         records = list(read_log(str(logpath)))

@@ -210,6 +210,37 @@ class Mount:
         return json.loads(r.stdout)
 
 
+class NullMount:
+    """scripts/nullfs.py (a FUSE filesystem that is not tux3fuse) mounted at ``mnt``, its output in ``log``.
+
+    The constructor returns once the mount is in the mount table; ``cleanup`` unmounts it if it still is."""
+
+    def __init__(self, mnt: Path, log: Path, extra: list[str]) -> None:
+        self.mnt, self.log = mnt, log
+        mnt.mkdir()
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "nullfs.py"), *extra, str(mnt)],
+                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 20
+        while not is_mounted(str(mnt)):
+            assert self.proc.poll() is None, f"nullfs exited with {self.proc.returncode}: {log.read_text()}"
+            assert time.monotonic() < deadline, "mount did not appear within 20 s"
+            time.sleep(0.02)
+
+    def umount(self) -> int:
+        subprocess.run(["fusermount3", "-u", str(self.mnt)], check=True, timeout=60)
+        return self.proc.wait(timeout=30)
+
+    def cleanup(self) -> None:
+        if is_mounted(str(self.mnt)):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], check=False, timeout=60)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
 @pytest.fixture
 def make_mount(tmp_path):
     """Factory: make_mount(size=..., blocksize=..., options=...) -> started Mount; checked at teardown."""

@@ -5,8 +5,8 @@ Guarantees:
   marked used until ``release_pending``).
 - Every allocation and free made for a delta is recorded (``take_records``) so the log can rebuild the bitmap
   between unifies.
-- Space is never over-committed: the frontend reserves blocks before dirtying pages (``reserve``); the backend
-  allocates only what was reserved, so a commit never fails for lack of space.
+- Space is never over-committed: the frontend reserves blocks before dirtying pages (``space.py``,
+  ``Space.reserve``); the backend allocates only what was reserved, so a commit never fails for lack of space.
 """
 
 from __future__ import annotations

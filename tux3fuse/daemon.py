@@ -152,7 +152,7 @@ class Daemon:
     def run(self) -> int:
         """Serve until unmounted; then commit and close. Returns the exit status."""
         self._record("running")
-        self.vol.frontend_pending = requests_waiting()
+        self.vol.runner.frontend_pending = requests_waiting()
         # The cache holds many long-lived objects; full collections of them would stall requests for tens of
         # milliseconds. Freeze what exists now and collect the young generation less often.
         gc.collect()

@@ -4,13 +4,8 @@ Guarantees:
 - No exception other than FUSEError leaves a handler. An OSError becomes its errno, a VolumeError EIO. The volume
   itself turns a corrupt block or an unexpected exception into a read-only volume, a logged stack and EIO
   (``fs.guarded``), for embedded callers as for the mount; what escapes the adapter's own code gets the same.
-- What readers see is what the volume keeps. With the writeback cache the kernel takes a ``write()`` into its page
-  cache and its own idea of the file size, and sends the data later (at close, fsync or writeback); when the volume
-  refuses some of it (ENOSPC), the kernel still holds the refused data and the larger size. The handler of the
-  refused write makes the kernel forget both before it answers: it drops the kernel's names of the inode (so the
-  kernel's inode, with its size and pages, goes once no file has it open, and the next lookup brings the size the
-  volume keeps) and its cached pages and attributes. A lookup that comes while the kernel still holds the old inode
-  waits (a bounded time) until it is gone.
+- What readers see is what the volume keeps: the adapter calls ``coherence.py`` (``KernelCache``), which keeps the
+  kernel's caches coherent with the volume, at the points a request changes what the kernel caches.
 """
 
 from __future__ import annotations
@@ -20,33 +15,14 @@ import functools
 import logging
 import os
 import stat
-import threading
 
 import pyfuse3
-import trio
 
+from .coherence import KernelCache
 from .fs import Attr, Volume, VolumeError
 
 log = logging.getLogger("tux3fuse")
 TIMEOUT = 300.0  # every change goes through the kernel, so its caches may be trusted for long
-NAMES_KEPT = 4  # names per inode remembered for invalidation (the kernel's dentries of it; the newest kept)
-FORGET_WAIT = 1.0  # seconds a refused write or a lookup waits at most for the kernel to drop what was refused
-
-
-class Forgetting:
-    """The kernel is being made to forget what the volume refused for one inode: ``entries`` is set once its
-    names are dropped, ``done`` once its cached pages are too and no file has the inode open any more (the
-    kernel's inode, with the size it believed, is then gone)."""
-
-    def __init__(self) -> None:
-        self.entries = trio.Event()
-        self.pages = False
-        self.released = False
-        self.done = trio.Event()
-
-    def check(self) -> None:
-        if self.pages and self.released:
-            self.done.set()
 
 
 def _translate(fn):
@@ -75,19 +51,7 @@ class Operations(pyfuse3.Operations):
         self.vol = vol
         self.enable_writeback_cache = writeback
         self.xattr = xattr
-        self.names: dict[int, list[tuple[int, bytes]]] = {}  # ino -> (parent, name) the kernel may have cached
-        self.forgetting: dict[int, Forgetting] = {}
-        self.stale: set[int] = set()  # inodes whose kernel inode may keep refused data until their last close
-
-    def seen(self, parent: int, name: bytes, a: Attr) -> Attr:
-        """The kernel now has a dentry ``name`` in ``parent`` for the inode (kept only with the writeback cache,
-        the one case that needs it: see the module's guarantees). Returns ``a``."""
-        if self.enable_writeback_cache and stat.S_ISREG(a.mode):
-            names = self.names.setdefault(a.ino, [])
-            if (parent, name) not in names:
-                names.append((parent, name))
-                del names[:-NAMES_KEPT]
-        return a
+        self.kernel = KernelCache(vol, writeback)  # what the kernel caches, kept coherent with the volume
 
     def entry(self, a: Attr) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -112,17 +76,9 @@ class Operations(pyfuse3.Operations):
     @_translate
     async def lookup(self, parent_inode, name, ctx=None):
         a = self.vol.lookup(parent_inode, name)
-        pending = self.forgetting.get(a.ino)
-        if pending is not None and not pending.done.is_set():
-            # the kernel may still hold its inode with the size it believed (an open file, or the release that
-            # holds it on its way): answered once that inode is gone, so the kernel makes a new one of this answer
-            with trio.move_on_after(FORGET_WAIT):
-                await pending.done.wait()
-            if not pending.done.is_set():  # still open elsewhere: the kernel keeps its inode until the last close
-                self.stale.add(a.ino)
-            self.forgetting.pop(a.ino, None)
+        if await self.kernel.wait_forgotten(a.ino):
             a = self.vol.getattr(a.ino)
-        return self.entry(self.seen(parent_inode, name, a))
+        return self.entry(self.kernel.seen(parent_inode, name, a))
 
     async def forget(self, inode_list):
         for ino, n in inode_list:
@@ -130,14 +86,7 @@ class Operations(pyfuse3.Operations):
                 self.vol.forget(ino, n)
             except Exception:  # forget must not fail
                 log.exception("forget of inode %d", ino)
-            inode = self.vol.inodes.get(ino)
-            if inode is None or inode.lookups <= 0:  # the kernel has no inode of it left
-                self.names.pop(ino, None)
-                self.stale.discard(ino)
-                pending = self.forgetting.pop(ino, None)
-                if pending is not None:
-                    pending.released = True
-                    pending.check()
+            self.kernel.forgotten(ino)
 
     @_translate
     async def getattr(self, inode, ctx=None):
@@ -168,7 +117,7 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        return self.entry(self.seen(parent_inode, name, await self.vol.call(
+        return self.entry(self.kernel.seen(parent_inode, name, await self.vol.call(
             self.vol.mknod, parent_inode, name, mode & ~ctx.umask, rdev, ctx.uid, ctx.gid)))
 
     @_translate
@@ -190,19 +139,12 @@ class Operations(pyfuse3.Operations):
     @_translate
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         await self.vol.call(self.vol.rename, parent_inode_old, name_old, parent_inode_new, name_new, flags)
-        if self.enable_writeback_cache:  # the kernel moves its dentries likewise (both, for an exchange)
-            for parent, name in ((parent_inode_new, name_new), (parent_inode_old, name_old)):
-                try:
-                    a = self.vol.lookup(parent, name)
-                except OSError:
-                    continue
-                self.vol.forget(a.ino, 1)  # a look, not a reference the kernel holds
-                self.seen(parent, name, a)
+        self.kernel.renamed(parent_inode_old, name_old, parent_inode_new, name_new)
 
     @_translate
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        return self.entry(self.seen(new_parent_inode, new_name,
-                                    await self.vol.call(self.vol.link, inode, new_parent_inode, new_name)))
+        return self.entry(self.kernel.seen(new_parent_inode, new_name,
+                                           await self.vol.call(self.vol.link, inode, new_parent_inode, new_name)))
 
     # -- files -----------------------------------------------------------------------------------------------------
 
@@ -217,7 +159,7 @@ class Operations(pyfuse3.Operations):
     @_translate
     async def create(self, parent_inode, name, mode, flags, ctx):
         attr = await self.vol.call(self.vol.create, parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid)
-        return pyfuse3.FileInfo(fh=attr.ino, keep_cache=True), self.entry(self.seen(parent_inode, name, attr))
+        return pyfuse3.FileInfo(fh=attr.ino, keep_cache=True), self.entry(self.kernel.seen(parent_inode, name, attr))
 
     @_translate
     async def read(self, fh, off, size):
@@ -228,55 +170,9 @@ class Operations(pyfuse3.Operations):
         try:
             return await self.vol.call(self.vol.write, fh, off, buf)
         except OSError as e:
-            if e.errno == errno.ENOSPC and self.enable_writeback_cache:
-                await self.forget_refused(fh)
+            if e.errno == errno.ENOSPC:
+                await self.kernel.refused(fh)
             raise
-
-    async def forget_refused(self, ino: int) -> None:
-        """The volume refused data the kernel holds in its cache (writeback cache): make the kernel forget it.
-        Returns once the kernel has dropped the inode's names (or after FORGET_WAIT); its cached pages and
-        attributes are dropped next, in a thread, since that waits for the writes in flight, this one's too."""
-        pending = self.start_forgetting(ino)
-        with trio.move_on_after(FORGET_WAIT):
-            await pending.entries.wait()
-
-    def start_forgetting(self, ino: int, released: bool = False) -> Forgetting:
-        """Start (unless under way) dropping the kernel's names, pages and attributes of ``ino``."""
-        pending = self.forgetting.get(ino)
-        if pending is None or pending.done.is_set():
-            pending = self.forgetting[ino] = Forgetting()
-            pending.released = released
-            token = trio.lowlevel.current_trio_token()
-            names = list(self.names.get(ino, ()))
-            threading.Thread(target=self._forget_in_kernel, args=(ino, names, pending, token), daemon=True,
-                             name=f"forget-{ino}").start()
-        return pending
-
-    def _forget_in_kernel(self, ino: int, names: list[tuple[int, bytes]], pending: Forgetting,
-                          token: trio.lowlevel.TrioToken) -> None:
-        def step(fn, *args) -> None:
-            try:
-                fn(*args)
-            except OSError as e:  # not cached by the kernel (any more): nothing to forget
-                log.debug("%s%r: %s", fn.__name__, args, e)
-
-        def then(fn) -> None:
-            try:
-                trio.from_thread.run_sync(fn, trio_token=token)
-            except trio.RunFinishedError:  # unmounted meanwhile
-                pass
-
-        for parent, name in names:
-            step(pyfuse3.invalidate_entry, parent, name)
-        then(pending.entries.set)
-        step(pyfuse3.invalidate_inode, ino)
-
-        def pages_done() -> None:
-            pending.pages = True
-            inode = self.vol.inodes.get(ino)
-            pending.released = pending.released or inode is None or inode.opens <= 0
-            pending.check()
-        then(pages_done)
 
     async def flush(self, fh):
         return None  # data reaches the image by commits; fsync and umount report their errors
@@ -284,15 +180,7 @@ class Operations(pyfuse3.Operations):
     @_translate
     async def release(self, fh):
         self.vol.release(fh)
-        inode = self.vol.inodes.get(fh)
-        if inode is None or inode.opens <= 0:  # the reply to this release lets the kernel's inode go
-            pending = self.forgetting.get(fh)
-            if pending is not None:
-                pending.released = True
-                pending.check()
-            elif fh in self.stale:  # a lookup gave up waiting for this close: forget the kernel's inode now
-                self.stale.discard(fh)
-                self.start_forgetting(fh, released=True)
+        self.kernel.released(fh)
 
     @_translate
     async def fsync(self, fh, datasync):
@@ -319,7 +207,8 @@ class Operations(pyfuse3.Operations):
     @_translate
     async def readdir(self, fh, start_id, token):
         for name, ino, nxt in self.vol.readdir(fh, start_id):
-            if not pyfuse3.readdir_reply(token, name, self.entry(self.seen(fh, name, self.vol.getattr(ino))), nxt):
+            a = self.kernel.seen(fh, name, self.vol.getattr(ino))
+            if not pyfuse3.readdir_reply(token, name, self.entry(a), nxt):
                 break
             self.vol.ref(ino)
 

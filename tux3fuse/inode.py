@@ -25,7 +25,7 @@ class Inode:
         self.attr_delta = -1  # delta whose changes the live attributes hold
         self.snapshots: dict[int, InodeRecord] = {}  # attributes of older deltas still to commit
         self.dirty_deltas: set[int] = set()
-        self.dirtied = 0.0  # Volume.clock() when it entered (or was last touched on) its delta's dirty list
+        self.dirtied = 0.0  # DirtyLists.clock() when it entered (or was last touched on) its delta's dirty list
         self.hole_from: dict[int, int] = {}  # delta -> lowest block index truncated away in it
         self.dtree = None  # extent tree, loaded on demand
         self.dir = None  # directory index, loaded on demand

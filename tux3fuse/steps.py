@@ -1,7 +1,7 @@
 """Step generators: work cut at yield points, so that the event loop can serve requests between the pieces.
 
 A commit's stages (``backend/commit.py``) and the helpers they call (log packing, write planning) are generators
-that yield at safe points and return their result. ``Volume._sliced`` runs them in slices on the loop; code that
+that yield at safe points and return their result. ``Runner.sliced`` runs them in slices on the loop; code that
 wants the whole result at once runs them here.
 """
 

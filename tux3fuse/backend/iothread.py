@@ -9,7 +9,7 @@ writer waited 320 ms in the run queue over 5 s with the I/O at normal priority, 
 So the periodic and background commits write in one long-lived thread at nice 19 (Linux sets the nice value of
 one thread by its id): whatever else wants the CPU preempts it, and when the CPU is free the I/O runs as fast as
 before. A commit that someone waits for (fsync), and every commit with ``stable=wait`` (where any writer may wait
-for its I/O), runs in trio's worker threads at the process's priority instead (``Volume.commit_async``), so a busy
+for its I/O), runs in trio's worker threads at the process's priority instead (``Runner.run``), so a busy
 CPU never holds up an fsync. A writer throttled at the dirty limit waits on whichever commit is in flight.
 
 Guarantees:

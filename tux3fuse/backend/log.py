@@ -8,13 +8,13 @@ changed tree nodes stay dirty in memory until the next unify writes them (Tux3's
 Guarantees:
 - The log blocks chained from the superblock (newest first) hold every change since the last unify, in order.
 - ``replay`` applies the allocation records oldest first on top of the bitmap region named by the superblock and
-  marks the log blocks themselves used; ``replay_trees`` applies the tree records on top of the trees as the last
-  unify wrote them. Together they reproduce the state of the last committed delta exactly.
-- A tree node that a change removes stays allocated until the next unify (``Volume.unify_frees``): the trees on
+  marks the log blocks themselves used; ``replay.py:replay_trees`` applies the tree records on top of the trees as
+  the last unify wrote them. Together they reproduce the state of the last committed delta exactly.
+- A tree node that a change removes stays allocated until the next unify (``Backend.unify_frees``): the trees on
   disk still point at it, and replay reads it.
-- A log that does not replay is never half applied: ``find_damage`` names the first delta that does not replay
-  (or whose log block is unreadable) and the newest one before it that does, whose state it rebuilds from the
-  last unify; ``roll_back`` makes that delta the volume's (docs/FORMAT.md §9.1).
+- A log that does not replay is never half applied: ``replay.py:find_damage`` names the first delta that does not
+  replay (or whose log block is unreadable) and the newest one before it that does, whose state it rebuilds from
+  the last unify; ``roll_back`` makes that delta the volume's (docs/FORMAT.md §9.1).
 """
 
 from __future__ import annotations
@@ -22,18 +22,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 from .. import format as fmt
 from ..alloc import Allocator
-from ..device import OutOfRange, exclusive
+from ..device import exclusive
 from ..steps import run_steps
-from . import extents
-from .btree import BTree
-
-if TYPE_CHECKING:
-    from ..fs import Volume
-
 
 LOG_STEP = 32  # records split or packed between two yields of a commit's prepare stage
 
@@ -117,54 +110,6 @@ def replay(alloc: Allocator, chain: list[tuple[int, list]]) -> None:
     alloc.recount()
 
 
-def _ignore(start: int, count: int) -> None:
-    """Replayed tree changes free nothing: the allocation records did that already."""
-
-
-def replay_trees(vol: Volume, chain: list[tuple[int, list]]) -> None:
-    """Apply the tree records of the log, oldest first, to the trees as the last unify left them. The changed
-    nodes stay dirty in memory for the next unify, exactly as they were before the crash or unmount."""
-    bs = vol.blocksize
-    for block, records in chain:
-        for rec in records:
-            code = rec[0]
-            if code in (fmt.LOG_ALLOC, fmt.LOG_FREE):
-                continue
-            ino = rec[1]
-            try:
-                if code == fmt.LOG_INODE:
-                    vol.itable.insert(ino, rec[2])
-                    inode = vol.inodes.get(ino)
-                    if inode is not None:
-                        inode.rec = fmt.InodeRecord.unpack(rec[2])
-                elif code == fmt.LOG_ORPHAN:
-                    vol.otree.insert(ino, b"")
-                elif code == fmt.LOG_DESTROY:
-                    inode = vol.iget(ino)
-                    tree = vol.dtree(inode)
-                    extents.unmap(tree, 0, None, _ignore)
-                    tree.free_all()
-                    vol.itable.delete(ino)
-                    vol.otree.delete(ino)
-                    vol.unflushed.pop(ino, None)
-                    vol.forget_inode(inode)
-                else:
-                    inode = vol.iget(ino)
-                    tree = vol.dtree(inode)
-                    before = tree.dirty_nodes
-                    if code == fmt.LOG_MAP:
-                        _, _, logical, physical, csums = rec
-                        if physical <= 0 or physical + len(csums) > vol.sb.volblocks:
-                            raise ValueError(f"blocks {physical}+{len(csums)} outside the volume")
-                        extents.map_run(tree, logical, physical, csums, _ignore, bs)
-                    else:
-                        extents.unmap(tree, rec[2], None, _ignore)
-                    vol.unflushed[ino] = inode
-                    vol.unify_nodes += tree.dirty_nodes - before
-            except (ValueError, IndexError, OSError) as e:
-                raise fmt.CorruptBlock(block, "log", f"record {code} for inode {ino} does not apply: {e}") from None
-
-
 def load_bitmap(read_block: Callable[[int], bytes], sb: fmt.Super,
                 damaged: list[tuple[int, int, str]] | None = None) -> Allocator:
     """The allocation bitmap as the last unify wrote it. A bitmap block that fails its checks raises CorruptBlock,
@@ -229,7 +174,7 @@ class LogDamage:
                 f"run fsck.tux3 {path} to roll back to delta {self.good}")
 
 
-def _entry(read_block: Callable[[int], bytes], block: int) -> LogEntry:
+def log_entry(read_block: Callable[[int], bytes], block: int) -> LogEntry:
     """The log block ``block``; CorruptBlock if it is not a valid one."""
     try:
         buf = read_block(block)
@@ -254,7 +199,7 @@ def walk_log(read_block: Callable[[int], bytes], head: int, count: int
             return out, fmt.CorruptBlock(block, "log", "the log chain loops")
         seen.add(block)
         try:
-            entry = _entry(read_block, block)
+            entry = log_entry(read_block, block)
         except fmt.CorruptBlock as e:
             return out, e
         out.append(entry)
@@ -262,7 +207,7 @@ def walk_log(read_block: Callable[[int], bytes], head: int, count: int
     return out, None
 
 
-def _header_hint(read_block: Callable[[int], bytes], block: int) -> tuple[int | None, int | None]:
+def header_hint(read_block: Callable[[int], bytes], block: int) -> tuple[int | None, int | None]:
     """(delta, prev) from the header of a log block that fails its checks, when the header still says it is that
     log block; (None, None) otherwise."""
     try:
@@ -276,7 +221,7 @@ def _header_hint(read_block: Callable[[int], bytes], block: int) -> tuple[int | 
     return delta, prev
 
 
-def _back_to_start(valid: dict[int, LogEntry], head: int, limit: int) -> list[LogEntry] | None:
+def back_to_start(valid: dict[int, LogEntry], head: int, limit: int) -> list[LogEntry] | None:
     """The chain from ``head`` back to prev 0 through ``valid`` blocks only, oldest first (None if it leaves them,
     loops, or its deltas do not fall going back)."""
     out: list[LogEntry] = []
@@ -289,159 +234,6 @@ def _back_to_start(valid: dict[int, LogEntry], head: int, limit: int) -> list[Lo
         block = entry.prev
     out.reverse()
     return out
-
-
-def _scan_log_blocks(vol: Volume, lo: int, hi: int) -> dict[int, LogEntry]:
-    """Every valid log block of the volume whose delta lies in (lo, hi]."""
-    found: dict[int, LogEntry] = {}
-    bs, volblocks = vol.blocksize, vol.sb.volblocks
-    for start in range(1, volblocks, SCAN_CHUNK):
-        n = min(SCAN_CHUNK, volblocks - start)
-        data = vol.dev.read_blocks(start, n)
-        for i in range(n):
-            if data[i * bs: i * bs + 4] != fmt.KIND_LOG:
-                continue
-            block = start + i
-            buf = data[i * bs: (i + 1) * bs]
-            try:
-                entry = _entry(lambda _b, buf=buf: buf, block)
-            except fmt.CorruptBlock:
-                continue
-            if lo < entry.delta <= hi:
-                found[block] = entry
-    return found
-
-
-def newest_logged(vol: Volume, above: int) -> int:
-    """The highest delta number of a valid log block anywhere on the volume, or ``above`` when none is higher:
-    a superblock written over dropped deltas is numbered above it, so that none of their log blocks can be taken
-    for a later delta."""
-    return max([above, *(e.delta for e in _scan_log_blocks(vol, above, 1 << 62).values())])
-
-
-def _other_super(vol: Volume) -> fmt.Super | None:
-    """The superblock copy that the volume was not loaded from, if it is valid."""
-    copy = 1 - vol.sb.copy
-    try:
-        return fmt.Super.unpack(os.pread(vol.dev.fd, fmt.SUPER_SIZE, fmt.SUPER_OFFSETS[copy]), copy)
-    except (fmt.FormatError, OSError):
-        return None
-
-
-def _older_part(vol: Volume, bad_block: int, upper: int, limit: int) -> tuple[list[LogEntry], bool]:
-    """The part of the log older than the unreadable block ``bad_block``, oldest first, its deltas at most
-    ``upper``; and whether its newest delta is known to be whole (it may otherwise end right before the bad block,
-    which may belong to it). Tried in order: the other superblock copy's log (same log, an older delta); the chain
-    from the prev pointer the bad block's header still holds; a scan of the volume for valid log blocks of this
-    log, taking the newest chain back to the start of the log, cut before the first delta on which two such chains
-    disagree."""
-    sb, read = vol.sb, vol.dev.read_block
-    other = _other_super(vol)
-    if other is not None and other.unify_seq == sb.unify_seq and other.seq < sb.seq and other.log_count:
-        entries, broken = walk_log(read, other.log_head, other.log_count)
-        if broken is None and entries and entries[-1].prev == 0 and bad_block not in {e.block for e in entries}:
-            if all(sb.unify_seq < e.delta <= upper for e in entries):
-                return entries[::-1], True  # a superblock committed that delta whole
-    valid = _scan_log_blocks(vol, sb.unify_seq, upper)
-    _, hint_prev = _header_hint(read, bad_block)
-    if hint_prev and hint_prev in valid:
-        chain = _back_to_start(valid, hint_prev, limit)
-        if chain is not None:
-            return chain, False
-    continued = {(e.prev, e.delta) for e in valid.values()}
-    heads = [b for b, e in valid.items() if (b, e.delta) not in continued]  # the last block of its delta
-    chains = [c for c in (_back_to_start(valid, head, limit) for head in heads) if c]
-    if not chains:
-        return [], False
-    chains.sort(key=lambda c: (c[-1].delta, len(c)), reverse=True)
-    best = chains[0]
-    blocks_of: dict[int, set[tuple[int, ...]]] = {}
-    for c in chains:
-        for delta in {e.delta for e in c}:
-            blocks_of.setdefault(delta, set()).add(tuple(e.block for e in c if e.delta == delta))
-    for i, entry in enumerate(best):
-        if len(blocks_of[entry.delta]) > 1:  # two histories of this delta on the disk: trust neither
-            return best[:i], True  # the chain goes on past its newest delta here
-    return best, False
-
-
-def _reset(vol: Volume) -> None:
-    """The in-memory trees and bitmap as the last unify wrote them, before any log record."""
-    vol.alloc = load_bitmap(vol.dev.read_block, vol.sb, [] if vol.readonly else None)
-    vol.itable = BTree(vol, fmt.KIND_ILEAF, vol.sb.itree_root)
-    vol.otree = BTree(vol, fmt.KIND_OLEAF, vol.sb.otree_root)
-    vol.inodes = {}
-    vol.unflushed = {}
-    vol.unify_frees = []
-    vol.unify_nodes = 0
-
-
-def _try_replay(vol: Volume, entries: list[LogEntry]) -> tuple[int, str] | None:
-    """Replay ``entries`` onto fresh trees: None if it applies, else (the log block that does not, the reason)."""
-    chain = [(e.block, e.records) for e in entries]
-    try:
-        _reset(vol)
-        replay(vol.alloc, chain)
-        replay_trees(vol, chain)
-        vol.iget(fmt.ROOT_INO)
-    except fmt.CorruptBlock as e:
-        return e.block, e.reason
-    except (OSError, OutOfRange) as e:
-        return 0, str(e)
-    return None
-
-
-def find_damage(vol: Volume) -> LogDamage | None:
-    """Why the log of ``vol.sb`` does not replay and the newest delta that does, replaying onto the trees as
-    ``vol.sb`` names them; None when the log replays (or when the trees themselves do not load: no rollback
-    helps then). Leaves ``vol``'s trees and bitmap as of the last consistent delta."""
-    sb, read = vol.sb, vol.dev.read_block
-    newer, broken = walk_log(read, sb.log_head, sb.log_count)
-    newest = max([sb.seq, *(e.delta for e in newer)])
-    dropped_entries: list[LogEntry] = []
-    unreadable: list[int] = []
-    unknown: range = range(0)
-    bad = sb.seq + 1
-    where = ""
-    if broken is None:
-        chain = newer[::-1]
-    else:
-        unreadable.append(broken.block)
-        where = f"log block {broken.block}: {broken.reason}"
-        upper = newer[-1].delta if newer else sb.seq
-        chain, whole = _older_part(vol, broken.block, upper, sb.log_count)
-        hint_delta, _ = _header_hint(read, broken.block)
-        head_delta = chain[-1].delta if chain else sb.unify_seq
-        if hint_delta is not None and head_delta <= hint_delta <= upper:
-            bad = hint_delta  # the header still names the delta of the bad block
-        elif whole or not chain:
-            bad = head_delta + 1
-            unknown = range(bad, upper)  # the bad block belongs to one of these
-        else:
-            bad = max(head_delta, sb.unify_seq + 1)  # unknown: the newest older delta may miss that block
-            unknown = range(bad, upper)  # the bad block belongs to one of these
-        dropped_entries = list(newer)
-    while True:
-        kept = [e for e in chain if e.delta < bad]
-        dropped_entries += [e for e in chain if e.delta >= bad]
-        chain = kept
-        failed = _try_replay(vol, chain)
-        if failed is None:
-            break
-        block, reason = failed
-        delta = next((e.delta for e in chain if e.block == block), None)
-        if delta is None:  # not a log record: the trees of the last unify do not load
-            return None
-        bad = delta
-        where = f"log block {block}: {reason}"
-    if broken is None and bad > sb.seq:
-        return None
-    good = chain[-1].delta if chain else sb.unify_seq
-    dropped = sorted({e.delta for e in dropped_entries} | {bad, sb.seq} | set(unknown))
-    inodes = {rec[1] for e in dropped_entries for rec in e.records if rec[0] not in (fmt.LOG_ALLOC, fmt.LOG_FREE)}
-    return LogDamage(good=good, bad=bad, where=where, chain=chain, dropped=dropped, inodes=inodes,
-                     unreadable=unreadable, newest=newest, sb=replace(sb), free_blocks=vol.alloc.free,
-                     used_inodes=sum(1 for _ in vol.itable.items()))
 
 
 def roll_back(path: str, damage: LogDamage) -> int:
@@ -465,34 +257,3 @@ def roll_back(path: str, damage: LogDamage) -> int:
             os.pwrite(fd, raw, offset)
             os.fsync(fd)
         return new.seq
-
-
-def replay_error(vol: Volume, error: Exception) -> Exception:
-    """The VolumeError for a volume whose log or trees do not load (``error``): when rolling the log back to an
-    older delta would load it, the message says to which and how (fsck.tux3), and the error's ``damage`` holds the
-    ``LogDamage``; otherwise it says that the root directory cannot be loaded."""
-    from ..fs import VolumeError
-
-    try:
-        damage = find_damage(vol)
-    except (fmt.CorruptBlock, OutOfRange, OSError, ValueError, IndexError):
-        damage = None
-    fix = None
-    if damage is None and isinstance(error, fmt.CorruptBlock) and error.reason == "checksum mismatch":
-        from ..recovery import meta_fix
-
-        try:
-            fix = meta_fix(vol.dev.read_block(error.block), error.block)
-        except (OSError, OutOfRange):
-            fix = None
-    if damage is not None:
-        out = VolumeError(damage.message(vol.path))
-    elif fix is not None:
-        out = VolumeError(f"{vol.path}: cannot load the root directory: {error} (one flipped bit, at bit "
-                          f"{fix.offset % vol.blocksize * 8 + fix.bit}); run fsck.tux3 {vol.path} to restore it")
-    else:
-        out = VolumeError(f"{vol.path}: cannot load the root directory: {error}; fsck.tux3 cannot rebuild it: "
-                          "restore the volume from a backup")
-    out.damage = damage  # type: ignore[attr-defined]
-    out.fix = fix  # type: ignore[attr-defined]
-    return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from .fork import backend_owns
 from .page import CLEAN, Page
 
 
@@ -130,7 +131,7 @@ class AddressSpace:
             if page is None:
                 page = Page(index, chunk, self)
                 pages[index] = page
-            elif page.writeback or page.delta not in (delta, CLEAN):
+            elif backend_owns(page, delta):
                 page = slow(index)
                 if page.writeback:  # stable=none: change the very buffer under I/O
                     page.mutable()[:] = chunk
@@ -146,6 +147,61 @@ class AddressSpace:
             dirty[index] = page
             added += 1
         self.cache.dirty_pages += added
+
+    # -- what a commit's stages change (the backend calls these; it never edits this state itself) ---------------
+
+    def protect_for_writeout(self, delta: int, current: int) -> int:
+        """At the transition of ``delta``: write-protect its pages in every mapping, so that the next store
+        faults into the new delta. A pinned page is never forked: the backend gets a private copy of it in its
+        place, and the pinned page moves to ``current`` (the reverse fork). Returns how many pages moved."""
+        pages = self.dirty.get(delta)
+        if not self.mmaps or not pages:  # no page table to protect, and no pins (closing a mapping drops its pins)
+            return 0
+        moved = 0
+        for index, page in list(pages.items()):
+            if page.pins:
+                copy = Page(page.index, bytes(page.data), self)
+                copy.delta = delta
+                copy.forked = True
+                self.cache.dirty_pages += 1
+                self.page_mkclean(page)
+                page.delta = current
+                self.dirty.setdefault(current, {})[index] = page
+                pages[index] = copy
+                moved += 1
+            else:
+                self.page_mkclean(page)
+        return moved
+
+    def start_writeback(self, pages: list[Page], in_place: bool) -> None:
+        """The backend writes these pages from now on. ``in_place`` (stable=none): a change during the I/O must
+        reach the very buffer being written."""
+        for page in pages:
+            if in_place:
+                page.mutable()
+            page.writeback = True
+
+    def drop_from_delta(self, page: Page) -> None:
+        """A dirty page past the size of its delta: nothing of it is written, and it is clean for that delta."""
+        if not page.forked:
+            self.mark_clean(page)
+        else:
+            page.delta = CLEAN
+
+    def end_writeback(self, pages: list[Page]) -> None:
+        """The backend has written these pages: one changed during or after its I/O is dirty for that later delta
+        (``Page.redirty``); the others are clean (or, dropped by a truncate since, gone with their changes)."""
+        done = []
+        for page in pages:
+            page.writeback = False
+            target, page.redirty = page.redirty, CLEAN
+            if target != CLEAN and not page.forked:
+                page.delta = target
+                self.dirty.setdefault(target, {})[page.index] = page
+            else:
+                done.append(page)
+        if done:
+            self.mark_clean_many(done)
 
     def take_dirty(self, delta: int) -> dict[int, Page]:
         """Hand the dirty pages of a delta to the backend."""
@@ -186,7 +242,7 @@ class AddressSpace:
             del self.pages[page.index]
             self.cache.forget(self.ino, page.index)
             self.unmap_page(page)
-            if page.writeback or page.delta not in (CLEAN, current):
+            if backend_owns(page, current):
                 kept.append(page)
             elif page.delta != CLEAN:
                 self.dirty.get(page.delta, {}).pop(page.index, None)

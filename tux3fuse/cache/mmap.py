@@ -8,27 +8,36 @@ Guarantees:
   pages are write-protected in every mapping (``page_mkclean``), so the next store faults and the fault dirties
   the page for the new delta (forking it if the backend owns it).
 - A pin (the get_user_pages analogue that ptrace, O_DIRECT and RDMA take) holds one page object and may write it
-  at any moment without faulting. A pinned page is never replaced by a fork: at a transition the backend writes a
-  private copy of it instead (``CommitJob``), and the pinned page stays in the index, dirty for the new delta. So a
-  write through a pin is never lost and always lands in the delta current when it was made.
+  at any moment without faulting. A pinned page is never replaced by a fork: at a transition the backend gets a
+  private copy of it instead (``AddressSpace.protect_for_writeout``), and the pinned page stays in the index, dirty
+  for the new delta. So a write through a pin is never lost and always lands in the delta current when it was made.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from ..fs import Volume
     from ..inode import Inode
     from .page import Page
+
+
+class Faults(Protocol):
+    """What a mapping asks of its filesystem: the volume's embedded API provides it."""
+
+    blocksize: int
+
+    def page_for_mapping(self, inode: Inode, index: int) -> Page: ...
+    def page_mkwrite(self, smap: SharedMapping, index: int) -> list: ...
+    def release(self, ino: int) -> None: ...
 
 
 class SharedMapping:
     """A MAP_SHARED mapping of a whole file: ``ptes[index] = [page, writable]``."""
 
-    def __init__(self, vol: Volume, inode: Inode) -> None:
+    def __init__(self, vol: Faults, inode: Inode) -> None:
         self.vol = vol
         self.inode = inode
         self.ptes: dict[int, list] = {}
