@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from .fs import Options, VolumeError
 from .mounts import TUX3_TYPE, image_mountpoint, mounted_type
-from .units import human, parse_size
+from .units import human, parse_duration, parse_size
 
 PROG_MOUNT = "tux3fuse"
 
@@ -95,6 +95,21 @@ def _parse_seconds(key: str, value: str, high: float) -> float:
     raise UsageError(f"{key}= takes seconds from 0 (no periodic commit) to {high:g}, not {value!r}")
 
 
+MAX_DEVICE_LATENCY = 10.0  # seconds: a modelled device slower than this is a mistake
+
+
+def _parse_latency(value: str) -> float:
+    """device_latency=: a duration such as 5ms, 0.2ms, 20us or 0.01 (seconds), up to ``MAX_DEVICE_LATENCY``."""
+    try:
+        latency = parse_duration(value)
+    except ValueError:
+        latency = -1.0
+    if not 0 <= latency <= MAX_DEVICE_LATENCY:
+        raise UsageError(f"device_latency= takes a duration such as 5ms or 0.2ms, up to {MAX_DEVICE_LATENCY:g}s, "
+                         f"not {value!r}")
+    return latency
+
+
 def _parse_option_size(key: str, value: str) -> int:
     """A size from 0 to the host's memory (512K, 64M, 1G)."""
     high = _memory_bytes()
@@ -113,7 +128,7 @@ def parse_mount_options(text: str) -> dict:
     """-o string -> settings; raises UsageError on anything unknown and on any value out of its range."""
     out = {"ro": False, "writeback": True, "xattr": False, "commit": 5.0, "cache": None, "stable": "fork",
            "writelog": None, "dirty_limit": None, "fsync_ahead": None, "verify_log": False, "log": None,
-           "fuse": set()}
+           "device_latency": 0.0, "device_bandwidth": 0, "fuse": set()}
     for opt in filter(None, (text or "").split(",")):
         key, eq, value = opt.partition("=")
         if key in FLAGS and eq:
@@ -140,6 +155,15 @@ def parse_mount_options(text: str) -> dict:
             if value not in ("fork", "wait", "none"):
                 raise UsageError(f"stable= takes fork, wait or none, not {value!r}")
             out["stable"] = value
+        elif key == "device_latency":
+            out[key] = _parse_latency(value)
+        elif key == "device_bandwidth":
+            try:
+                out[key] = parse_size(value)
+            except ValueError:
+                out[key] = -1
+            if out[key] <= 0:
+                raise UsageError(f"device_bandwidth= takes bytes per second such as 50M, not {value!r}")
         elif key == "fsync_ahead" and value == "off":
             out[key] = -1
         elif key in SIZE_OPTIONS:
@@ -169,7 +193,9 @@ def mount_cmd(argv: list[str], prog: str = PROG_MOUNT) -> int:
                    "unmount commit), cache=SIZE, dirty_limit=SIZE (0: no limit), "
                    "stable=fork|wait|none, fsync_ahead=SIZE|off, auto_unmount, log=FILE (log to FILE as well), "
                    "writelog=FILE (record every write and flush to FILE, for crash tests), verify_log (after every "
-                   "commit read the volume back as a mount would and compare it with memory: for testing)")
+                   "commit read the volume back as a mount would and compare it with memory: for testing), "
+                   "device_latency=DURATION, device_bandwidth=SIZE (every write and flush of the image completes as "
+                   "on a device of that latency per request and bytes per second: for experiments)")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     p.add_argument("--debug", action="store_true", help="log every request (implies --foreground)")
     p.add_argument("image")
@@ -205,6 +231,7 @@ def mount_cmd(argv: list[str], prog: str = PROG_MOUNT) -> int:
         options.fsync_ahead_bytes = opts["fsync_ahead"]
     if opts["verify_log"]:
         options.verify_log = True
+    options.device_latency, options.device_bandwidth = opts["device_latency"], opts["device_bandwidth"]
     vol = Volume(image, options)
     try:
         vol.mount()

@@ -4,6 +4,9 @@ Guarantee: a block outside the volume is never read or written (``OutOfRange``);
 vectored writes of contiguous runs, no system call carrying more than ``write_piece`` bytes; ``flush`` returns
 only after the image's data is durable (fdatasync). The device never interprets what it stores; the zeros it
 writes into holes of a sparse image (``fill``) change no byte that a read returns.
+
+With a ``DeviceModel`` (``-o device_latency=,device_bandwidth=``) every write and flush returns only when a device
+of that latency and bandwidth would have completed it: the experiments' slow device, on any backing store.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import fcntl
 import os
 import stat
 import threading
+import time
 from collections.abc import Generator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +32,40 @@ IOV_MAX = 1024
 # nice value. Between two pieces they can.
 WRITE_PIECE = 64 << 10  # bytes: the most one write system call carries (Options.write_piece)
 FILL_CHUNK = 1 << 20  # bytes: the image's holes are filled this much at a time, around the blocks written
+
+
+class DeviceModel:
+    """A device of ``latency`` seconds per request and ``bandwidth`` bytes per second (0: unlimited), for
+    experiments. Requests are served one at a time in the order they are issued; each takes ``latency + size /
+    bandwidth`` (a flush: ``latency``). A batch of requests is issued at once, as a device's queue takes several
+    in flight, and its caller waits until the last would complete. The waiting is a sleep of the calling thread:
+    the runner never writes on the event loop when a model is set (``Device.slow``)."""
+
+    def __init__(self, latency: float, bandwidth: int = 0) -> None:
+        if latency < 0 or bandwidth < 0:
+            raise ValueError("a device model takes a latency and a bandwidth of 0 or more")
+        self.latency = latency
+        self.bandwidth = bandwidth
+        self.free_at = 0.0  # time.monotonic() when the requests issued so far are all served
+        self.lock = threading.Lock()
+        self.requests = 0
+        self.waited = 0.0  # seconds callers slept in all
+
+    def service(self, size: int) -> float:
+        return self.latency + (size / self.bandwidth if self.bandwidth else 0.0)
+
+    def complete(self, sizes: Iterable[int]) -> None:
+        """Issue requests of ``sizes`` bytes now and return when the last is served."""
+        with self.lock:
+            now = time.monotonic()
+            done = max(now, self.free_at)
+            for size in sizes:
+                done += self.service(size)
+                self.requests += 1
+            self.free_at = done
+        if done > now:
+            time.sleep(done - now)
+            self.waited += done - now
 
 
 class OutOfRange(Exception):
@@ -94,7 +132,8 @@ class Device:
     """Block I/O on an open image file or block device."""
 
     def __init__(self, path: str, blocksize: int, volblocks: int, readonly: bool = False,
-                 writelog: str | None = None, *, write_piece: int = WRITE_PIECE, fill_chunk: int = FILL_CHUNK) -> None:
+                 writelog: str | None = None, *, write_piece: int = WRITE_PIECE, fill_chunk: int = FILL_CHUNK,
+                 model: DeviceModel | None = None) -> None:
         self.path = path
         self.readonly = readonly
         self.fd = os.open(path, os.O_RDONLY if readonly else os.O_RDWR)
@@ -110,6 +149,13 @@ class Device:
         self.zeros = memoryview(bytes(write_piece))
         self.run_max = max(1, min(IOV_MAX, write_piece // blocksize))  # blocks per vectored write
         self.filled = bytearray(-(-volblocks * blocksize // fill_chunk) // 8 + 1)  # bit per chunk: no hole left
+        self.model = model
+        self.issued: list[int] = []  # with a model: the sizes of the requests of the batch being written
+
+    @property
+    def slow(self) -> bool:
+        """Does every write wait for a modelled device (then no write may run on the event loop)?"""
+        return self.model is not None
 
     def hold(self, block: int) -> tuple[threading.Event, threading.Event]:
         """Make the next write of ``block`` stop before it is issued (tests): returns (reached, release)."""
@@ -192,7 +238,7 @@ class Device:
         self.write_plan(self.plan(sorted(writes, key=lambda w: w[0])))
 
     def write_plan(self, plan: WritePlan) -> None:
-        """Fill the planned holes, then issue the planned writes."""
+        """Fill the planned holes, then issue the planned writes (with a model: one batch of requests)."""
         if self.fill_holes and plan.fill:
             self.fill(plan.fill)
         holds = self.holds
@@ -201,6 +247,9 @@ class Device:
                 self._write_holding(start, bufs)
             else:
                 self._pwritev(start, bufs)
+        if self.model is not None:
+            issued, self.issued = self.issued, []
+            self.model.complete(issued)
 
     def _write_holding(self, start: int, bufs: list[Buffer]) -> None:
         """A run with a block that a test holds: write what comes before it, stop until released, go on."""
@@ -249,6 +298,8 @@ class Device:
                         for at_byte in range(b0 * bs, b1 * bs, self.write_piece):
                             n = min(self.write_piece, b1 * bs - at_byte)
                             os.pwrite(self.fd, self.zeros[:n], at_byte)
+                            if self.model is not None:
+                                self.issued.append(n)
                         self.stats.fill_bytes += (b1 - b0) * bs
                     at = data
             except OSError:  # host full, or no SEEK_HOLE here: the blocks are written all the same
@@ -266,6 +317,8 @@ class Device:
         self.stats.blocks_written += len(bufs)
         self.stats.bytes_written += total
         self.stats.writes += 1
+        if self.model is not None:
+            self.issued.append(total)
         if self.writelog is not None:
             for i, buf in enumerate(bufs):
                 self.writelog.write(offset + i * self.blocksize, buf)
@@ -275,11 +328,15 @@ class Device:
         os.pwrite(self.fd, data, offset)
         self.stats.bytes_written += len(data)
         self.stats.writes += 1
+        if self.model is not None:
+            self.model.complete([len(data)])
         if self.writelog is not None:
             self.writelog.write(offset, data)
 
     def flush(self) -> None:
         os.fdatasync(self.fd)
         self.stats.flushes += 1
+        if self.model is not None:
+            self.model.complete([0])
         if self.writelog is not None:
             self.writelog.flush()

@@ -34,6 +34,11 @@ class Options:
     inline_commit_blocks: int = 8  # commits this small do their I/O on the event loop, not in a worker thread
     fsync_ahead_bytes: int = 1 << 20  # fsync commits only the file when the rest of its delta is dirtier than this
     writelog: str | None = None  # record every write and flush to this file (crash testing)
+    # a slower device for experiments (device.py, DeviceModel): every write and flush completes as on a device of
+    # this latency (seconds per request) and bandwidth (bytes per second, 0: unlimited); device_latency=,
+    # device_bandwidth=
+    device_latency: float = 0.0
+    device_bandwidth: int = 0
     lock: bool = True  # take the image lock (tests reading a committed state beside a live volume pass False)
     # after every commit, replay the image as a mount would and compare (replaycheck.py): mount option verify_log,
     # or TUX3FUSE_VERIFY_LOG=1 in the environment (the test suite sets it, so every daemon it starts checks too)

@@ -34,7 +34,7 @@ from .backend.log import (
     walk_log,
 )
 from .backend.store import Backend
-from .device import Device, OutOfRange, image_size
+from .device import Device, DeviceModel, OutOfRange, image_size
 from .dirty import DirtyLists
 from .failure import VolumeError
 from .format import CorruptBlock, FormatError, Super
@@ -53,8 +53,10 @@ def load(path: str, options: Options, fd: int) -> tuple[Backend, InodeCache, Rec
     sb, report = find_super(fd, path)  # what was left out of the load, and why: reported
     if report.refuse and not readonly:
         raise VolumeError(report.refuse)
+    model = (DeviceModel(options.device_latency, options.device_bandwidth)
+             if options.device_latency or options.device_bandwidth else None)
     dev = Device(path, sb.blocksize, sb.volblocks, readonly, options.writelog, write_piece=options.write_piece,
-                 fill_chunk=options.fill_chunk)
+                 fill_chunk=options.fill_chunk, model=model)
     try:
         return _load(path, dev, sb, report, readonly, options.cache_bytes)
     except BaseException:

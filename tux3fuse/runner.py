@@ -8,7 +8,8 @@ Guarantees:
   (``urgent_slice`` when someone waits for the commit), and between two slices the frontend goes first when it
   has work (``sliced``); so a large delta slows requests down but never stops them, and a steady stream of
   requests slows a commit down but never stops it.
-- The write stage runs where it costs the frontend least: inline when someone waits for a small commit, in a trio
+- The write stage runs where it costs the frontend least: inline when someone waits for a small commit (never on a
+  modelled slow device, whose waits must not hold the loop: ``Device.slow``), in a trio
   worker thread when someone waits (an fsync, or with stable pages any writer may), otherwise in the nice-19 I/O
   thread (``backend/iothread.py``), which never takes the CPU from requests.
 - ``wait_job`` wakes when the job completes, or with ``written`` once its blocks are written (the end of its
@@ -121,7 +122,7 @@ class Runner:
                 started = clock()
                 hold = await self.sliced(job.prepare_steps(), urgent)
                 prepared = clock()
-                if inline_small and len(job.writes) <= self.options.inline_commit_blocks:
+                if inline_small and len(job.writes) <= self.options.inline_commit_blocks and not self.dev.slow:
                     job.write()  # someone waits for this small commit: a thread hop costs more than it saves
                 else:
                     token = trio.lowlevel.current_trio_token()

@@ -1,4 +1,4 @@
-"""Sizes in bytes as people write and read them, for the commands' arguments and messages.
+"""Sizes in bytes and durations as people write and read them, for the commands' arguments and messages.
 
 Guarantees: ``parse_size`` accepts a whole number of bytes written with an optional binary unit and nothing else
 (no sign, nan, inf or exponent); ``human`` never prints more than the number it is given. Imports nothing from
@@ -24,6 +24,19 @@ def parse_size(text: str) -> int:
     if value.denominator != 1:
         raise ValueError(f"not a whole number of bytes: {text!r}")
     return int(value)
+
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(s|ms|us|µs)?\s*")
+
+
+def parse_duration(text: str) -> float:
+    """'5ms', '0.2ms', '20us', '1s', '0.5' (seconds) -> seconds. Raises ValueError on anything else (a sign, nan,
+    inf, an exponent, an unknown unit)."""
+    m = _DURATION.fullmatch(text)
+    if not m:
+        raise ValueError(f"not a duration: {text!r}")
+    scale = {"ms": 1e-3, "us": 1e-6, "µs": 1e-6}.get(m[2] or "s", 1.0)
+    return float(m[1]) * scale
 
 
 def human(n: int) -> str:
