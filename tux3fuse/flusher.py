@@ -54,8 +54,6 @@ import os
 import time
 from typing import TYPE_CHECKING
 
-import trio
-
 from .backend.commit import CommitJob
 from .failure import VolumeError
 
@@ -82,6 +80,8 @@ class Item:
         self.unify = unify  # the commit must be a unify (a writer waits for the tree nodes it frees)
         self.inodes = inodes  # fsyncs of these files only (the commit may go ahead of the delta); None: all
         self.waiters = 0
+        import trio
+
         self.done = trio.Event()
         self.error: BaseException | None = None
 
@@ -113,7 +113,7 @@ class Flusher:
         self.queue: list[Item] = []  # waiting for the next commit (coalescing keeps it to one item)
         self.inflight: Item | None = None  # the item whose commit is running
         self.inflight_delta = 0  # the delta that commit makes durable
-        self.kick = trio.Event()
+        self.kick = None  # a trio.Event while the worker runs: set to wake it
         self.running = False
         self.previous: Flusher | None = None  # the volume's own flusher while this one's worker runs
         for key in ("flusher_items", "flusher_coalesced"):
@@ -196,7 +196,7 @@ class Flusher:
             item = Item(kind, delta, None if ino is None else {ino}, unify)
             self.queue.append(item)
             vol.counters["flusher_items"] += 1
-            self.kick.set()
+            self._wake()
             return item
         vol.counters["flusher_coalesced"] += 1
         return item
@@ -280,6 +280,8 @@ class Flusher:
             return None
         if self.over_background():
             return Kind.BACKGROUND
+        import trio
+
         if trio.current_time() >= self.deadline():
             return Kind.PERIODIC
         return None
@@ -287,9 +289,12 @@ class Flusher:
     # -- the worker ------------------------------------------------------------------------------------------------
 
     def _wake(self) -> None:
-        self.kick.set()
+        if self.kick is not None:
+            self.kick.set()
 
     def _attach(self) -> None:
+        import trio
+
         vol = self.vol
         if vol.flusher.running:
             raise AssertionError("a flusher is running already")
@@ -298,9 +303,12 @@ class Flusher:
         dirty.clock = trio.current_time
         vol.files.on_background = dirty.on_dirty = self._wake
         self.previous, vol.flusher = vol.flusher, self
+        self.kick = trio.Event()
         self.running = True
 
     def _detach(self) -> None:
+        import trio
+
         vol = self.vol
         self.running = False
         if vol.flusher is self:
@@ -314,10 +322,13 @@ class Flusher:
             item.finish(stopped)
         self.inflight, self.queue = None, []
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status=None) -> None:
         """Serve the queue until cancelled (start it with ``nursery.start``: it is attached once that returns)."""
+        import trio
+
         self._attach()
-        task_status.started()
+        if task_status is not None:
+            task_status.started()
         try:
             while True:
                 if not self.queue:
