@@ -5,9 +5,15 @@ PY = $(VENV)/bin/python
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-# pyfuse3 is built from source: it also needs a C compiler and the Python headers.
-APT_PACKAGES = fuse3 libfuse3-dev pkg-config fio gcc python3-dev python3-venv
+# pyfuse3 is built from source: it also needs a C compiler and the Python headers. NBD volumes: libnbd's Python
+# module (python3-libnbd) and, for the tests, the nbdkit server.
+APT_PACKAGES = fuse3 libfuse3-dev pkg-config fio gcc python3-dev python3-venv nbdkit python3-libnbd
 STAMP = $(VENV)/.installed
+# The venv sees Debian's nbd module, and nothing else of Debian's dist-packages: a directory of its own in the venv
+# holds links to nbd.py and its extension module, and a .pth file in site-packages names that directory.
+NBD_PYDIR ?= /usr/lib/python3/dist-packages
+NBD_LINK = $(VENV)/debian-nbd
+NBD_STAMP = $(NBD_LINK)/.linked
 
 .DEFAULT_GOAL := help
 
@@ -35,6 +41,8 @@ deps:
 		missing="$$missing libfuse3-dev"; \
 	fi; \
 	command -v gcc >/dev/null 2>&1 || missing="$$missing gcc"; \
+	command -v nbdkit >/dev/null 2>&1 || missing="$$missing nbdkit"; \
+	[ -e $(NBD_PYDIR)/nbd.py ] || missing="$$missing python3-libnbd"; \
 	if command -v dpkg >/dev/null 2>&1; then \
 		dpkg -s python3-dev >/dev/null 2>&1 || missing="$$missing python3-dev"; \
 		dpkg -s python3-venv >/dev/null 2>&1 || missing="$$missing python3-venv"; \
@@ -60,7 +68,20 @@ $(STAMP): setup.cfg pyproject.toml | deps $(PY)
 	$(PY) -m pip install -q -e '.[test,plot]'
 	@touch $@
 
-install: $(STAMP)
+# made again whenever the venv is (its python is newer than the links)
+$(NBD_STAMP): $(PY) | deps
+	@mod=$$(ls $(NBD_PYDIR)/libnbdmod.cpython-*.so 2>/dev/null | head -n 1); \
+	if [ ! -e $(NBD_PYDIR)/nbd.py ] || [ -z "$$mod" ]; then \
+		echo "error: libnbd's Python module is not in $(NBD_PYDIR) (apt-get install python3-libnbd)" >&2; \
+		exit 1; \
+	fi; \
+	site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))') && \
+	rm -rf $(NBD_LINK) && mkdir -p $(NBD_LINK) && \
+	ln -s $(NBD_PYDIR)/nbd.py $(NBD_LINK)/nbd.py && ln -s "$$mod" $(NBD_LINK)/ && \
+	echo "$(abspath $(NBD_LINK))" > "$$site/debian-nbd.pth" && \
+	$(PY) -c 'import nbd; nbd.NBD()' && touch $@
+
+install: $(STAMP) $(NBD_STAMP)
 
 test: install
 	$(PY) -m ruff check tux3fuse mkfs scripts tests

@@ -1,15 +1,17 @@
 """mkfs.tux3: making a tux3fuse volume from the on-disk format alone.
 
-This package writes a volume with ``tux3fuse.format`` (and ``tux3fuse.units`` for the sizes in its messages) and
-nothing else of tux3fuse: the format does not depend on the mount daemon, and the daemon never imports this
-package. ``mkfs`` is the library call; ``mkfs.command`` is the ``mkfs.tux3`` command.
+This package writes a volume with ``tux3fuse.format`` (and ``tux3fuse.units`` for the sizes in its messages, and
+``tux3fuse.backing`` to reach an NBD export, the one way to the bytes of a volume that is not a file) and nothing
+else of tux3fuse: the format does not depend on the mount daemon, and the daemon never imports this package.
+``mkfs`` is the library call; ``mkfs.command`` is the ``mkfs.tux3`` command.
 
 Guarantees:
 - Every argument and the target are checked before a byte is written: the block size, the label, the size (from
   ``min_blocks`` to ``MAX_BLOCKS`` blocks, within the process's file size limit), and the target (a regular file
-  or block device, not in use by a mount or fsck, holding no known filesystem signature unless forced). A
-  refused mkfs leaves the target as it was: an existing file keeps its size and content, a new name is not
-  created, a block device is never resized.
+  or block device or an NBD export, not in use by a mount or fsck, holding no known filesystem signature unless
+  forced). A refused mkfs leaves the target as it was: an existing file keeps its size and content, a new name is
+  not created, a block device or an NBD export is never resized (a volume on an export takes the export's size,
+  or the size asked for when the export holds at least that much).
 - A mkfs that fails once it has started (the host file system cannot hold a file that large, is full, an I/O
   error) removes the file it created; an existing file changes only when all its checks passed.
 - The volume it leaves is the one two unifies leave after the root directory was created, and passes fsck with
@@ -30,6 +32,7 @@ import time
 import uuid
 
 from tux3fuse import format as fmt
+from tux3fuse.backing import Backing, InUse, as_backing, is_uri, open_backing
 from tux3fuse.units import human
 
 # (byte offset, signature, name) of filesystems mkfs refuses to overwrite without -f
@@ -116,10 +119,11 @@ def host_file_limit(directory: str) -> int | None:
         os.close(fd)
 
 
-def signature(fd: int) -> str | None:
-    """The name of a filesystem found on the image, if any."""
+def signature(target: int | Backing) -> str | None:
+    """The name of a filesystem found on the image (an open file descriptor, or a backing), if any."""
+    backing = as_backing(target)
     for offset, magic, name in SIGNATURES:
-        if os.pread(fd, len(magic), offset) == magic:
+        if backing.pread(len(magic), offset) == magic:
             return name
     return None
 
@@ -197,6 +201,8 @@ def mkfs(path: str, blocksize: int = 4096, size: int | None = None, label: str =
         problem = size_problem(size, blocksize)
         if problem:
             raise MkfsError(f"{path}: {problem}")
+    if is_uri(path):
+        return _mkfs_export(path, blocksize, size, label_bytes, force, uid, gid)
     check_fd = -1
     created: list[os.stat_result] = []  # the file this call made, removed if it fails
     try:
@@ -228,6 +234,39 @@ def mkfs(path: str, blocksize: int = 4096, size: int | None = None, label: str =
     finally:
         if check_fd >= 0:
             os.close(check_fd)
+
+
+def _mkfs_export(uri: str, blocksize: int, size: int | None, label: bytes, force: bool, uid: int | None,
+                 gid: int | None) -> fmt.Super:
+    """mkfs on the NBD export ``uri``: the same checks as for a block device, under the lock that stands for the
+    export on this machine (``tux3fuse/backing.py``)."""
+    try:
+        backing = open_backing(uri)
+    except OSError as e:
+        raise MkfsError(e.strerror) from None
+    try:
+        try:
+            backing.lock(exclusive=True)
+        except InUse:
+            raise MkfsError(f"{uri} is in use (mounted, or being checked)") from None
+        try:
+            have = backing.size()
+            if not force:
+                found = signature(backing)
+                if found:
+                    raise MkfsError(f"{uri} holds a {found} filesystem; use -f to overwrite it")
+        except OSError as e:
+            raise MkfsError(e.strerror) from None
+        if size is not None and size > have:
+            raise MkfsError(f"{uri} holds {human(have)} ({have} bytes), less than the {human(size)} asked for")
+        total = have if size is None else size
+        problem = size_problem(total, blocksize)
+        if problem:
+            raise MkfsError(f"{uri}: {problem}")
+        return _write_volume(backing, uri, blocksize, total, label, os.getuid() if uid is None else uid,
+                             os.getgid() if gid is None else gid)
+    finally:
+        backing.close()
 
 
 def _open_for_writing(path: str, checked: os.stat_result | None, created: list[os.stat_result]) -> int:
@@ -305,20 +344,24 @@ def layout(blocksize: int, volblocks: int, label: bytes, uid: int, gid: int, now
     return blocks, supers
 
 
-def _write_volume(fd: int, path: str, blocksize: int, total: int, label: bytes, uid: int, gid: int) -> fmt.Super:
-    """Write the new volume on the open image: wipe the reserved blocks (and a btrfs signature further in), then
-    the leaf and both bitmap regions, then both superblock copies, then fsync. Returns copy 0."""
+def _write_volume(target: int | Backing, path: str, blocksize: int, total: int, label: bytes, uid: int, gid: int
+                  ) -> fmt.Super:
+    """Write the new volume on the open image (a file descriptor or a backing): wipe the reserved blocks (and a
+    btrfs signature further in), then the leaf and both bitmap regions, then both superblock copies, then fsync
+    (an NBD flush). Returns copy 0."""
     now = time.time_ns()
     blocks, supers = layout(blocksize, total // blocksize, label, uid, gid, now, uuid.uuid4().bytes)
+    out = as_backing(target, path)
     try:
-        os.pwrite(fd, bytes(fmt.reserved_blocks(blocksize) * blocksize), 0)  # old signatures and superblocks
+        out.pwrite(bytes(fmt.reserved_blocks(blocksize) * blocksize), 0)  # old signatures and superblocks
         if total > 65600 + 8:
-            os.pwrite(fd, bytes(8), 65600)
+            out.pwrite(bytes(8), 65600)
         for block in sorted(blocks):
-            os.pwrite(fd, blocks[block], block * blocksize)
+            out.pwrite(blocks[block], block * blocksize)
         for sb in supers:
-            os.pwrite(fd, sb.pack(), fmt.SUPER_OFFSETS[sb.copy])
-        os.fsync(fd)
+            out.pwrite(sb.pack(), fmt.SUPER_OFFSETS[sb.copy])
+        out.sync()
     except OSError as e:
-        raise MkfsError(f"cannot write {path}: {e.strerror}") from None
+        message = e.strerror if is_uri(path) else f"cannot write {path}: {e.strerror}"
+        raise MkfsError(message) from None
     return supers[0]

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 
+from tux3fuse.backing import is_uri
 from tux3fuse.units import human, parse_size
 
 from . import LABEL_BYTES, MkfsError, blocksize_problem, mkfs, size_range
@@ -28,12 +29,14 @@ class _Parser(argparse.ArgumentParser):
 def command(argv: list[str], prog: str = "mkfs.tux3") -> int:
     """Parse ``argv`` and make the volume; print what was made unless -q. Raises UsageError on wrong usage and
     MkfsError when the target is refused or cannot be written."""
-    p = _Parser(prog=prog, description="Make a tux3fuse filesystem on an image file or block device. "
-                "Everything is checked before the target is written: a refused mkfs changes nothing.")
+    p = _Parser(prog=prog, description="Make a tux3fuse filesystem on an image file, a block device or an NBD "
+                "export (a URI: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH). Everything is checked "
+                "before the target is written: a refused mkfs changes nothing.")
     p.add_argument("-b", "--blocksize", default="4096", help="block size, a power of two from 512 to 65536")
     p.add_argument("-L", "--label", default="", help=f"volume label (up to {LABEL_BYTES} bytes)")
     p.add_argument("-s", "--size", help="size of the image (e.g. 512M, 2G; at least 64 blocks and 64 KiB); "
-                   "the file is created sparse")
+                   "the file is created sparse; a block device or an NBD export must hold at least that much "
+                   "(default: all of it)")
     p.add_argument("-f", "--force", action="store_true", help="overwrite an existing filesystem")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     p.add_argument("image")
@@ -51,7 +54,7 @@ def command(argv: list[str], prog: str = "mkfs.tux3") -> int:
         except ValueError:
             raise UsageError(f"-s takes a size such as 512M or 2G, from {size_range(bs)} with {bs}-byte "
                              f"blocks, not {a.size!r}") from None
-    if size is None and not os.path.lexists(a.image):
+    if size is None and not is_uri(a.image) and not os.path.lexists(a.image):
         raise UsageError(f"{a.image} does not exist; give its size with -s")
     sb = mkfs(a.image, bs, size, a.label, a.force)
     if not a.quiet:

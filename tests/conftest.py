@@ -64,6 +64,75 @@ def require_fuse() -> None:
         pytest.skip(problem)
 
 
+def nbd_problem() -> str | None:
+    """Why NBD volumes cannot be tested here, or None: the nbdkit server or libnbd's Python module is missing."""
+    if shutil.which("nbdkit") is None:
+        return "nbdkit is missing (apt-get install nbdkit)"
+    try:
+        import nbd  # noqa: F401
+    except ImportError:
+        return "libnbd's Python module is missing (apt-get install python3-libnbd, then make install)"
+    return None
+
+
+def require_nbd() -> None:
+    problem = nbd_problem()
+    if problem:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"NBD is required on CI: {problem}")
+        pytest.skip(problem)
+
+
+class Nbdkit:
+    """An nbdkit server on a Unix socket in ``directory``, started by the test and killed by its PID at the end
+    (``stop``): ``Nbdkit(tmp_path, "file", "file=IMG", "error-rate=10%", filters=["--filter=error"])`` (the
+    parameters of the filters come after the plugin's name, with the plugin's). ``uri``
+    is the URI the tools take."""
+
+    def __init__(self, directory: Path, plugin: str, *args: str, filters: list[str] = (), name: str = "nbd"
+                 ) -> None:
+        self.socket = directory / f"{name}.sock"
+        self.log = directory / f"{name}.nbdkit.log"
+        self.uri = f"nbd+unix:///?socket={self.socket}"
+        self.argv = ["nbdkit", "--unix", str(self.socket), "--foreground", "--exit-with-parent", *filters, plugin,
+                     *args]
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> Nbdkit:
+        if self.socket.exists():
+            self.socket.unlink()
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while not self._listening():  # the socket file exists a moment before the server listens on it
+            if self.proc.poll() is not None:
+                raise AssertionError(f"nbdkit exited with {self.proc.returncode}: {self.log.read_text()}")
+            assert time.monotonic() < deadline, "nbdkit did not listen within 20 s"
+            time.sleep(0.01)
+        return self
+
+    def _listening(self) -> bool:
+        import socket
+
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(str(self.socket))
+            except OSError:
+                return False
+        return True
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+
 from tux3fuse.mounts import is_mounted  # noqa: E402,F401  (the tests import it from here)
 
 
@@ -143,10 +212,12 @@ def fsck(image: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 class Mount:
-    def __init__(self, image: Path, mnt: Path, options: str = "") -> None:
+    """tux3fuse on ``image`` (a path, or an NBD URI as a str; then ``log`` names the daemon's output file)."""
+
+    def __init__(self, image: Path | str, mnt: Path, options: str = "", log: Path | None = None) -> None:
         self.image, self.mnt, self.options = image, mnt, options
         self.proc: subprocess.Popen | None = None
-        self.log = image.with_suffix(".log")
+        self.log = log or Path(image).with_suffix(".log")
 
     def start(self, options: str | None = None) -> Mount:
         if options is not None:
@@ -168,6 +239,7 @@ class Mount:
 
     def umount(self, expect_ok: bool = True) -> int:
         r = subprocess.run([tool("tux3"), "umount", str(self.mnt)], capture_output=True, text=True, timeout=120)
+        self.umount_stderr = r.stderr
         assert self.proc is not None
         self.proc.wait(timeout=60)
         self.logfile.close()

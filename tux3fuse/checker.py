@@ -477,13 +477,13 @@ def load_lines(path: str, vol: Volume) -> list[str]:
     """What loading ``vol`` checked (for ``fsck.tux3 -v``): the superblock copies, the bitmap, the log replay."""
     sb = vol.backend.sb
     copies = []
-    with open(path, "rb") as f:
-        for copy, offset in enumerate(fmt.SUPER_OFFSETS):
-            f.seek(offset)
-            try:
-                copies.append(f"copy {copy} names delta {fmt.Super.unpack(f.read(fmt.SUPER_SIZE), copy).seq}")
-            except fmt.FormatError as e:
-                copies.append(f"copy {copy} is unusable ({e})")
+    backing = vol.backend.dev.backing  # the image file, block device or NBD export the volume was loaded from
+    for copy, offset in enumerate(fmt.SUPER_OFFSETS):
+        try:
+            copies.append(f"copy {copy} names delta "
+                          f"{fmt.Super.unpack(backing.pread(fmt.SUPER_SIZE, offset), copy).seq}")
+        except fmt.FormatError as e:
+            copies.append(f"copy {copy} is unusable ({e})")
     damaged = len(vol.backend.bitmap_damage)
     return [f"checked the superblock copies: {', '.join(copies)}; delta {sb.seq} is loaded",
             f"checked the bitmap: {sb.bitmap_blocks} block(s) of region {sb.bitmap_cur}"

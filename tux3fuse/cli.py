@@ -11,8 +11,9 @@ import sys
 import time
 from collections.abc import Callable
 
+from .backing import is_uri
 from .fs import Options, VolumeError
-from .mounts import TUX3_TYPE, image_mountpoint, mounted_type
+from .mounts import TUX3_TYPE, image_mountpoint, mounted_type, mounts
 from .units import human, parse_duration, parse_size
 
 PROG_MOUNT = "tux3fuse"
@@ -198,7 +199,8 @@ def mount_cmd(argv: list[str], prog: str = PROG_MOUNT) -> int:
                    "on a device of that latency per request and bytes per second: for experiments)")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     p.add_argument("--debug", action="store_true", help="log every request (implies --foreground)")
-    p.add_argument("image")
+    p.add_argument("image", help="the image file, block device or NBD URI (nbd://HOST[:PORT]/EXPORT, "
+                   "nbd+unix:///EXPORT?socket=PATH)")
     p.add_argument("mountpoint")
     a = p.parse_args(argv)
     opts = parse_mount_options(",".join(a.options))
@@ -209,9 +211,12 @@ def mount_cmd(argv: list[str], prog: str = PROG_MOUNT) -> int:
         raise UsageError(f"mountpoint {mnt} is not a directory")
     if os.path.ismount(mnt):
         raise UsageError(f"{mnt} is already a mountpoint")
-    image = os.path.abspath(a.image)
-    if not os.path.exists(image):
-        raise VolumeError(f"{a.image}: no such image")
+    if is_uri(a.image):  # an NBD export: Volume says what the server or libnbd said when it cannot be reached
+        image = a.image
+    else:
+        image = os.path.abspath(a.image)
+        if not os.path.exists(image):
+            raise VolumeError(f"{a.image}: no such image")
 
     import pyfuse3
 
@@ -335,6 +340,12 @@ def umount_cmd(argv: list[str], prog: str = "umount.tux3") -> int:
         state = {"status": "unknown"}
     if state.get("status") != "done":
         places = [p for p in state.get("log") or [] if p != "stderr"]
+        image = state.get("image") or ""
+        if is_uri(image) and state.get("error"):  # the export failed: what was durable before is on it
+            print(f"{prog}: the volume on {image} turned read-only after an error and its last changes were not "
+                  f"written: {state['error']}; everything made durable before that is kept"
+                  + (f" (log: {', '.join(places)})" if places else ""), file=sys.stderr)
+            return 1
         print(f"{prog}: the daemon reported errors: {state.get('error') or state.get('status')}"
               + (f" (log: {', '.join(places)})" if places else ""), file=sys.stderr)
         return 1
@@ -420,6 +431,15 @@ def tux3_cmd(argv: list[str]) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # fsck.tux3
 
+def _export_mountpoint(uri: str) -> str | None:
+    """Where the NBD export ``uri`` is mounted as a tux3fuse volume on this machine (the same spelling), or None."""
+    try:
+        table = mounts()
+    except OSError:
+        return None
+    return next((m.target for m in reversed(table) if m.fstype.startswith(TUX3_TYPE) and m.source == uri), None)
+
+
 def fsck_cmd(argv: list[str], prog: str = "fsck.tux3") -> int:
     from .fsck import FSCK_ERROR, fsck
 
@@ -441,11 +461,12 @@ def fsck_cmd(argv: list[str], prog: str = "fsck.tux3") -> int:
                    "is always complete")
     p.add_argument("-v", "--verbose", action="store_true", help="list each check as it runs; on a volume whose "
                    "check takes more than a second, show the progress on stderr")
-    p.add_argument("image", help="the image file or block device")
+    p.add_argument("image", help="the image file, block device or NBD URI (nbd://HOST[:PORT]/EXPORT, "
+                   "nbd+unix:///EXPORT?socket=PATH)")
     a = p.parse_args(argv)
     if a.no_action and a.yes:
         raise UsageError("-n (change nothing) and -y/-p/-a (repair) contradict each other")
-    mnt = image_mountpoint(a.image)
+    mnt = _export_mountpoint(a.image) if is_uri(a.image) else image_mountpoint(a.image)
     if mnt is not None:
         print(f"{prog}: {a.image} is in use (mounted at {mnt}); unmount it first", file=sys.stderr)
         return FSCK_ERROR

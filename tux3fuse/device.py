@@ -1,9 +1,13 @@
-"""The image: block reads and writes, flushes, and I/O accounting.
+"""The volume's device: block reads and writes, flushes, and I/O accounting, on a backing (backing.py: an image
+file, a block device or an NBD export).
 
 Guarantee: a block outside the volume is never read or written (``OutOfRange``); a write batch is issued as
-vectored writes of contiguous runs, no system call carrying more than ``write_piece`` bytes; ``flush`` returns
-only after the image's data is durable (fdatasync). The device never interprets what it stores; the zeros it
-writes into holes of a sparse image (``fill``) change no byte that a read returns.
+vectored writes of contiguous runs, no request carrying more than ``write_piece`` bytes (on an NBD export several
+are in flight at once); ``flush`` returns only after the data written before it is durable (fdatasync, or the NBD
+flush). A superblock written right after a flush, with nothing else written since, goes out as a FUA write where
+the export supports it, and the flush that follows it is then not sent: it would have nothing left to do. The
+device never interprets what it stores; the zeros it writes into holes of a sparse image file (``fill``) change no
+byte that a read returns.
 
 With a ``DeviceModel`` (``-o device_latency=,device_bandwidth=``) every write and flush returns only when a device
 of that latency and bandwidth would have completed it: the experiments' slow device, on any backing store.
@@ -11,15 +15,14 @@ of that latency and bandwidth would have completed it: the experiments' slow dev
 
 from __future__ import annotations
 
-import fcntl
 import os
-import stat
 import threading
 import time
 from collections.abc import Generator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from .backing import Backing, as_backing, open_backing
 from .steps import run_steps
 from .writelog import WriteLog
 
@@ -81,6 +84,7 @@ class IOStats:
     bytes_written: int = 0
     writes: int = 0  # system calls
     flushes: int = 0
+    fua_writes: int = 0  # superblocks written durable on their own (NBD FUA), each in place of a flush
     fill_bytes: int = 0  # zeros written into holes of a sparse image (``Device.fill``)
 
 
@@ -107,43 +111,43 @@ class WritePlan:
     fill: list[tuple[int, list[tuple[int, int]]]]  # (chunk, block ranges written in it), chunks not filled yet
 
 
-def image_size(fd: int) -> int:
-    """Size in bytes of an image file or block device."""
-    st = os.fstat(fd)
-    if stat.S_ISBLK(st.st_mode):
-        return os.lseek(fd, 0, os.SEEK_END)
-    return st.st_size
+def image_size(target: Backing | int) -> int:
+    """Size in bytes of an image file, block device or NBD export (a backing, or an open file descriptor)."""
+    return as_backing(target).size()
 
 
 @contextmanager
-def exclusive(path: str) -> Iterator[int]:
-    """The image opened for writing under the lock a mount holds (``BlockingIOError`` when it is mounted or being
-    checked), for the repairs made while no volume is open; its writes are durable when the block ends."""
-    fd = os.open(path, os.O_RDWR)
+def exclusive(path: str) -> Iterator[Backing]:
+    """The volume ``path`` (a path or an NBD URI) opened for writing under the lock a mount holds (``InUse``, a
+    ``BlockingIOError``, when it is mounted or being checked), for the repairs made while no volume is open; its
+    writes are durable when the block ends."""
+    backing = open_backing(path)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        yield fd
-        os.fsync(fd)
+        backing.lock(exclusive=True)
+        yield backing
+        backing.sync()
     finally:
-        os.close(fd)
+        backing.close()
 
 
 class Device:
-    """Block I/O on an open image file or block device."""
+    """Block I/O on a backing: ``target`` is one already open (the device then leaves closing it to its owner) or
+    the path or URI of one to open."""
 
-    def __init__(self, path: str, blocksize: int, volblocks: int, readonly: bool = False,
+    def __init__(self, target: str | Backing, blocksize: int, volblocks: int, readonly: bool = False,
                  writelog: str | None = None, *, write_piece: int = WRITE_PIECE, fill_chunk: int = FILL_CHUNK,
                  model: DeviceModel | None = None) -> None:
-        self.path = path
+        self.owns = isinstance(target, str)
+        self.backing = open_backing(target, readonly) if isinstance(target, str) else target
+        self.path = self.backing.name
         self.readonly = readonly
-        self.fd = os.open(path, os.O_RDONLY if readonly else os.O_RDWR)
         self.blocksize = blocksize
         self.volblocks = volblocks
         self.stats = IOStats()
         self.holds: dict[int, tuple[threading.Event, threading.Event]] = {}
         self.writelog = WriteLog(writelog) if writelog else None
         # a regular image file may be sparse: see fill
-        self.fill_holes = not readonly and stat.S_ISREG(os.fstat(self.fd).st_mode)
+        self.fill_holes = not readonly and self.backing.regular
         self.write_piece = write_piece
         self.fill_chunk = fill_chunk
         self.zeros = memoryview(bytes(write_piece))
@@ -151,6 +155,13 @@ class Device:
         self.filled = bytearray(-(-volblocks * blocksize // fill_chunk) // 8 + 1)  # bit per chunk: no hole left
         self.model = model
         self.issued: list[int] = []  # with a model: the sizes of the requests of the batch being written
+        self.unflushed = True  # written since the last flush (at first: not known, so the first flush is sent)
+        self.fua_done = False  # the last write was a FUA write, after a flush: the next flush has nothing to do
+
+    @property
+    def fd(self) -> int:
+        """The file descriptor of an image file or block device (-1 on an NBD export)."""
+        return self.backing.fd
 
     @property
     def slow(self) -> bool:
@@ -166,9 +177,9 @@ class Device:
     def close(self) -> None:
         if self.writelog is not None:
             self.writelog.close()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+            self.writelog = None
+        if self.owns:
+            self.backing.close()
 
     def _check(self, block: int, count: int = 1) -> None:
         if block < 0 or block + count > self.volblocks:
@@ -176,7 +187,7 @@ class Device:
 
     def read_block(self, block: int) -> bytes:
         self._check(block)
-        data = os.pread(self.fd, self.blocksize, block * self.blocksize)
+        data = self.backing.pread(self.blocksize, block * self.blocksize)
         self.stats.blocks_read += 1
         if len(data) < self.blocksize:  # a short image reads as zeros past its end
             data = data.ljust(self.blocksize, b"\0")
@@ -185,7 +196,7 @@ class Device:
     def read_blocks(self, block: int, count: int) -> bytes:
         self._check(block, count)
         n = count * self.blocksize
-        data = os.pread(self.fd, n, block * self.blocksize)
+        data = self.backing.pread(n, block * self.blocksize)
         self.stats.blocks_read += count
         if len(data) < n:
             data = data.ljust(n, b"\0")
@@ -242,11 +253,18 @@ class Device:
         if self.fill_holes and plan.fill:
             self.fill(plan.fill)
         holds = self.holds
-        for start, bufs in plan.runs:
-            if holds and any(start <= b < start + len(bufs) for b in holds):
-                self._write_holding(start, bufs)
-            else:
-                self._pwritev(start, bufs)
+        if holds:
+            for start, bufs in plan.runs:
+                if any(start <= b < start + len(bufs) for b in holds):
+                    self._write_holding(start, bufs)
+                else:
+                    self._pwritev(start, bufs)
+        elif plan.runs:  # one batch: a backing may keep several in flight
+            bs = self.blocksize
+            self.unflushed, self.fua_done = True, False
+            self.backing.write_runs([(start * bs, bufs) for start, bufs in plan.runs])
+            for start, bufs in plan.runs:
+                self._written(start, bufs)
         if self.model is not None:
             issued, self.issued = self.issued, []
             self.model.complete(issued)
@@ -297,7 +315,8 @@ class Device:
                     for b0, b1 in _uncovered(first, last, written):
                         for at_byte in range(b0 * bs, b1 * bs, self.write_piece):
                             n = min(self.write_piece, b1 * bs - at_byte)
-                            os.pwrite(self.fd, self.zeros[:n], at_byte)
+                            self.unflushed, self.fua_done = True, False
+                            self.backing.pwrite(self.zeros[:n], at_byte)
                             if self.model is not None:
                                 self.issued.append(n)
                         self.stats.fill_bytes += (b1 - b0) * bs
@@ -308,12 +327,14 @@ class Device:
             filled[chunk >> 3] |= 1 << (chunk & 7)
 
     def _pwritev(self, block: int, bufs: list) -> None:
+        self.unflushed, self.fua_done = True, False
+        self.backing.pwritev(bufs, block * self.blocksize)
+        self._written(block, bufs)
+
+    def _written(self, block: int, bufs: list) -> None:
+        """Account for a run that landed, and record it in the write log."""
         offset = block * self.blocksize
         total = sum(len(b) for b in bufs)
-        done = os.pwritev(self.fd, bufs, offset)
-        while done < total:  # short writes are legal; finish the rest
-            rest = b"".join(bytes(b) for b in bufs)[done:]
-            done += os.pwrite(self.fd, rest, offset + done)
         self.stats.blocks_written += len(bufs)
         self.stats.bytes_written += total
         self.stats.writes += 1
@@ -324,8 +345,13 @@ class Device:
                 self.writelog.write(offset + i * self.blocksize, buf)
 
     def write_at(self, offset: int, data: bytes) -> None:
-        """Write bytes at a byte offset (superblocks)."""
-        os.pwrite(self.fd, data, offset)
+        """Write bytes at a byte offset (superblocks). Right after a flush, on a backing that can make one write
+        durable on its own (NBD FUA), the write goes out durable and the next flush is not sent."""
+        fua = self.backing.can_fua and not self.unflushed
+        self.backing.pwrite(data, offset, fua=fua)
+        self.unflushed, self.fua_done = not fua, fua
+        if fua:
+            self.stats.fua_writes += 1
         self.stats.bytes_written += len(data)
         self.stats.writes += 1
         if self.model is not None:
@@ -334,9 +360,13 @@ class Device:
             self.writelog.write(offset, data)
 
     def flush(self) -> None:
-        os.fdatasync(self.fd)
-        self.stats.flushes += 1
-        if self.model is not None:
-            self.model.complete([0])
+        if self.fua_done and not self.unflushed:  # the one write since the last flush was durable on its own
+            self.fua_done = False
+        else:
+            self.backing.flush()
+            self.unflushed = False
+            self.stats.flushes += 1
+            if self.model is not None:
+                self.model.complete([0])
         if self.writelog is not None:
             self.writelog.flush()

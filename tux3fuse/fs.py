@@ -29,15 +29,14 @@ Guarantees:
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Iterator
 
 from . import format as fmt
 from .alloc import NoSpace
+from .backing import Backing, InUse, is_uri, open_backing
 from .cache.fork import MODES, ForkRegistry
 from .cache.mmap import SharedMapping
 from .delta import Deltas
@@ -74,21 +73,21 @@ class Volume:
         self.readonly = opts.readonly
         self.stable = opts.stable
         self.health = Health(path, self.readonly)
-        self.lock_fd = -1
+        self.backing: Backing | None = None
         self.runner: Runner | None = None
         try:
-            fd = os.open(path, os.O_RDONLY if self.readonly else os.O_RDWR)
-        except OSError as e:
-            raise VolumeError(f"cannot open {path}: {e.strerror}") from None
+            backing = open_backing(path, self.readonly)
+        except OSError as e:  # an NBD export's error names the export already
+            raise VolumeError(e.strerror if is_uri(path) else f"cannot open {path}: {e.strerror}") from None
         try:
             if opts.lock or not opts.readonly:
-                fcntl.flock(fd, (fcntl.LOCK_SH if self.readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
+                backing.lock(exclusive=not self.readonly)
+        except InUse:
+            backing.close()
             raise VolumeError(f"{path} is in use (mounted, or being checked)") from None
-        self.lock_fd = fd
+        self.backing = backing  # the device reads and writes through it; closed last
         try:
-            self.backend, self.icache, self.recovery, committed = load(path, opts, fd)
+            self.backend, self.icache, self.recovery, committed = load(path, opts, backing)
         except BaseException:
             self.close_files()
             raise
@@ -130,9 +129,17 @@ class Volume:
             self.runner.close()
         if getattr(self, "backend", None) is not None:
             self.backend.dev.close()
-        if self.lock_fd >= 0:
-            os.close(self.lock_fd)
-            self.lock_fd = -1
+        if self.backing is not None:
+            self.backing.close()
+            self.backing = None
+
+    @property
+    def lock_fd(self) -> int:
+        """0 or more while the volume holds its image open and locked (a file's descriptor; 0 for an NBD export);
+        -1 once it is closed."""
+        if self.backing is None:
+            return -1
+        return max(self.backing.fd, 0)
 
     def unmount(self) -> None:
         """Forget every kernel reference, commit everything with a unify, and close the image."""
@@ -360,6 +367,7 @@ class Volume:
         out.update(dirty_pages=cache.dirty_pages, cached_pages=len(cache.clean) + cache.dirty_pages,
                    delta=self.deltas.current, committed=self.deltas.committed, free_blocks=self.backend.free,
                    flushes=self.backend.dev.stats.flushes, hole_fill_bytes=self.backend.dev.stats.fill_bytes,
+                   fua_writes=self.backend.dev.stats.fua_writes, device=self.path,
                    forked_pages_live=self.forks.live,
                    forked_pages_peak=self.forks.peak, wait_seconds=float(self.counters["wait_seconds"]),
                    stable=self.stable, read_only=int(not self.health.writable),

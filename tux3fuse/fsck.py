@@ -20,12 +20,11 @@ commit, or by another fsck) is refused with status 8 before anything is read.
 
 from __future__ import annotations
 
-import fcntl
 import os
-import stat
 
 from . import format as fmt
 from .backend.log import LogDamage
+from .backing import FileBacking, InUse, is_uri, open_backing
 from .checker import FSCK_CORRECTED, FSCK_ERROR, FSCK_OK, FSCK_UNCORRECTED, Report, Talk, check
 from .fs import VolumeError
 from .recovery import Fix
@@ -43,24 +42,31 @@ from .repair import (
 )
 
 
+def writable(path: str) -> bool:
+    """May fsck write its repairs to ``path``? An NBD export says so when it is opened (``backing.py``)."""
+    return is_uri(path) or os.access(path, os.W_OK)
+
+
 def unusable(path: str, repair: bool) -> str | None:
-    """Why ``path`` cannot be checked at all, or None: it cannot be opened, is neither a file nor a block device, or
-    is in use: another process holds its lock as a mount's daemon does from the mount until its last commit is
-    written, and as fsck.tux3 does (a repair needs the lock alone; a check shares it with other checks)."""
+    """Why ``path`` cannot be checked at all, or None: it cannot be opened, is neither a file nor a block device nor
+    an NBD export, or is in use: another process holds its lock as a mount's daemon does from the mount until its
+    last commit is written, and as fsck.tux3 does (a repair needs the lock alone; a check shares it with other
+    checks). An NBD export's lock is the lock file of this machine that stands for its URI (``backing.py``)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        backing = open_backing(path, readonly=True)
     except OSError as e:
+        if is_uri(path):
+            return e.strerror
         return f"{path}: cannot open: {e.strerror}"
     try:
-        mode = os.fstat(fd).st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        if isinstance(backing, FileBacking) and not (backing.regular or backing.block_device):
             return f"{path}: not an image file or block device"
         try:
-            fcntl.flock(fd, (fcntl.LOCK_EX if repair else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-        except OSError:
+            backing.lock(exclusive=repair)
+        except InUse:
             return f"{path} is in use (mounted, or being checked)"
     finally:
-        os.close(fd)
+        backing.close()
     return None
 
 
@@ -75,7 +81,7 @@ def fsck(path: str, repair: bool = False, verbose: bool = False, data: bool = Tr
     dropped deltas are named by the paths they have in the volume as it is left. No line names the image twice
     at its start. ``verbose``: each check is listed on stdout as it starts, with progress on stderr (``Talk``)."""
     talk = talk or Talk(verbose)
-    problem = unusable(path, repair and os.access(path, os.W_OK))
+    problem = unusable(path, repair and writable(path))
     if problem:
         return Report(status=FSCK_ERROR, lines=[problem])
     try:
@@ -109,7 +115,7 @@ def _fsck(path: str, repair: bool, data: bool, talk: Talk) -> Report:
         fix: Fix | None = getattr(e, "fix", None)  # a tree block the load needs, one flipped bit off
         if damage is None and fix is None and (problem := unusable(path, False)):
             return Report(status=FSCK_ERROR, lines=[problem])  # taken since the first look: in use after all
-        if damage is None and (fix is None or not repair or not os.access(path, os.W_OK)):
+        if damage is None and (fix is None or not repair or not writable(path)):
             return Report(status=FSCK_UNCORRECTED, lines=[_about(path, e)])
         if damage is None:
             try:
@@ -122,7 +128,7 @@ def _fsck(path: str, repair: bool, data: bool, talk: Talk) -> Report:
         damage = None
     if damage is not None:
         fixes = log_fixes(path, damage)  # log blocks one flipped bit off: restored, nothing is rolled back
-        if not repair or not os.access(path, os.W_OK):
+        if not repair or not writable(path):
             lines = damage_lines(path, damage)
             if fixes:
                 lines[-1] = ("fsck.tux3 repair restores " + "; ".join(f.line().removeprefix("restored ") for f in fixes)
@@ -147,7 +153,7 @@ def _fsck(path: str, repair: bool, data: bool, talk: Talk) -> Report:
         except (VolumeError, OSError, fmt.FormatError) as e:
             return Report(status=FSCK_UNCORRECTED, lines=[*rolled, f"{path}: repair failed: {bare(path, e)}"])
     if vol.recovery.refuse:  # a delta written and then damaged (recovery.py): restore it, or roll back past it
-        if not repair or not os.access(path, os.W_OK):
+        if not repair or not writable(path):
             report.notes.append(repair_plan(vol.recovery, vol.backend.sb.seq))
             dropped |= set(vol.recovery.inodes)
         else:
@@ -162,7 +168,7 @@ def _fsck(path: str, repair: bool, data: bool, talk: Talk) -> Report:
                                                               f"repair failed: {bare(path, e)}"])
     elif vol.recovery.dropped:
         dropped |= set(vol.recovery.inodes)
-    if report.fixes and repair and os.access(path, os.W_OK):  # restored first: the blocks they hid are checked
+    if report.fixes and repair and writable(path):  # restored first: the blocks they hid are checked
         vol.close_files()
         try:
             talk.step(f"repairing: restoring {len(report.fixes)} flipped bit(s)")
@@ -172,19 +178,17 @@ def _fsck(path: str, repair: bool, data: bool, talk: Talk) -> Report:
             return Report(status=FSCK_UNCORRECTED, lines=[*map(report.show, report.errors),
                                                           f"repair failed: {bare(path, e)}"])
     sb = vol.backend.sb
+    raws = [vol.backend.dev.backing.pread(fmt.SUPER_SIZE, offset) for offset in fmt.SUPER_OFFSETS]
     vol.close_files()
     head = (f"{path}: delta {sb.seq}, {sb.volblocks} blocks of {sb.blocksize} bytes, {sb.free_blocks} free, "
             f"{sb.used_inodes} inodes" + ("" if sb.state == fmt.STATE_CLEAN else ", not cleanly unmounted"))
-    for copy, offset in enumerate(fmt.SUPER_OFFSETS):
-        with open(path, "rb") as f:
-            f.seek(offset)
-            raw = f.read(fmt.SUPER_SIZE)
+    for copy, raw in enumerate(raws):
         try:
             fmt.Super.unpack(raw, copy)
         except fmt.FormatError as e:
             report.notes.append(f"superblock copy {copy} unusable ({e}); the other copy is in use")
     fixable_all = not [e for e in report.errors if not fixable(e, report.fixed_by_bit, report.lost_dir_blocks)]
-    if report.errors and repair and fixable_all and os.access(path, os.W_OK):
+    if report.errors and repair and fixable_all and writable(path):
         talk.step("repairing: " + ", ".join(what for what, needed in (
             ("rebuilding the bitmap", report.bitmap_rebuild), ("freeing leaked blocks", report.leaked),
             ("emptying unreadable directory blocks and reconnecting to /lost+found", report.lost_dir_blocks),

@@ -15,7 +15,6 @@ Guarantees:
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 import xxhash
 
 from . import format as fmt
+from .backing import Backing, as_backing
 
 UNFINISHED, DAMAGED = "unfinished", "damaged"
 _BITS = tuple(1 << i for i in range(8))
@@ -44,10 +44,11 @@ class Fix:
             return f"restored bit {(self.offset - fmt.SUPER_OFFSETS[self.block]) * 8 + self.bit} of {self.what}"
         return f"restored bit {self.offset % self.blocksize * 8 + self.bit} of block {self.block} ({self.what})"
 
-    def apply(self, fd: int) -> None:
-        """Flip the bit back in the image."""
-        b = os.pread(fd, 1, self.offset)
-        os.pwrite(fd, bytes([b[0] ^ (1 << self.bit)]), self.offset)
+    def apply(self, backing: Backing | int) -> None:
+        """Flip the bit back in the volume (``backing``, or an open file descriptor of its image)."""
+        backing = as_backing(backing)
+        b = backing.pread(1, self.offset)
+        backing.pwrite(bytes([b[0] ^ (1 << self.bit)]), self.offset)
 
 
 def bit_diff(a: bytes | bytearray, b: bytes | bytearray) -> tuple[int, int]:
@@ -270,15 +271,16 @@ def _log_one_bit_off(buf: bytes, ok: Callable[[bytearray], bool]) -> bytearray |
     return one_bit_off(buf, ok, range(fmt.HEADER_SIZE, at))  # the flip changed the length of the records
 
 
-def examine_delta(fd: int, sb: fmt.Super, before: fmt.Super | None) -> DeltaBlocks:
+def examine_delta(backing: Backing | int, sb: fmt.Super, before: fmt.Super | None) -> DeltaBlocks:
     """Sort the blocks of delta ``sb.seq`` (whose proof failed) into damaged and missing. ``before`` is the other
     copy, the delta before, when valid: it tells where this delta's log ends."""
     bs, seq, out = sb.blocksize, sb.seq, DeltaBlocks()
+    backing = as_backing(backing)
 
     def read(block: int) -> bytes | None:
         if not 0 < block < sb.volblocks:
             return None
-        return os.pread(fd, bs, block * bs)
+        return backing.pread(bs, block * bs)
 
     count = sb.log_count
     if before is not None and before.seq < seq and before.unify_seq == sb.unify_seq:
@@ -359,9 +361,9 @@ def examine_delta(fd: int, sb: fmt.Super, before: fmt.Super | None) -> DeltaBloc
     return out
 
 
-def judge_delta(fd: int, sb: fmt.Super, before: fmt.Super, path: str) -> Recovery:
+def judge_delta(backing: Backing | int, sb: fmt.Super, before: fmt.Super, path: str) -> Recovery:
     """The report on newest delta ``sb`` whose proof failed, with the delta before, ``before``, to load."""
-    found = examine_delta(fd, sb, before)
+    found = examine_delta(backing, sb, before)
     rec = Recovery(path, seq=before.seq, dropped=sb.seq, inodes=sorted(found.inodes),
                    blocks=found.damaged + found.missing, fixes=found.fixes,
                    exact=bool(found.fixes) and not found.missing and len(found.fixes) == len(found.damaged))

@@ -21,7 +21,6 @@ every inode, as the check's directory walk found them).
 
 from __future__ import annotations
 
-import os
 import stat
 from collections import Counter
 from collections.abc import Iterable
@@ -29,6 +28,7 @@ from collections.abc import Iterable
 from . import format as fmt
 from .alloc import Allocator
 from .backend.log import LogDamage, bitmap_block, roll_back, walk_log
+from .backing import open_backing
 from .device import exclusive
 from .format import InodeRecord
 from .fs import Options, Volume, VolumeError
@@ -284,15 +284,12 @@ def log_fixes(path: str, damage: LogDamage) -> list[Fix]:
     (empty otherwise: then only a rollback helps)."""
     bs = damage.sb.blocksize
     fixes = []
-    fd = os.open(path, os.O_RDONLY)
-    try:
+    with open_backing(path, readonly=True) as backing:
         for block in damage.unreadable:
-            fix = meta_fix(os.pread(fd, bs, block * bs), block)
+            fix = meta_fix(backing.pread(bs, block * bs), block)
             if fix is None:
                 return []
             fixes.append(fix)
-    finally:
-        os.close(fd)
     return fixes
 
 
@@ -311,9 +308,9 @@ def roll_back_volume(path: str, damage: LogDamage) -> int:
 
 def restore_bits(path: str, fixes: list[Fix]) -> list[str]:
     """Flip back the single bits found flipped (each block's own checksum names the bit); returns what it did."""
-    with exclusive(path) as fd:
+    with exclusive(path) as backing:
         for fix in fixes:
-            fix.apply(fd)
+            fix.apply(backing)
     return [fix.line() for fix in fixes]
 
 
@@ -367,8 +364,8 @@ def rebuild_bitmap(path: str, damaged: list[tuple[int, int]], owned: set[int]) -
     it lies in the fixed areas or the check found an owner for it (``owned``: tree nodes, data, log blocks, nodes
     kept until the next unify). That is the state after the log; replaying the log over it gives it again, since
     each allocation record sets the bits it names, as the newest record for a block left them."""
-    with exclusive(path) as fd:
-        sb = read_super(fd, path)
+    with exclusive(path) as backing:
+        sb = read_super(backing, path)
         bs = sb.blocksize
         alloc = Allocator(sb.volblocks, fmt.bitmap_bits_per_block(bs))
         alloc.mark_used(0, fmt.reserved_blocks(bs) + 2 * sb.bitmap_blocks)
@@ -376,7 +373,7 @@ def rebuild_bitmap(path: str, damaged: list[tuple[int, int]], owned: set[int]) -
             alloc.mark_used(b, 1)
         out = []
         for index, block in damaged:
-            os.pwrite(fd, bitmap_block(alloc, index, block, bs, sb.unify_seq), block * bs)
+            backing.pwrite(bitmap_block(alloc, index, block, bs, sb.unify_seq), block * bs)
             lo, hi = index * alloc.bpb, min((index + 1) * alloc.bpb, sb.volblocks)
             used = sum(alloc.is_used(b) for b in range(lo, hi))
             out.append(f"rebuilt bitmap block {block} from the trees, the log and the fixed areas: {used} of "

@@ -16,7 +16,6 @@ Guarantees:
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 
 from . import format as fmt
@@ -34,6 +33,7 @@ from .backend.log import (
     walk_log,
 )
 from .backend.store import Backend
+from .backing import Backing, as_backing
 from .device import Device, DeviceModel, OutOfRange, image_size
 from .dirty import DirtyLists
 from .failure import VolumeError
@@ -45,17 +45,19 @@ from .recovery import Recovery, meta_fix
 SCAN_CHUNK = 256  # blocks read at once when the volume is scanned for log blocks
 
 
-def load(path: str, options: Options, fd: int) -> tuple[Backend, InodeCache, Recovery, int]:
-    """The backend and the inode cache of the volume in ``path`` (``fd``: its lock) as of its newest committed
-    delta, the report of what the load left out, and the number above which new deltas are numbered (above every
-    delta seen, dropped ones included). VolumeError with one line when it cannot be loaded."""
+def load(path: str, options: Options, backing: Backing | int) -> tuple[Backend, InodeCache, Recovery, int]:
+    """The backend and the inode cache of the volume in ``path`` (``backing``: its bytes, opened and locked by the
+    caller, who closes it; the device reads and writes through it) as of its newest committed delta, the report of
+    what the load left out, and the number above which new deltas are numbered (above every delta seen, dropped
+    ones included). VolumeError with one line when it cannot be loaded."""
     readonly = options.readonly
-    sb, report = find_super(fd, path)  # what was left out of the load, and why: reported
+    backing = as_backing(backing, path)
+    sb, report = find_super(backing, path)  # what was left out of the load, and why: reported
     if report.refuse and not readonly:
         raise VolumeError(report.refuse)
     model = (DeviceModel(options.device_latency, options.device_bandwidth)
              if options.device_latency or options.device_bandwidth else None)
-    dev = Device(path, sb.blocksize, sb.volblocks, readonly, options.writelog, write_piece=options.write_piece,
+    dev = Device(backing, sb.blocksize, sb.volblocks, readonly, options.writelog, write_piece=options.write_piece,
                  fill_chunk=options.fill_chunk, model=model)
     try:
         return _load(path, dev, sb, report, readonly, options.cache_bytes)
@@ -189,7 +191,7 @@ def _other_super(backend: Backend) -> fmt.Super | None:
     """The superblock copy that the volume was not loaded from, if it is valid."""
     copy = 1 - backend.sb.copy
     try:
-        return fmt.Super.unpack(os.pread(backend.dev.fd, fmt.SUPER_SIZE, fmt.SUPER_OFFSETS[copy]), copy)
+        return fmt.Super.unpack(backend.dev.backing.pread(fmt.SUPER_SIZE, fmt.SUPER_OFFSETS[copy]), copy)
     except (fmt.FormatError, OSError):
         return None
 
@@ -333,14 +335,16 @@ def replay_error(backend: Backend, icache: InodeCache, error: Exception) -> Exce
     return out
 
 
-def delta_landed(fd: int, sb: Super) -> bool:
-    """Did every block of the delta this superblock commits reach the disk? (Only for one-flush commits.)"""
+def delta_landed(backing: Backing | int, sb: Super) -> bool:
+    """Did every block of the delta this superblock commits reach the disk? (Only for one-flush commits.)
+    ``backing``: the volume's bytes (or an open file descriptor of its image)."""
     bs = sb.blocksize
+    backing = as_backing(backing)
 
     def read(block: int) -> bytes:
         if not 0 < block < sb.volblocks:
             raise CorruptBlock(block, "log", "outside the volume")
-        return os.pread(fd, bs, block * bs)
+        return backing.pread(bs, block * bs)
 
     records: list = []
     logs: list[int] = []
@@ -366,22 +370,24 @@ def delta_landed(fd: int, sb: Super) -> bool:
         return False
 
 
-def read_super(fd: int, path: str = "image") -> Super:
+def read_super(backing: Backing | int, path: str = "image") -> Super:
     """The superblock a mount loads (``find_super``, without the report)."""
-    return find_super(fd, path)[0]
+    return find_super(backing, path)[0]
 
 
-def find_super(fd: int, path: str = "image") -> tuple[Super, Recovery]:
+def find_super(backing: Backing | int, path: str = "image") -> tuple[Super, Recovery]:
     """The superblock copy to load, and the report of what was left out and why (recovery.py). Every copy whose
     checksum fails is reported; when the newest delta's proof fails, the delta before is loaded and the report says
     whether the newest was a commit that did not finish or was damaged after it was written (docs/FORMAT.md §11);
-    ``Recovery.refuse`` is set when a read-write mount must not go on. VolumeError when no delta can be loaded."""
-    size = image_size(fd)
+    ``Recovery.refuse`` is set when a read-write mount must not go on. VolumeError when no delta can be loaded.
+    ``backing``: the volume's bytes, or an open file descriptor of its image."""
+    backing = as_backing(backing, path)
+    size = image_size(backing)
     if size < fmt.SUPER_OFFSETS[1] + fmt.SUPER_SIZE:
         raise VolumeError(f"{path}: image is too short ({size} bytes) to hold a tux3fuse volume")
     found, problems, bad = [], [], []
     for copy, offset in enumerate(fmt.SUPER_OFFSETS):
-        raw = os.pread(fd, fmt.SUPER_SIZE, offset)
+        raw = backing.pread(fmt.SUPER_SIZE, offset)
         try:
             found.append(Super.unpack(raw, copy))
         except FormatError as e:
@@ -404,18 +410,18 @@ def find_super(fd: int, path: str = "image") -> tuple[Super, Recovery]:
             report.fixes.append(fix)
         if refuse:
             report.exact = fix is not None
-    if sb.delta_csum and not delta_landed(fd, sb):
+    if sb.delta_csum and not delta_landed(backing, sb):
         if len(found) < 2:
             raise VolumeError(f"{path}: the last delta ({sb.seq}) did not reach the disk whole and the other "
                               f"superblock copy is unusable ({'; '.join(problems)}); run fsck.tux3")
         copies = report  # what the bad copies cost: kept beside the report on the newest delta
-        report = recovery.judge_delta(fd, sb, found[1], path)
+        report = recovery.judge_delta(backing, sb, found[1], path)
         report.notes[:0] = copies.notes + ([copies.refuse] if copies.refuse and report.refuse else [])
         report.refuse = report.refuse or copies.refuse
         report.fixes[:0] = copies.fixes
         report.exact = report.exact and (copies.exact or not copies.refuse)
         sb = found[1]
-        if sb.delta_csum and not delta_landed(fd, sb):  # durable before the newest was written: damage
+        if sb.delta_csum and not delta_landed(backing, sb):  # durable before the newest was written: damage
             report.cause = recovery.DAMAGED
             report.refuse = (f"{path}: delta {sb.seq}, durable before delta {report.dropped}, fails its proof "
                              "too; run fsck.tux3")

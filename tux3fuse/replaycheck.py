@@ -13,12 +13,12 @@ flight, so that its trees and bitmap hold exactly the last committed delta (the 
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 from . import format as fmt
 from .backend.btree import BTree
 from .backend.store import Backend
+from .backing import open_backing
 from .inodes import InodeCache
 from .options import Options
 from .replay import load
@@ -53,11 +53,14 @@ def check_replay(vol: Volume) -> list[str]:
     it with ``vol``."""
     if vol.runner.job is not None:
         raise AssertionError("replay check while a commit is in flight")
-    fd = os.open(vol.path, os.O_RDONLY)
+    try:  # a connection of its own to an NBD export: it reads what a mount would
+        backing = open_backing(vol.path, readonly=True)
+    except OSError as e:
+        return [f"the image cannot be opened: {e.strerror}"]
     try:
-        rep, disk_icache, _, _ = load(vol.path, Options(readonly=True, lock=False), fd)
+        rep, disk_icache, _, _ = load(vol.path, Options(readonly=True, lock=False), backing)
     except Exception as e:  # the point of the check: whatever stops a mount is a finding
-        os.close(fd)
+        backing.close()
         return [f"the image does not load: {e}"]
     out: list[str] = []
     mem = vol.backend
@@ -95,5 +98,5 @@ def check_replay(vol: Volume) -> list[str]:
             out.append(f"superblock: next inode number {rep.sb.next_inum} is not above inode {max(disk_inodes)}")
     finally:
         rep.dev.close()
-        os.close(fd)
+        backing.close()
     return out

@@ -1,5 +1,9 @@
 """The top-level ``mkfs`` package: it writes a volume from the on-disk format alone, the daemon never imports it,
 and what it writes is a volume a mount, the embedded API and fsck take as it is.
+
+Besides the format and the size units, mkfs may load ``tux3fuse.backing``: a volume on an NBD export is reached
+only through it, and it imports nothing of tux3fuse (checked here as for ``units``), so the format still depends on
+nothing of the daemon.
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ from tux3fuse.fs import Options, Volume
 
 pytestmark = pytest.mark.timeout(120)
 
-# the only modules of tux3fuse that mkfs may load: the format, and the size units its messages use (which import
-# nothing of tux3fuse)
-ALLOWED = {"tux3fuse", "tux3fuse.format", "tux3fuse.units"}
+# the only modules of tux3fuse that mkfs may load: the format, the size units its messages use, and the backings
+# (image file, block device, NBD export) it writes through; the last two import nothing of tux3fuse
+ALLOWED = {"tux3fuse", "tux3fuse.format", "tux3fuse.units", "tux3fuse.backing"}
 
 
 def loaded_after(code: str) -> dict:
@@ -56,8 +60,9 @@ def test_the_mkfs_command_loads_no_module_of_tux3fuse_but_the_format(tmp_path):
     assert image.stat().st_size == 1 << 20
 
 
-def test_the_units_module_imports_nothing_of_tux3fuse():
-    tree = ast.parse((ROOT / "tux3fuse" / "units.py").read_text())
+@pytest.mark.parametrize("module", ["units", "backing"])
+def test_the_units_and_backing_modules_import_nothing_of_tux3fuse(module):
+    tree = ast.parse((ROOT / "tux3fuse" / f"{module}.py").read_text())
     imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     assert imported and not [m for m in imported if m.startswith(("tux3fuse", "."))] and "" not in imported

@@ -19,7 +19,6 @@ Guarantees:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, replace
 
@@ -240,11 +239,11 @@ def roll_back(path: str, damage: LogDamage) -> int:
     """Write both superblock copies naming the log of ``damage.good``: the volume then loads as of that delta.
     The new superblock's delta number is above every delta seen, so that no log block of a dropped delta can be
     taken for one of the deltas committed after it. Returns that delta number."""
-    with exclusive(path) as fd:
+    with exclusive(path) as backing:
         found = []
         for copy, offset in enumerate(fmt.SUPER_OFFSETS):
             try:
-                found.append(fmt.Super.unpack(os.pread(fd, fmt.SUPER_SIZE, offset), copy))
+                found.append(fmt.Super.unpack(backing.pread(fmt.SUPER_SIZE, offset), copy))
             except fmt.FormatError:  # a damaged copy: the numbers of the other one and of the log count
                 pass
         new = replace(damage.sb, seq=max(damage.newest, *(s.seq for s in found)) + 1,
@@ -254,6 +253,6 @@ def roll_back(path: str, damage: LogDamage) -> int:
                       state=fmt.STATE_CLEAN)
         raw = new.pack()
         for offset in fmt.SUPER_OFFSETS:  # both: the damaged newer copy must not win at the next mount
-            os.pwrite(fd, raw, offset)
-            os.fsync(fd)
+            backing.pwrite(raw, offset)
+            backing.sync()
         return new.seq

@@ -1,0 +1,211 @@
+"""Volumes on NBD exports, served by nbdkit on a Unix socket that each test starts and kills by its PID.
+
+- mkfs.tux3, tux3fuse, fsx with mmap through the mount, tux3 stat and fsck.tux3 all take the export's URI, and the
+  volume they leave is clean.
+- Fault injection with nbdkit's own tools (the ``error`` filter for reads and writes, the ``eval`` plugin for
+  flushes) under a write + fsync load through the mount: every fsync that returned success is durable after a
+  remount on a healthy server (the same file, no fault), every failure reaches the caller as EIO (and, once the
+  volume has turned read-only, as EROFS), ``tux3 umount`` says that the volume failed, and fsck is clean.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, Mount, Nbdkit, require_fuse, require_nbd, tool
+
+pytestmark = pytest.mark.timeout(900)
+
+SIZE = 256 << 20
+
+
+def sparse(path: Path, size: int = SIZE) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+class Servers:
+    """The nbdkit servers and mounts a test starts: stopped (mounts first, then servers by PID) at the end."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.servers: list[Nbdkit] = []
+        self.mounts: list[Mount] = []
+
+    def serve(self, plugin: str, *args: str, filters: list[str] = (), name: str = "nbd") -> Nbdkit:
+        server = Nbdkit(self.tmp_path, plugin, *args, filters=list(filters), name=name)
+        self.servers.append(server)
+        return server
+
+    def mount(self, uri: str, options: str = "", name: str = "mnt") -> Mount:
+        m = Mount(uri, self.tmp_path / name, options, log=self.tmp_path / f"{name}.log")
+        self.mounts.append(m)
+        return m.start()
+
+    def close(self) -> None:
+        for m in self.mounts:
+            m.cleanup()
+        for server in self.servers:
+            server.stop()
+
+
+@pytest.fixture
+def nbd(tmp_path):
+    require_fuse()
+    require_nbd()
+    servers = Servers(tmp_path)
+    yield servers
+    servers.close()
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([tool(args[0]), *args[1:]], capture_output=True, text=True, timeout=300)
+
+
+def test_mkfs_mount_fsx_with_mmap_stat_and_fsck_on_an_nbd_export(nbd, tmp_path):
+    server = nbd.serve("file", f"file={sparse(tmp_path / 'img')}")
+    r = run("mkfs.tux3", server.uri)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"{server.uri}: tux3fuse volume, {SIZE // 4096} blocks of 4096 bytes")  # its size
+    m = nbd.mount(server.uri)
+    r = run("tux3", "stat", "--json", str(m.mnt))
+    assert r.returncode == 0, r.stderr
+    stat = json.loads(r.stdout)
+    assert stat["device"] == server.uri and stat["read_only"] == 0
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "fsx.py"), "-q", "-N", "50000", "-S", "15",
+                        "-l", "600000", m.path("fsxfile")], capture_output=True, text=True, timeout=800)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "50000 ops passed" in r.stdout
+    r = run("tux3", "stat", str(m.mnt))
+    lines = [line.split() for line in r.stdout.splitlines()]
+    assert r.returncode == 0 and ["device", server.uri] in lines and ["read_only", "0"] in lines, r.stdout
+    r = run("fsck.tux3", "-n", server.uri)  # mounted: refused, naming where
+    assert r.returncode == 8 and f"mounted at {m.mnt}" in r.stderr, r.stderr
+    m.umount()
+    r = run("fsck.tux3", server.uri)
+    assert r.returncode == 0 and r.stdout.strip().endswith("clean"), r.stdout + r.stderr
+
+
+# -- fault injection ---------------------------------------------------------------------------------------------
+
+def eval_plugin(image: Path, trigger: Path) -> list[str]:
+    """nbdkit's eval plugin serving ``image``, whose flush fails with EIO while ``trigger`` exists (the error filter
+    of this nbdkit cannot fail a flush). A FUA write is emulated with a flush, so it fails too."""
+    return [
+        f"get_size=stat -c %s {image}",
+        "can_write=exit 0", "can_flush=exit 0",
+        f"pread=exec dd if={image} iflag=skip_bytes,count_bytes skip=$4 count=$3 bs=64K status=none",
+        f"pwrite=exec dd of={image} oflag=seek_bytes conv=notrunc seek=$4 bs=64K status=none",
+        f"flush=if [ -e {trigger} ] && [ $(od -An -N1 -tu1 /dev/urandom) -lt 40 ]; then "  # about 15 %
+        "echo 'EIO injected flush error' >&2; exit 1; "
+        f"fi; exec sync {image}",
+    ]
+
+
+FAULTS = {
+    # kind: (the plugin and the parameters of the plugin and its filters, the filters) given the image and the
+    # trigger file
+    "write": lambda image, trigger: (["file", f"file={image}", "error-pwrite=EIO", "error-pwrite-rate=4%",
+                                      f"error-pwrite-file={trigger}"], ["--filter=error"]),
+    "read": lambda image, trigger: (["file", f"file={image}", "error-pread=EIO", "error-pread-rate=10%",
+                                     f"error-pread-file={trigger}"], ["--filter=error"]),
+    "flush": lambda image, trigger: (["eval", *eval_plugin(image, trigger)], []),
+}
+
+
+def make_files(m: Mount, prefix: str, count: int, rnd: random.Random) -> dict[str, bytes]:
+    out = {}
+    for i in range(count):
+        data = rnd.randbytes(rnd.randint(1, 20000))
+        with open(m.path(f"{prefix}{i}"), "wb") as f:
+            f.write(data)
+        out[f"{prefix}{i}"] = data
+    return out
+
+
+def load(m: Mount, prefix: str, ops: int, rnd: random.Random, old: dict[str, bytes], failures: list[tuple[str, int]]
+         ) -> dict[str, bytes]:
+    """Create, write and fsync new files (and read old ones, which the daemon has not cached): the files whose fsync
+    returned success, with their bytes. Every failure is recorded; the load stops once the volume is read-only."""
+    durable: dict[str, bytes] = {}
+    names = sorted(old)
+    for i in range(ops):
+        name = f"{prefix}{i}"
+        try:
+            if names:
+                other = names[rnd.randrange(len(names))]
+                with open(m.path(other), "rb") as f:
+                    assert f.read() == old[other]  # a read returns the right bytes or fails
+            data = rnd.randbytes(rnd.randint(1, 3 * 4096))
+            fd = os.open(m.path(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            durable[name] = data
+        except OSError as e:
+            failures.append((name, e.errno))
+            if e.errno == errno.EROFS:
+                break
+    return durable
+
+
+@pytest.mark.parametrize("kind", sorted(FAULTS))
+def test_faults_of_the_export_lose_no_fsynced_data_and_reach_the_caller_as_eio(nbd, tmp_path, kind, monkeypatch):
+    # the replay check after each commit reads through a connection of its own: injected read errors there would
+    # be findings about the log, not about the faults
+    monkeypatch.setenv("TUX3FUSE_VERIFY_LOG", "0")
+    image, trigger = sparse(tmp_path / "img", 64 << 20), tmp_path / "inject"
+    rnd = random.Random(f"nbd-{kind}")
+    healthy = nbd.serve("file", f"file={image}", name="healthy")
+    assert run("mkfs.tux3", "-q", healthy.uri).returncode == 0
+    m = nbd.mount(healthy.uri, name="setup")
+    old = make_files(m, "old", 40, rnd)
+    m.umount()
+    healthy.stop()
+    durable: dict[str, bytes] = {}
+    failures: list[tuple[str, int]] = []
+    turned_read_only = 0
+    args, filters = FAULTS[kind](image, trigger)
+    faulty = nbd.serve(*args, filters=filters, name="faulty")  # one server: its faults go on from round to round
+    for round_ in range(5):
+        m = nbd.mount(faulty.uri, "nowriteback,commit=0", name=f"faulty{round_}")  # only fsync commits
+        trigger.touch()
+        before = len(failures)
+        durable |= load(m, f"r{round_}-", 40, rnd, old if kind == "read" else {}, failures)
+        stat = m.stat_json()
+        trigger.unlink()
+        if m.umount(expect_ok=False):
+            assert len(failures) > before  # the daemon met errors only when a caller did
+        if stat["read_only"]:
+            turned_read_only += 1
+            assert failures[before:] and failures[before][1] == errno.EIO, failures[before:]
+            assert "turned read-only" in m.umount_stderr and faulty.uri in m.umount_stderr, m.umount_stderr
+            assert len(m.umount_stderr.strip().splitlines()) == 1, m.umount_stderr
+            assert any(faulty.uri in e["message"] and "read-only" in e["message"] for e in stat["recent_errors"])
+    faulty.stop()
+    assert failures, "no fault was injected"
+    assert durable, "no fsync succeeded"
+    codes = [code for _, code in failures]
+    assert set(codes) <= {errno.EIO, errno.EROFS}, failures
+    if kind != "read":
+        assert turned_read_only, "a failed write or flush must turn the volume read-only"
+    # a healthy server on the same file: every fsync that returned success is there
+    healthy = nbd.serve("file", f"file={image}", name="again")
+    m = nbd.mount(healthy.uri, name="check")
+    lost = [name for name, data in durable.items() if not os.path.exists(m.path(name)) or
+            Path(m.path(name)).read_bytes() != data]
+    assert not lost, f"fsynced and lost: {lost}"
+    assert all(Path(m.path(name)).read_bytes() == data for name, data in old.items())
+    m.umount()
+    r = run("fsck.tux3", "-n", healthy.uri)
+    assert r.returncode == 0, r.stdout + r.stderr
