@@ -93,6 +93,7 @@ demo: install
 bench: install
 	$(PY) scripts/bench.py $(BENCH_ARGS)
 	$(PY) scripts/bench_fork.py $(BENCH_ARGS)
+	$(PY) scripts/bench_device.py $(BENCH_ARGS)
 	$(PY) scripts/bench_fsync.py $(BENCH_ARGS)
 	$(PY) scripts/bench_unify.py $(BENCH_ARGS)
 

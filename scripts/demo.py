@@ -2,7 +2,10 @@
 """End-to-end demo of tux3fuse: make, mount, exercise, unmount and check a 1 GiB image.
 
 Steps: mkfs.tux3 -> tux3fuse (detached) -> fio random write + verify -> fsx -> tux3 stat -> tux3 umount
--> fsck.tux3 -> mount again -> fio verify of the data written before -> tux3 umount.
+-> fsck.tux3 -> mount again -> fio verify of the data written before -> tux3 umount -> fork versus wait on a 5 ms
+device: a few seconds of 4 KiB rewrites of a hot set while commits run, once with stable=fork and once with
+stable=wait, on fresh images mounted with ``-o nowriteback,device_latency=5ms`` (the workload of
+scripts/bench_fork.py), printed as a small table.
 
 Everything happens in a temporary directory that is removed at the end; the filesystem is always unmounted, even
 when a step fails. The summary at the end lists the steps, then the counters of `tux3 stat` that tell what
@@ -26,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchkit import call, interrupt_on_signals, live_processes
+from benchkit import BenchError, call, interrupt_on_signals, live_processes
 
 from tux3fuse.mounts import is_mounted
 
@@ -117,6 +120,41 @@ def story(counters: dict) -> list[str]:
     return [f"  {name.ljust(width)} {counters.get(name, 0):>9}  {meaning}" for name, meaning in STORY]
 
 
+COMPARE_LATENCY = 0.005  # seconds: the modelled device of the closing comparison
+COMPARE_SECONDS = 2.0  # timed phase of each of its two runs
+
+
+def compare_modes(workdir: Path, seconds: float = COMPARE_SECONDS) -> tuple[list[str], str]:
+    """fork, then wait, on a device of COMPARE_LATENCY (bench_fork's hot-set workload): the table's lines and a
+    sentence saying what it shows."""
+    import bench_fork as bf
+
+    cfg = bf.Config(seconds=seconds, hot_pages=64, stream_mbps=32.0, commit_interval=0.01, seed=1, workdir=workdir)
+    runs = {}
+    for mode in ("fork", "wait"):
+        try:
+            runs[mode] = bf.run_mounted(mode, cfg, workdir / f"compare-{mode}.img", bf.WORKLOADS["hot64"],
+                                        COMPARE_LATENCY)
+        except BenchError as e:
+            raise StepFailed(f"{mode}: {str(e).splitlines()[0]}") from e
+        finally:
+            (workdir / f"compare-{mode}.img").unlink(missing_ok=True)
+    rows = [[mode, bf.num(r.rate), bf.us(r.percentile(99)), bf.us(r.percentile(100))] for mode, r in runs.items()]
+    header = ["mode", "writes/s", "p99 µs", "max µs"]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths,
+                                                                                                  strict=True)))
+             for row in [header, *rows]]
+    fork, wait = runs["fork"], runs["wait"]
+    ratio = wait.percentile(99) / fork.percentile(99) if fork.percentile(99) > 0 else float("inf")
+    sentence = (f"On a device of {COMPARE_LATENCY * 1e3:g} ms, a write that meets a page being committed copies it "
+                f"and goes on with stable=fork, but waits for the device with stable=wait: wait's p99 is "
+                f"{ratio:,.1f} times fork's, its slowest write took {wait.percentile(100) * 1e3:,.0f} ms against "
+                f"{fork.percentile(100) * 1e3:,.0f} ms, and it managed {bf.num(wait.rate)} writes/s against "
+                f"{bf.num(fork.rate)}.")
+    return lines, sentence
+
+
 def fio_summary(path: Path) -> str:
     data = json.loads(path.read_text())
     job = data["jobs"][0]
@@ -155,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "--verify=crc32c", "--verify_fatal=1", "--ioengine=psync", "--end_fsync=1", "--output-format=json"]
     steps: list[Step] = []
     counters: dict = {}  # from tux3 stat --json
+    comparison: list[str] = []  # the closing table and its sentence
 
     def step(name: str, fn: Callable[[], str | None]) -> bool:
         print(f"\n== {name}", flush=True)
@@ -212,6 +251,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         run([*fio_base, "--verify_only", f"--output={out}"], timeout=900, cwd=tmp)
         return fio_summary(out)
 
+    def compare() -> str:
+        lines, sentence = compare_modes(tmp)
+        comparison.extend([*lines, "", sentence])
+        for line in comparison:
+            print(line, flush=True)
+        return "see the table below"
+
     try:
         if step("mkfs.tux3 (1 GiB sparse image)", mkfs) and step("mount (tux3fuse, detached)", mount):
             step(f"fio randwrite {args.size} + crc32c verify", fio_write)
@@ -222,6 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if step("mount again", mount):
                     step("fio verify after remount", fio_reverify)
                     step("tux3 umount", umount)
+        step(f"fork versus wait on a {COMPARE_LATENCY * 1e3:g} ms device", compare)
     except KeyboardInterrupt:
         print("\ndemo: interrupted", file=sys.stderr)
         steps.append(Step("interrupted", False, 0.0))
@@ -241,6 +288,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if counters:
         print("\nCounters (tux3 stat, before the unmount)")
         for line in story(counters):
+            print(line)
+    if comparison:
+        print(f"\nfork versus wait on a {COMPARE_LATENCY * 1e3:g} ms device (-o nowriteback,device_latency="
+              f"{COMPARE_LATENCY * 1e3:g}ms; 4 KiB rewrites of a 64-page hot set, commits every 10 ms)")
+        for line in comparison:
             print(line)
     print("demo: " + ("FAILED" if failed else "all steps passed"))
     return 1 if failed else 0

@@ -68,7 +68,8 @@ class DeviceModel:
             self.free_at = done
         if done > now:
             time.sleep(done - now)
-            self.waited += done - now
+            with self.lock:
+                self.waited += done - now
 
 
 class OutOfRange(Exception):

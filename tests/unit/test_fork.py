@@ -260,6 +260,29 @@ def test_none_mode_tears_the_block_and_the_checksum_catches_it(make_vol):
     vol.unmount()
 
 
+def test_none_mode_append_to_a_page_of_the_committing_delta_survives_its_commit(make_vol):
+    """stable=none: an append lands in place in a page its older delta has still to write; that commit zeroes what
+    lies past its own size in the block it writes, never in the page, whose appended bytes the next delta keeps."""
+    vol = make_vol("none")
+    f = vol.create(1, b"log", 0o644)
+    vol.write(f.ino, 0, fill(1, 1000))
+    job = vol.flusher.start_commit(prepare=False)  # transitioned: the page is dirty for the committing delta
+    vol.write(f.ino, 1000, fill(2, 500))  # appended in place, for the next delta
+    assert vol.counters["in_place_writes"] == 1
+    job.prepare()
+    job.write()
+    job.complete()
+    snap = committed(vol)
+    assert snap.read(f.ino, 0, BS) == fill(1, 1000)  # the committed delta: its size, its bytes, a good checksum
+    snap.close_files()
+    assert vol.read(f.ino, 0, BS) == fill(1, 1000) + fill(2, 500)
+    vol.commit()
+    snap = committed(vol)
+    assert snap.read(f.ino, 0, BS) == fill(1, 1000) + fill(2, 500)
+    snap.close_files()
+    vol.unmount()
+
+
 def test_truncate_during_commit_deletes_for_writeout_without_copy(vol):
     f = vol.create(1, b"f", 0o644)
     vol.write(f.ino, 0, fill(5, 4 * BS))

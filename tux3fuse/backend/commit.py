@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from .. import format as fmt
-from ..cache.page import Page
+from ..cache.page import CLEAN, Page
 from ..device import WritePlan
 from ..format import checksum
 from . import extents
@@ -265,8 +265,14 @@ class CommitJob:
         bs = be.blocksize
         last = run[-1]
         tail = size - last.index * bs
+        last_copy = None  # what this delta writes of its last page, when that is not the page itself
         if 0 < tail < bs and any(last.data[tail:]):  # zero what lies past the size of this delta
-            last.mutable()[tail:] = bytes(bs - tail)
+            if last.redirty != CLEAN:  # stable=none: a later delta changed the page in place (an append): its
+                # bytes past this delta's size stay in the page, and this delta writes a copy with them zeroed
+                last_copy = bytearray(last.data)
+                last_copy[tail:] = bytes(bs - tail)
+            else:
+                last.mutable()[tail:] = bytes(bs - tail)
         none_mode = self.options.stable == "none"
         added = 0
         done = 0
@@ -285,8 +291,9 @@ class CommitJob:
             pages = run[done: done + count]
             inode.mapping.start_writeback(pages, in_place=none_mode)
             self.pages.extend((inode, page) for page in pages)
-            csums = [checksum(p.data) for p in pages]
-            self.writes.extend(zip(range(physical, physical + count), (p.data for p in pages), strict=True))
+            datas = [last_copy if p is last and last_copy is not None else p.data for p in pages]
+            csums = [checksum(d) for d in datas]
+            self.writes.extend(zip(range(physical, physical + count), datas, strict=True))
             dropped = extents.map_run(tree, pages[0].index, physical, csums, be.alloc.free_later, bs)
             step = fmt.log_map_blocks(bs)
             for at in range(0, count, step):
