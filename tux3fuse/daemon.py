@@ -130,7 +130,9 @@ class Daemon:
                     except VolumeError as e:  # the commit failed: the volume is read-only, the reply says why
                         failed = str(e)
                 if request in ("stat", "sync"):
-                    reply = {"stat": self.vol.stats(), "error": self.vol.failed or failed,
+                    requests = getattr(self.ops, "requests", {})
+                    stat = {**self.vol.stats(), **{f"fuse.{op}": n for op, n in requests.items()}}
+                    reply = {"stat": stat, "error": self.vol.failed or failed,
                              "log": self.logs.places if self.logs else [],
                              "errors": self.logs.recent() if self.logs else []}
                 else:

@@ -15,6 +15,7 @@ import functools
 import logging
 import os
 import stat
+from collections import Counter
 
 import pyfuse3
 
@@ -26,8 +27,11 @@ TIMEOUT = 300.0  # every change goes through the kernel, so its caches may be tr
 
 
 def _translate(fn):
+    name = fn.__name__
+
     @functools.wraps(fn)
     async def wrapper(self, *args, **kwargs):
+        self.requests[name] += 1
         try:
             return await fn(self, *args, **kwargs)
         except pyfuse3.FUSEError:
@@ -52,6 +56,7 @@ class Operations(pyfuse3.Operations):
         self.enable_writeback_cache = writeback
         self.xattr = xattr
         self.kernel = KernelCache(vol, writeback)  # what the kernel caches, kept coherent with the volume
+        self.requests: Counter[str] = Counter()  # requests answered, by operation (``tux3 stat``: fuse.NAME)
 
     def entry(self, a: Attr) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -81,6 +86,7 @@ class Operations(pyfuse3.Operations):
         return self.entry(self.kernel.seen(parent_inode, name, a))
 
     async def forget(self, inode_list):
+        self.requests["forget"] += 1
         for ino, n in inode_list:
             try:
                 self.vol.forget(ino, n)
@@ -175,7 +181,10 @@ class Operations(pyfuse3.Operations):
             raise
 
     async def flush(self, fh):
-        return None  # data reaches the image by commits; fsync and umount report their errors
+        # Data reaches the image by commits; fsync and umount report their errors. ENOSYS tells the kernel that
+        # no close needs a FLUSH request (it stops sending them; errors of its own writeback still reach close).
+        self.requests["flush"] += 1
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @_translate
     async def release(self, fh):
@@ -213,6 +222,7 @@ class Operations(pyfuse3.Operations):
             self.vol.ref(ino)
 
     async def releasedir(self, fh):
+        self.requests["releasedir"] += 1
         return None
 
     @_translate

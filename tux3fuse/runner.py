@@ -124,6 +124,7 @@ class Runner:
                 prepared = clock()
                 if inline_small and len(job.writes) <= self.options.inline_commit_blocks and not self.dev.slow:
                     job.write()  # someone waits for this small commit: a thread hop costs more than it saves
+                    self.counters["commits_inline"] += 1
                 else:
                     token = trio.lowlevel.current_trio_token()
                     write = functools.partial(job.write, lambda: token.run_sync_soon(job.mark_written))
@@ -173,7 +174,10 @@ class Runner:
         try:
             for _ in _checked(steps):
                 if (now := clock()) - last >= length:
-                    if runnable is None:
+                    if urgent:  # short stages someone waits for: the run queue's length, which costs nothing
+                        go = (pending() or now - yielded >= opts.commit_yield
+                              or trio.lowlevel.current_statistics().tasks_runnable > 0)
+                    elif runnable is None:
                         runnable = RunnableTasks()
                         trio.lowlevel.add_instrument(runnable)
                         go = True

@@ -258,3 +258,22 @@ def test_tux3_help_lists_every_command():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_tux3_stat_counts_requests_by_operation_and_close_sends_no_flush(detached, tmp_path):
+    import json
+    d = detached(env={"XDG_STATE_HOME": str(tmp_path / "state")})
+    assert d.start().returncode == 0
+    before = json.loads(run("tux3", "stat", "--json", str(d.mnt)).stdout)
+    for i in range(20):
+        fd = os.open(d.mnt / f"f{i}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        os.write(fd, b"x" * 4096)
+        os.fsync(fd)
+        os.close(fd)
+    after = json.loads(run("tux3", "stat", "--json", str(d.mnt)).stdout)
+    done = {k[5:]: after[k] - before.get(k, 0) for k in after if k.startswith("fuse.")}
+    assert done["create"] == 20 and done["fsync"] == 20 and done["release"] == 20
+    assert done["write"] == 20  # each 4 KiB page reaches the daemon once, at its fsync
+    # the first close's FLUSH is refused with ENOSYS and the kernel sends no more
+    assert after.get("fuse.flush", 0) <= 1 and done.get("flush", 0) <= 1
+    assert run("tux3", "umount", str(d.mnt)).returncode == 0

@@ -334,19 +334,27 @@ class CommitJob:
         delta's blocks and one flush makes them durable together; without one (a unify), the blocks are flushed
         first, then the superblock is written and flushed."""
         dev, sb = self.backend.dev, self.backend.sb
+        clock, c = time.perf_counter, self.counters
+        started = clock()
         if not sb.delta_csum:
             dev.flush()
         copy = 1 - sb.copy  # never the copy that names the last durable delta
+        written = clock()
         dev.write_at(fmt.SUPER_OFFSETS[copy], self.super_bytes)
+        flushing = clock()
         dev.flush()
         sb.copy = copy
+        c["commit_super_seconds"] += flushing - written
+        c["commit_flush_seconds"] += clock() - flushing + written - started
 
     def write(self, on_written: Callable[[], None] | None = None) -> None:
         """All of stage 2 (blocking: run it in a worker thread). Between the blocks and the superblock it calls
         ``on_written`` (default ``mark_written``; from a worker thread, one that hands it to the event loop)."""
         if self.empty:
             return
+        started = time.perf_counter()
         self.write_data()
+        self.counters["commit_data_seconds"] += time.perf_counter() - started
         (on_written or self.mark_written)()
         self.write_super()
 
