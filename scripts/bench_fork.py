@@ -29,9 +29,9 @@ Each point (workload, device, mode) runs --repeat times (default 3, --quick 1), 
 none, fork, ...); the report gives the median with its spread (min-max). Per run: writes/s, p50, p99, p99.9, max,
 the share of writes that waited (counter ``waits`` over writes), forks, forked_pages_peak, and the bytes written to
 the device (``blocks_written`` x 4 KiB + ``hole_fill_bytes``, from ``tux3 stat --json``). FUSE requests per
-operation are not reported: the daemon does not count them. After each run the image is unmounted and opened
-read-only to check that it holds the data last written (hot pages, the log's bytes, the control's size); a
-difference after a stable=none run is reported as a note, for fork and wait it fails the run.
+operation are in scripts/bench.py's table (every mode runs the same writer). After each run the image is
+unmounted and opened read-only to check that it holds the data last written (hot pages, the log's bytes, the
+control's size); a difference after a stable=none run is reported as a note, for fork and wait it fails the run.
 
 Torn blocks: on devices of 1 ms or more the daemon is stopped (SIGSTOP) the moment the timed phase ends and its
 image copied in this process, as a crash at that moment would leave it; after the unmount ``fsck.tux3 -n`` counts
@@ -918,8 +918,9 @@ def section_text(results: list[Result], cfg: Config, cmd: str, now: str, goals: 
                "`tux3 stat --json`; *torn*: on devices of 1 ms or more, the daemon is stopped the moment the timed "
                "phase ends and the image copied as a crash would leave it; `fsck.tux3 -n` counts the copy's data "
                "blocks whose checksum fails (the most of the runs). A clean unmount leaves none in any mode: its "
-               "last commit writes the changed pages again. FUSE requests per operation are not in the table: the "
-               "daemon does not count them; every mode runs the same writer, so the kernel sends the same requests.")
+               "last commit writes the changed pages again. FUSE requests per operation are in the first table of "
+               "this file (scripts/bench.py): every mode runs the same writer, so the kernel sends the same "
+               "requests.")
     out.append("")
     out += md_table(TABLE_HEADER, table_rows(results), left=4)
     out.append("")
@@ -1056,7 +1057,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     goals = goal_lines(results)
     for line in goals:
         print(line)
-    print("FUSE requests per operation: not reported (the daemon does not count them)")
     if args.quick:
         print("(quick run: short runs, one per point; numbers are indicative only)")
     print(h.load_line())
