@@ -4,8 +4,13 @@
   fuse2fs         truncate -s SIZE IMAGE; mkfs.ext4 -F -q IMAGE; fuse2fs IMAGE MNT -o fakeroot; fusermount -u MNT
   ext4            losetup --find --show IMAGE; mkfs.ext4 -F -q LOOP; mount -t ext4 -o noinit_itable LOOP MNT;
                   umount MNT; losetup -d LOOP (kernel ext4; needs root and loop devices)
-  null            python scripts/nullfs.py MNT, a child of the script; fusermount -u MNT
-  null-fdatasync  python scripts/nullfs.py --fdatasync IMAGE MNT (IMAGE: the 4 KiB scratch file)
+  null            python scripts/nullfs.py --stats STATS MNT, a child of the script; fusermount -u MNT
+  null-fdatasync  python scripts/nullfs.py --fdatasync IMAGE --stats STATS MNT (IMAGE: the 4 KiB scratch file)
+  passthrough     python scripts/fusecount.py --stats STATS passthroughfs.py --enable-writeback-cache SRC MNT, a
+                  child of the script: pyfuse3's own example filesystem (examples/passthroughfs.py of the sdist of
+                  the installed pyfuse3, fetched once with pip download into ~/.cache/tux3fuse-bench) mirroring
+                  SRC, a directory beside the images; fusermount -u MNT
+  native          no filesystem of its own: MNT is a directory on the local disk the work directory is on
 
 Guarantees:
 - `Fs.setup` returns with the filesystem mounted, or raises BenchError, or Unavailable when the filesystem cannot be
@@ -17,6 +22,9 @@ Guarantees:
   session (a Ctrl-C reaches only the script), logging to NAME.log beside the image; its exit status after the
   unmount must be 0.
 - `benchkit.cleanup` does the same for whatever a failed or interrupted run left in a work directory.
+- `Fs.requests` is the FUSE requests the daemon has answered since the mount, by operation (tux3fuse: the
+  ``fuse.OP`` counters of ``tux3 stat --json``; nullfs and passthrough: their counts dumped on SIGUSR1), or None
+  where nobody counts them; `Fs.daemon_pid` is the process serving the mount, or None where there is none.
 
 The scripts import this module as `benchfs` (scripts/ is on sys.path when they run).
 """
@@ -27,13 +35,17 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import tarfile
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from benchkit import (
     BenchError,
+    daemon_pids,
     end_process,
     force_umount,
     fusermount,
@@ -44,12 +56,15 @@ from benchkit import (
     wait_until,
     which,
 )
+from fusecount import read_counts
 
 from tux3fuse.mounts import is_mounted
 
 VENV_BIN = Path(sys.executable).parent
 NULLFS = Path(__file__).resolve().parent / "nullfs.py"
-NAMES = ("tux3fuse", "fuse2fs", "ext4", "null", "null-fdatasync")
+FUSECOUNT = Path(__file__).resolve().parent / "fusecount.py"
+CACHE = Path.home() / ".cache" / "tux3fuse-bench"  # pyfuse3's sdist, for its passthrough example
+NAMES = ("tux3fuse", "fuse2fs", "ext4", "null", "null-fdatasync", "passthrough", "native")
 
 
 class Unavailable(Exception):
@@ -180,6 +195,36 @@ class Fs:
         if not is_mounted(self.mnt):
             raise BenchError(f"{self.mnt} is no longer mounted")
 
+    def requests(self) -> dict[str, int] | None:
+        """FUSE requests answered since the mount, by operation; None if they are not counted."""
+        return None
+
+    def daemon_pid(self) -> int | None:
+        """The process serving the mount (its CPU time is the filesystem's); None if there is none."""
+        return None
+
+    def _single_daemon(self) -> int:
+        """The one live process whose command line names IMAGE (a detached daemon); BenchError otherwise."""
+        wait_until(lambda: len(daemon_pids(self.image)) == 1, 5, 0.05)
+        pids = daemon_pids(self.image)
+        if len(pids) != 1:
+            raise BenchError(f"{self.name}: {len(pids)} processes name {self.image}, expected its daemon alone")
+        return pids[0]
+
+    def _child_pid(self) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            raise BenchError(f"{self.name}: the daemon is not running")
+        return self.proc.pid
+
+    def _dumped_requests(self, stats: Path) -> dict[str, int]:
+        """Ask the foreground daemon for its counts (SIGUSR1) and read them from STATS."""
+        pid = self._child_pid()
+        stats.unlink(missing_ok=True)
+        os.kill(pid, signal.SIGUSR1)
+        if not wait_until(stats.exists, 10, 0.01):
+            raise BenchError(f"{self.name}: no request counts in {stats} 10 s after SIGUSR1\n{self.log_tail()}")
+        return read_counts(stats)
+
 
 def fuse_missing() -> str | None:
     if not os.path.exists("/dev/fuse"):
@@ -229,6 +274,14 @@ class Tux3Fs(Fs):
     def sync(self) -> None:
         run([VENV_BIN / "tux3", "sync", self.mnt], timeout=300)
 
+    def requests(self) -> dict[str, int] | None:
+        """The ``fuse.OP`` counters of ``tux3 stat --json`` (None if the daemon has none)."""
+        counts = {k.removeprefix("fuse."): int(v) for k, v in self.stats().items() if k.startswith("fuse.")}
+        return counts or None
+
+    def daemon_pid(self) -> int | None:
+        return self._child_pid() if self.foreground else self._single_daemon()
+
     def stats(self) -> dict[str, float]:
         """The numeric counters of ``tux3 stat --json`` (commits and flushes at least)."""
         proc = run([VENV_BIN / "tux3", "stat", "--json", self.mnt], timeout=60, check=False)
@@ -262,6 +315,9 @@ class Fuse2Fs(Fs):
     def _umount(self) -> None:
         run([fusermount(), "-u", self.mnt], timeout=60)
 
+    def daemon_pid(self) -> int | None:
+        return self._single_daemon()
+
 
 class NullFs(Fs):
     """scripts/nullfs.py in the foreground as a child process. With fdatasync, IMAGE is its scratch file: every
@@ -276,6 +332,7 @@ class NullFs(Fs):
         super().__init__(workdir, size)
         self.fdatasync = fdatasync
         self.nowriteback = nowriteback  # the kernel's writeback cache off: every write() is a request
+        self.statsfile = workdir / f"{self.name}.stats.json"
 
     def missing(self) -> str | None:
         return fuse_missing()
@@ -285,13 +342,131 @@ class NullFs(Fs):
 
     def _mount(self) -> None:
         self._spawn([sys.executable, str(NULLFS), *(["--fdatasync", str(self.image)] if self.fdatasync else []),
-                     *(["--nowriteback"] if self.nowriteback else []), str(self.mnt)])
+                     *(["--nowriteback"] if self.nowriteback else []), "--stats", str(self.statsfile),
+                     str(self.mnt)])
 
     def _umount(self) -> None:
         run([fusermount(), "-u", self.mnt], timeout=60)
 
     def _reap(self) -> None:
         self._reap_child()
+
+    def requests(self) -> dict[str, int]:
+        return self._dumped_requests(self.statsfile)
+
+    def daemon_pid(self) -> int:
+        return self._child_pid()
+
+
+def passthrough_example(cache: Path = CACHE) -> Path:
+    """pyfuse3's examples/passthroughfs.py for the installed pyfuse3, from its sdist (``pip download`` into CACHE
+    the first time, then kept there). Unavailable, with the reason, if it cannot be had."""
+    try:
+        ver = version("pyfuse3")
+    except PackageNotFoundError as e:
+        raise Unavailable("pyfuse3 is not installed") from e
+    target = cache / f"passthroughfs-{ver}.py"
+    if target.is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    sdists = sorted(cache.glob(f"pyfuse3-{ver}.tar.gz"))
+    if not sdists:
+        log(f"passthrough: fetching the sdist of pyfuse3 {ver} into {cache} (once)")
+        try:
+            run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
+                 f"pyfuse3=={ver}", "-d", cache], timeout=900)
+        except BenchError as e:
+            raise Unavailable(f"cannot fetch the sdist of pyfuse3 {ver}: {str(e).splitlines()[-1]}") from e
+        sdists = sorted(cache.glob(f"pyfuse3-{ver}.tar.gz"))
+        if not sdists:
+            raise Unavailable(f"pip download left no pyfuse3-{ver}.tar.gz in {cache}")
+    member = f"pyfuse3-{ver}/examples/passthroughfs.py"
+    try:
+        with tarfile.open(sdists[0]) as tar:
+            f = tar.extractfile(member)
+            if f is None:
+                raise KeyError(member)
+            data = f.read()
+    except (OSError, tarfile.TarError, KeyError) as e:
+        raise Unavailable(f"no {member} in {sdists[0]}: {e}") from e
+    tmp = target.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
+    return target
+
+
+class PassthroughFs(Fs):
+    """pyfuse3's passthroughfs.py example mirroring SRC (a directory beside the images), with the kernel's
+    writeback cache as tux3fuse's, under scripts/fusecount.py; a child of the script. Its fsync and flush reply
+    ENOSYS (the kernel then stops sending them)."""
+
+    name = "passthrough"
+
+    def __init__(self, workdir: Path, size: str = "2G") -> None:
+        super().__init__(workdir, size)
+        self.src = workdir / f"{self.name}.src"
+        self.statsfile = workdir / f"{self.name}.stats.json"
+        self.example: Path | None = None
+
+    def missing(self) -> str | None:
+        why = fuse_missing()
+        if why:
+            return why
+        try:
+            self.example = passthrough_example()
+        except Unavailable as e:
+            return str(e)
+        return None
+
+    def mkfs(self) -> None:
+        if self.example is None:
+            self.example = passthrough_example()
+        self.src.mkdir(exist_ok=True)
+
+    def _mount(self) -> None:
+        self._spawn([sys.executable, str(FUSECOUNT), "--stats", str(self.statsfile), str(self.example),
+                     "--enable-writeback-cache", str(self.src), str(self.mnt)])
+
+    def _umount(self) -> None:
+        run([fusermount(), "-u", self.mnt], timeout=60)
+
+    def _reap(self) -> None:
+        self._reap_child()
+
+    def requests(self) -> dict[str, int]:
+        return self._dumped_requests(self.statsfile)
+
+    def daemon_pid(self) -> int:
+        return self._child_pid()
+
+
+class NativeFs(Fs):
+    """No filesystem of its own: MNT is a directory on the local disk the work directory is on (the limit). A cold
+    start is sync + drop_caches."""
+
+    name = "native"
+
+    def missing(self) -> str | None:
+        return None
+
+    def mkfs(self) -> None:
+        pass
+
+    def mount(self) -> None:
+        self.mnt.mkdir(exist_ok=True)
+
+    def umount(self) -> None:
+        pass
+
+    def remount(self) -> None:
+        drop_caches()
+
+    def sync(self) -> None:
+        os.sync()
+
+    def mounted_check(self) -> None:
+        if not self.mnt.is_dir():
+            raise BenchError(f"{self.mnt} is gone")
 
 
 class Ext4LoopFs(Fs):
@@ -372,4 +547,5 @@ def make_fs(name: str, workdir: Path, size: str = "2G", tux3_options: str | None
         return Tux3Fs(workdir, size, tux3_options)
     if name in ("null", "null-fdatasync"):
         return NullFs(workdir, size, fdatasync=name == "null-fdatasync")
-    return {"fuse2fs": Fuse2Fs, "ext4": Ext4LoopFs}[name](workdir, size)
+    return {"fuse2fs": Fuse2Fs, "ext4": Ext4LoopFs, "passthrough": PassthroughFs, "native": NativeFs}[name](
+        workdir, size)

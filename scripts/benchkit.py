@@ -18,7 +18,8 @@ What it guarantees:
 - The work directory is on local disk, never tmpfs or ramfs (`default_workdir`), so benchmarks do not measure
   memory.
 - `update_section` replaces exactly one level-2 section of PERFORMANCE.md (its heading up to the next level-2
-  heading) or appends it, and leaves every other line of the file as it was.
+  heading) or adds it (at the end, or with ``first`` before the first level-2 section), and leaves every other
+  line of the file as it was; `remove_section` takes one out the same way.
 
 The scripts import this module as `benchkit`: each is run as `python scripts/NAME.py`, which puts scripts/ on
 sys.path.
@@ -175,6 +176,13 @@ def end_process(proc: subprocess.Popen, what: str, timeout: float = 30) -> int |
     return None
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process PID, all its threads, so far (/proc/PID/stat); OSError if it is gone."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # fields[0] is the state, field 3 of stat(5)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14 and 15
+
+
 def daemon_pids(path: str | Path) -> list[int]:
     """Live (non-zombie) processes whose command line names PATH (or, ending in "/", a path below it)."""
     needle = str(path)
@@ -314,21 +322,28 @@ def comma_choices(choices: Sequence[str]) -> Callable[[str], list[str]]:
     return parse
 
 
-def text_table(header: list[str], rows: list[list[str]], left: int = 1) -> list[str]:
-    """Lines of an aligned table: the first LEFT columns left-aligned, the others right-aligned."""
+def _left_columns(n: int, left: int, last_left: bool) -> list[bool]:
+    return [i < left or (last_left and i == n - 1) for i in range(n)]
+
+
+def text_table(header: list[str], rows: list[list[str]], left: int = 1, last_left: bool = False) -> list[str]:
+    """Lines of an aligned table: the first LEFT columns (and with LAST_LEFT the last one) left-aligned, the others
+    right-aligned."""
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lefts = _left_columns(len(header), left, last_left)
 
     def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(widths[i]) if i < left else c.rjust(widths[i]) for i, c in enumerate(cells))
+        return "  ".join(c.ljust(widths[i]) if lefts[i] else c.rjust(widths[i]) for i, c in enumerate(cells)).rstrip()
 
     head = line(header)
     return [head, "-" * len(head), *(line(r) for r in rows)]
 
 
-def md_table(header: list[str], rows: list[list[str]], left: int = 1) -> list[str]:
-    """Lines of a markdown table: the first LEFT columns left-aligned, the others right-aligned."""
-    out = ["| " + " | ".join(header) + " |",
-           "|" + "|".join("---" if i < left else "---:" for i in range(len(header))) + "|"]
+def md_table(header: list[str], rows: list[list[str]], left: int = 1, last_left: bool = False) -> list[str]:
+    """Lines of a markdown table: the first LEFT columns (and with LAST_LEFT the last one) left-aligned, the others
+    right-aligned."""
+    lefts = _left_columns(len(header), left, last_left)
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if x else "---:" for x in lefts) + "|"]
     return out + ["| " + " | ".join(r) + " |" for r in rows]
 
 
@@ -340,20 +355,50 @@ def generated_line(cmd: str, now: str, loads: Sequence[str]) -> str:
             f"(1/5/15 min) {loads[0]} at the start, {loads[-1]} at the end.")
 
 
-def update_section(md: Path, heading: str, section: str) -> None:
-    """Replace the section titled HEADING of MD (up to the next level-2 heading) with SECTION, or append it."""
-    text = md.read_text() if md.exists() else "# Performance\n"
-    lines = text.splitlines()
+def _section_span(lines: list[str], heading: str) -> tuple[int, int] | None:
+    """(first line, line after the last) of the level-2 section titled HEADING, or None."""
     start = next((i for i, line in enumerate(lines) if line.strip() == heading), None)
     if start is None:
-        new = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+        return None
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return start, end
+
+
+def update_section(md: Path, heading: str, section: str, first: bool = False) -> None:
+    """Replace the section titled HEADING of MD (up to the next level-2 heading) with SECTION, or add it: at the
+    end, or with FIRST before the first level-2 section (at the end if there is none)."""
+    text = md.read_text() if md.exists() else "# Performance\n"
+    lines = text.splitlines()
+    span = _section_span(lines, heading)
+    if span is None:
+        at = next((i for i, line in enumerate(lines) if line.startswith("## ")), None) if first else None
+        if at is None:
+            new = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+        else:
+            head = "\n".join(lines[:at]).rstrip("\n")
+            new = (head + "\n\n" if head else "") + section.rstrip("\n") + "\n\n" + "\n".join(lines[at:]) + "\n"
     else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        start, end = span
         head = "\n".join(lines[:start]).rstrip("\n")
         tail = "\n".join(lines[end:]).rstrip("\n")
         rest = "\n" + tail + "\n" if tail.strip() else ""
         new = (head + "\n\n" if head else "") + section.rstrip("\n") + "\n" + rest
     md.write_text(new)
+
+
+def remove_section(md: Path, heading: str) -> bool:
+    """Take the section titled HEADING (up to the next level-2 heading) out of MD; False if it has none."""
+    if not md.exists():
+        return False
+    lines = md.read_text().splitlines()
+    span = _section_span(lines, heading)
+    if span is None:
+        return False
+    start, end = span
+    head = "\n".join(lines[:start]).rstrip("\n")
+    tail = "\n".join(lines[end:]).rstrip("\n")
+    md.write_text(head + ("\n\n" + tail if tail.strip() else "") + "\n")
+    return True
 
 
 def load_average() -> str:
@@ -430,9 +475,9 @@ class Harness:
         return dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
 
     @staticmethod
-    def table(header: list[str], rows: list[list[str]], left: int = 1) -> None:
+    def table(header: list[str], rows: list[list[str]], left: int = 1, last_left: bool = False) -> None:
         print()
-        for line in text_table(header, rows, left):
+        for line in text_table(header, rows, left, last_left):
             print(line)
 
     def chart(self, draw: Callable[[Any], Any]) -> str | None:

@@ -12,6 +12,11 @@ With --fdatasync FILE, every fsync and fsyncdir instead rewrites the first 4 KiB
 it, in a worker thread (trio.to_thread.run_sync, at most 40 at once): the floor of a pyfuse3 filesystem that
 makes each fsync durable with one block write and one device flush, and does not group concurrent fsyncs.
 
+Every request is counted by operation (scripts/fusecount.py's wrappers, one increment per request: the same
+bookkeeping tux3fuse's adapter does for ``tux3 stat``); with --stats FILE, SIGUSR1 writes the counts so far to FILE
+as one JSON object ({"create": 500, "write": 500, ...}). flush replies ENOSYS, as tux3fuse's does, so the kernel
+stops sending it: a close costs no request.
+
 Runs in the foreground until the filesystem is unmounted (fusermount3 -u MOUNTPOINT) or it gets SIGTERM, SIGINT
 or SIGHUP (then it unmounts itself).
 """
@@ -27,9 +32,11 @@ import signal
 import stat
 import sys
 import time
+from pathlib import Path
 
 import pyfuse3
 import trio
+from fusecount import count_requests, dump_on_signal
 
 TIMEOUT = 300.0  # entry and attribute timeouts, as tux3fuse's
 MAX_TASKS = 256  # as tux3fuse's daemon (Options.max_tasks)
@@ -202,7 +209,7 @@ class NullOperations(pyfuse3.Operations):
         return len(buf)
 
     async def flush(self, fh):
-        return None
+        raise pyfuse3.FUSEError(errno.ENOSYS)  # nothing to report at close: the kernel stops sending FLUSH
 
     async def release(self, fh):
         return None
@@ -269,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fdatasync", metavar="FILE", help="make every fsync write and fdatasync 4 KiB of FILE")
     ap.add_argument("--nowriteback", action="store_true", help="kernel writeback cache off, as tux3fuse's -o "
                     "nowriteback: every write() is a request")
+    ap.add_argument("--stats", type=Path, metavar="FILE", help="on SIGUSR1, write the requests counted so far, "
+                    "by operation, to FILE (JSON)")
     ap.add_argument("mountpoint")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="nullfs: %(levelname)s: %(message)s")
@@ -279,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         os.fsync(scratch)
     ops = NullOperations(scratch)
     ops.enable_writeback_cache = not args.nowriteback
+    counts = count_requests(ops)
+    if args.stats:
+        dump_on_signal(counts, args.stats)
     options = set(pyfuse3.default_options) | {"fsname=nullfs", "subtype=nullfs"}
     try:
         pyfuse3.init(ops, args.mountpoint, options)

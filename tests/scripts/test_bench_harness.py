@@ -68,3 +68,25 @@ def test_tables_align_text_and_markdown_the_same_way() -> None:
     lines = benchkit.text_table(["job", "tux3fuse", "ratio"], rows)
     assert lines[0] == "job              tux3fuse  ratio" and lines[2] == "seqwrite (MB/s)       186   0.76"
     assert benchkit.md_table(["job", "v"], [["a", "1"]])[1] == "|---|---:|"
+
+
+def test_a_new_first_section_goes_before_the_others_and_a_removed_one_leaves_the_rest(tmp_path: Path) -> None:
+    md = tmp_path / "PERFORMANCE.md"
+    md.write_text("# Performance\n\nintro\n\n## A\n\na\n\n## B\n\nb\n")
+    benchkit.update_section(md, "## Z", "## Z\n\nz\n", first=True)
+    assert md.read_text() == "# Performance\n\nintro\n\n## Z\n\nz\n\n## A\n\na\n\n## B\n\nb\n"
+    benchkit.update_section(md, "## A", "## A\n\nnew a\n", first=True)  # present: replaced where it is
+    assert benchkit.remove_section(md, "## Z") and not benchkit.remove_section(md, "## Y")
+    assert md.read_text() == "# Performance\n\nintro\n\n## A\n\nnew a\n\n## B\n\nb\n"
+    assert benchkit.remove_section(md, "## B")
+    assert md.read_text() == "# Performance\n\nintro\n\n## A\n\nnew a\n"
+    empty = tmp_path / "new.md"
+    benchkit.update_section(empty, "## Z", "## Z\n\nz\n", first=True)  # no section yet: after the title
+    assert empty.read_text() == "# Performance\n\n## Z\n\nz\n"
+
+
+def test_a_left_aligned_last_column_pads_no_trailing_blanks() -> None:
+    lines = benchkit.text_table(["job", "n", "by operation"], [["a", "1", "write 1.00"], ["bb", "10", "x"]],
+                                last_left=True)
+    assert lines[2] == "a     1  write 1.00" and lines[3] == "bb   10  x"
+    assert benchkit.md_table(["a", "b", "c"], [["1", "2", "3"]], last_left=True)[1] == "|---|---:|---|"
