@@ -10,6 +10,10 @@ Filesystems (--only takes their names), one after the other, each in a temporary
                once with pip download into ~/.cache/tux3fuse-bench), with the writeback cache, mirroring a
                directory on local disk, run under scripts/fusecount.py: a Python floor
   null         "nullfs": scripts/nullfs.py, in memory, with tux3fuse's FUSE options: the other Python floor
+  null-group   "nullfs+flush": nullfs --fdatasync SCRATCH --group, fsync and fsync100 only: every fsync waits for a
+               4 KiB write + fdatasync of a scratch file beside the images, concurrent ones sharing flushes (group
+               commit): the floor of a Python filesystem whose fsync is durable (the two floors above make
+               nothing durable: nullfs's fsync returns at once, the passthrough example has none)
   native       "native ext4": fio in a directory on the local disk itself (ext4): the limit
 
 Jobs:
@@ -73,14 +77,15 @@ from benchkit import (
     update_section,
 )
 
-FILESYSTEMS = ("tux3fuse", "fuse2fs", "ext4", "passthrough", "null", "native")
+FILESYSTEMS = ("tux3fuse", "fuse2fs", "ext4", "passthrough", "null", "null-group", "native")
 LABELS = {"tux3fuse": "tux3fuse", "fuse2fs": "fuse2fs", "ext4": "ext4-loop", "passthrough": "passthrough",
-          "null": "nullfs", "native": "native ext4"}
+          "null": "nullfs", "null-group": "nullfs+flush", "native": "native ext4"}
 COLORS = {"tux3fuse": "#1f77b4", "fuse2fs": "#ff7f0e", "ext4": "#2ca02c", "passthrough": "#9467bd",
-          "null": "#7f7f7f", "native": "#8c564b"}
+          "null": "#7f7f7f", "null-group": "#bcbd22", "native": "#8c564b"}
 FLOORS = ("passthrough", "null")  # the Python floors
-COUNTED = ("tux3fuse", "passthrough", "null")  # the filesystems whose requests are counted
-DAEMONS = ("tux3fuse", "fuse2fs", "passthrough", "null")  # the filesystems served by a process of their own
+COUNTED = ("tux3fuse", "passthrough", "null", "null-group")  # the filesystems whose requests are counted
+DAEMONS = ("tux3fuse", "fuse2fs", "passthrough", "null", "null-group")  # served by a process of their own
+DURABLE_JOBS = ("fsync", "fsync100")  # the jobs of the durable floor (null-group)
 SECTION = "## Filesystems side by side"
 # What scripts/bench.py wrote before it owned one section: taken out when the section is written.
 OLD_SECTIONS = ("## Machine", "## Results", "## Setup", "## Jobs")
@@ -134,7 +139,10 @@ JOB = {j.name: j for j in JOBS}
 
 
 def runs(name: str, job: Job) -> bool:
-    """Does filesystem NAME run JOB? nullfs keeps nothing across an unmount: no cold jobs."""
+    """Does filesystem NAME run JOB? nullfs keeps nothing across an unmount: no cold jobs; the durable floor
+    runs the fsync jobs only."""
+    if name == "null-group":
+        return job.name in DURABLE_JOBS
     return not (name == "null" and job.cold)
 
 
@@ -439,6 +447,11 @@ def goal_lines(results: dict[str, FsResult]) -> list[str]:
             ahead = v < ref if job.lower_is_better else v > ref
             lines.append(f"{verdict(ahead)}: {what}: {value_text(job, v)} vs {value_text(job, ref)} "
                          f"({speed(job, v, ref):.2f} x as fast)")
+    for name in DURABLE_JOBS:  # beside the goal: the floor of a Python filesystem whose fsync is durable
+        job = JOB[name]
+        ref = results.get("null-group", FsResult()).value(name)
+        lines.append(compare(job, f"(beside the goal) tux3fuse {name} against the durable floor, nullfs+flush",
+                             LABELS["null-group"], ref, FLOOR_RATIO))
     lines.append(compare(JOB["seqread"], f"tux3fuse seqread >= {NATIVE_SEQREAD_RATIO} x native ext4",
                          LABELS["native"], results.get("native", FsResult()).value("seqread"),
                          NATIVE_SEQREAD_RATIO))
@@ -633,6 +646,10 @@ def section_text(results: dict[str, FsResult], params: Params, h: Harness, chart
     out.append("- nullfs: `python scripts/nullfs.py --stats FILE MNT`: in memory, with tux3fuse's FUSE options "
                "(default_permissions, writeback cache, 300 s timeouts, up to 256 requests at once); fsync returns "
                "at once, flush replies ENOSYS. It keeps nothing across an unmount: no cold jobs.")
+    out.append("- nullfs+flush: `python scripts/nullfs.py --fdatasync SCRATCH --group --stats FILE MNT`, fsync jobs "
+               "only: every fsync waits for a 4 KiB write + fdatasync of a scratch file beside the images, those "
+               "that arrive while one is in flight sharing the next (group commit). The floor of a Python "
+               "filesystem whose fsync is durable; beside the goal, which is set against the two floors above.")
     out.append("- native ext4: fio in a directory on the local disk the images are on; a cold start is sync + "
                "drop_caches.")
     out.append("- Cold (seqread, randread): unmount, sync and drop_caches, mount. randread-warm: one whole read of "

@@ -64,7 +64,7 @@ VENV_BIN = Path(sys.executable).parent
 NULLFS = Path(__file__).resolve().parent / "nullfs.py"
 FUSECOUNT = Path(__file__).resolve().parent / "fusecount.py"
 CACHE = Path.home() / ".cache" / "tux3fuse-bench"  # pyfuse3's sdist, for its passthrough example
-NAMES = ("tux3fuse", "fuse2fs", "ext4", "null", "null-fdatasync", "passthrough", "native")
+NAMES = ("tux3fuse", "fuse2fs", "ext4", "null", "null-fdatasync", "null-group", "passthrough", "native")
 
 
 class Unavailable(Exception):
@@ -326,11 +326,13 @@ class NullFs(Fs):
     name = "null"
     persistent = False
 
-    def __init__(self, workdir: Path, size: str = "2G", fdatasync: bool = False, nowriteback: bool = False) -> None:
+    def __init__(self, workdir: Path, size: str = "2G", fdatasync: bool = False, nowriteback: bool = False,
+                 group: bool = False) -> None:
         if fdatasync:
-            self.name = "null-fdatasync"
+            self.name = "null-group" if group else "null-fdatasync"
         super().__init__(workdir, size)
         self.fdatasync = fdatasync
+        self.group = group  # with fdatasync: concurrent fsyncs share flushes (nullfs --group)
         self.nowriteback = nowriteback  # the kernel's writeback cache off: every write() is a request
         self.statsfile = workdir / f"{self.name}.stats.json"
 
@@ -342,7 +344,8 @@ class NullFs(Fs):
 
     def _mount(self) -> None:
         self._spawn([sys.executable, str(NULLFS), *(["--fdatasync", str(self.image)] if self.fdatasync else []),
-                     *(["--nowriteback"] if self.nowriteback else []), "--stats", str(self.statsfile),
+                     *(["--group"] if self.group else []), *(["--nowriteback"] if self.nowriteback else []),
+                     "--stats", str(self.statsfile),
                      str(self.mnt)])
 
     def _umount(self) -> None:
@@ -545,7 +548,7 @@ def make_fs(name: str, workdir: Path, size: str = "2G", tux3_options: str | None
     """The filesystem called NAME (one of NAMES) in WORKDIR."""
     if name == "tux3fuse":
         return Tux3Fs(workdir, size, tux3_options)
-    if name in ("null", "null-fdatasync"):
-        return NullFs(workdir, size, fdatasync=name == "null-fdatasync")
+    if name in ("null", "null-fdatasync", "null-group"):
+        return NullFs(workdir, size, fdatasync=name != "null", group=name == "null-group")
     return {"fuse2fs": Fuse2Fs, "ext4": Ext4LoopFs, "passthrough": PassthroughFs, "native": NativeFs}[name](
         workdir, size)

@@ -10,7 +10,10 @@ kept after the unmount.
 
 With --fdatasync FILE, every fsync and fsyncdir instead rewrites the first 4 KiB of FILE and calls fdatasync on
 it, in a worker thread (trio.to_thread.run_sync, at most 40 at once): the floor of a pyfuse3 filesystem that
-makes each fsync durable with one block write and one device flush, and does not group concurrent fsyncs.
+makes each fsync durable with one block write and one device flush, and does not group concurrent fsyncs. With
+--group as well, concurrent fsyncs share flushes as a journal's group commit does: an fsync waits for the next
+write + fdatasync to start after it came, one at a time, so those that arrive while one is in flight share the
+next (the floor of a pyfuse3 filesystem with group commit).
 
 Every request is counted by operation (scripts/fusecount.py's wrappers, one increment per request: the same
 bookkeeping tux3fuse's adapter does for ``tux3 stat``); with --stats FILE, SIGUSR1 writes the counts so far to FILE
@@ -74,8 +77,11 @@ class NullOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = True
 
-    def __init__(self, scratch_fd: int | None = None) -> None:
+    def __init__(self, scratch_fd: int | None = None, group: bool = False) -> None:
         super().__init__()
+        self.group = group
+        self.started = self.done = 0  # grouped flushes started, and finished
+        self.flushed: trio.Event | None = None  # set when the flush in flight finishes
         root = Node(pyfuse3.ROOT_INODE, pyfuse3.ROOT_INODE, 0, stat.S_IFDIR | 0o755, os.getuid(), os.getgid())
         self.nodes = {root.ino: root}
         self.next_ino = root.ino + 1
@@ -222,8 +228,24 @@ class NullOperations(pyfuse3.Operations):
 
     async def durable(self) -> None:
         """Nothing, or (--fdatasync) one 4 KiB write and one fdatasync of the scratch file in a worker thread."""
-        if self.scratch_fd is not None:
+        if self.scratch_fd is None:
+            return
+        if not self.group:
             await trio.to_thread.run_sync(self.flush_scratch)
+            return
+        need = self.started + 1  # a flush that starts after this call
+        while self.done < need:
+            if self.flushed is not None:  # one in flight: wait for it, then see
+                await self.flushed.wait()
+                continue
+            self.started += 1
+            ticket, self.flushed = self.started, trio.Event()
+            try:
+                await trio.to_thread.run_sync(self.flush_scratch)
+            finally:
+                self.done = ticket
+                self.flushed.set()
+                self.flushed = None
 
     def flush_scratch(self) -> None:
         os.pwrite(self.scratch_fd, self.block, 0)
@@ -274,6 +296,8 @@ async def serve() -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fdatasync", metavar="FILE", help="make every fsync write and fdatasync 4 KiB of FILE")
+    ap.add_argument("--group", action="store_true", help="with --fdatasync: concurrent fsyncs share flushes "
+                    "(group commit)")
     ap.add_argument("--nowriteback", action="store_true", help="kernel writeback cache off, as tux3fuse's -o "
                     "nowriteback: every write() is a request")
     ap.add_argument("--stats", type=Path, metavar="FILE", help="on SIGUSR1, write the requests counted so far, "
@@ -286,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         scratch = os.open(args.fdatasync, os.O_RDWR | os.O_CREAT, 0o644)
         os.pwrite(scratch, bytes(BLOCK), 0)  # allocated now, so each fsync only overwrites it
         os.fsync(scratch)
-    ops = NullOperations(scratch)
+    if args.group and not args.fdatasync:
+        ap.error("--group needs --fdatasync FILE")
+    ops = NullOperations(scratch, group=args.group)
     ops.enable_writeback_cache = not args.nowriteback
     counts = count_requests(ops)
     if args.stats:
