@@ -17,7 +17,8 @@ next (the floor of a pyfuse3 filesystem with group commit).
 
 Every request is counted by operation (scripts/fusecount.py's wrappers, one increment per request: the same
 bookkeeping tux3fuse's adapter does for ``tux3 stat``); with --stats FILE, SIGUSR1 writes the counts so far to FILE
-as one JSON object ({"create": 500, "write": 500, ...}). flush replies ENOSYS, as tux3fuse's does, so the kernel
+as one JSON object ({"create": 500, "write": 500, ...}; with --fdatasync, "fdatasync" counts the scratch file's
+flushes). flush replies ENOSYS, as tux3fuse's does, so the kernel
 stops sending it: a close costs no request.
 
 Runs in the foreground until the filesystem is unmounted (fusermount3 -u MOUNTPOINT) or it gets SIGTERM, SIGINT
@@ -35,6 +36,7 @@ import signal
 import stat
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pyfuse3
@@ -82,6 +84,7 @@ class NullOperations(pyfuse3.Operations):
         self.group = group
         self.started = self.done = 0  # grouped flushes started, and finished
         self.flushed: trio.Event | None = None  # set when the flush in flight finishes
+        self.counts: Counter[str] = Counter()  # the request counts (--stats), and "fdatasync": the flushes
         root = Node(pyfuse3.ROOT_INODE, pyfuse3.ROOT_INODE, 0, stat.S_IFDIR | 0o755, os.getuid(), os.getgid())
         self.nodes = {root.ino: root}
         self.next_ino = root.ino + 1
@@ -232,6 +235,7 @@ class NullOperations(pyfuse3.Operations):
             return
         if not self.group:
             await trio.to_thread.run_sync(self.flush_scratch)
+            self.counts["fdatasync"] += 1
             return
         need = self.started + 1  # a flush that starts after this call
         while self.done < need:
@@ -242,6 +246,7 @@ class NullOperations(pyfuse3.Operations):
             ticket, self.flushed = self.started, trio.Event()
             try:
                 await trio.to_thread.run_sync(self.flush_scratch)
+                self.counts["fdatasync"] += 1
             finally:
                 self.done = ticket
                 self.flushed.set()
@@ -314,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--group needs --fdatasync FILE")
     ops = NullOperations(scratch, group=args.group)
     ops.enable_writeback_cache = not args.nowriteback
-    counts = count_requests(ops)
+    counts = ops.counts = count_requests(ops)
     if args.stats:
         dump_on_signal(counts, args.stats)
     options = set(pyfuse3.default_options) | {"fsname=nullfs", "subtype=nullfs"}

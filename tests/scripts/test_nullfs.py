@@ -4,9 +4,11 @@ until the unmount, fsync succeeds (and with --fdatasync flushes the scratch file
 from __future__ import annotations
 
 import os
+import signal
+import time
 
 import pytest
-from conftest import NullMount, is_mounted, require_fuse
+from conftest import NullMount, is_mounted, load_script, require_fuse
 
 pytestmark = [pytest.mark.mounted, pytest.mark.timeout(120)]
 
@@ -44,5 +46,52 @@ def test_written_bytes_read_back_through_fsync_until_unlink(tmp_path, variant):
         assert not is_mounted(str(m.mnt))
         if variant == "fdatasync":
             assert scratch.stat().st_size == 4096
+    finally:
+        m.cleanup()
+
+
+def test_group_shares_flushes_between_concurrent_fsyncs_and_never_skips_one(tmp_path):
+    """--group: concurrent fsyncs share flushes (fewer flushes than fsyncs), while fsyncs one after the other each
+    get a flush of their own (none returns on a flush that started before it)."""
+    import threading
+
+    read_counts = load_script("fusecount").read_counts
+    require_fuse()
+    stats = tmp_path / "stats.json"
+    m = NullMount(tmp_path / "mnt", tmp_path / "nullfs.log",
+                  ["--fdatasync", str(tmp_path / "scratch"), "--group", "--stats", str(stats)])
+    try:
+        def flushes() -> int:
+            stats.unlink(missing_ok=True)
+            os.kill(m.proc.pid, signal.SIGUSR1)
+            for _ in range(500):
+                if stats.exists():
+                    return read_counts(stats).get("fdatasync", 0)
+                time.sleep(0.01)
+            raise AssertionError("no counts dumped")
+
+        fds = [os.open(m.mnt / f"f{i}", os.O_RDWR | os.O_CREAT, 0o644) for i in range(40)]
+        before = flushes()
+        for fd in fds[:10]:
+            os.write(fd, b"x")
+            os.fsync(fd)
+        assert flushes() - before == 10
+        barrier = threading.Barrier(len(fds))
+
+        def task(fd: int) -> None:
+            barrier.wait()
+            for _ in range(5):
+                os.write(fd, b"y")
+                os.fsync(fd)
+        threads = [threading.Thread(target=task, args=(fd,)) for fd in fds]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        done = flushes() - before - 10
+        assert 5 <= done < 5 * len(fds)  # each task's five fsyncs need five flushes at least; groups share them
+        for fd in fds:
+            os.close(fd)
+        assert m.umount() == 0, m.log.read_text()
     finally:
         m.cleanup()
