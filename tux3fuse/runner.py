@@ -8,10 +8,12 @@ Guarantees:
   (``urgent_slice`` when someone waits for the commit), and between two slices the frontend goes first when it
   has work (``sliced``); so a large delta slows requests down but never stops them, and a steady stream of
   requests slows a commit down but never stops it.
-- The write stage runs where it costs the frontend least: inline when someone waits for a small commit (never on a
-  modelled slow device, whose waits must not hold the loop: ``Device.slow``), in a trio
-  worker thread when someone waits (an fsync, or with stable pages any writer may), otherwise in the nice-19 I/O
-  thread (``backend/iothread.py``), which never takes the CPU from requests.
+- The write stage runs where it costs the frontend least: inline when one caller waits for a small commit and no
+  request waits for the loop (never on a modelled slow device, whose waits must not hold the loop: ``Device.slow``),
+  in a trio worker thread when someone waits (an fsync, or with stable pages any writer may), otherwise in the
+  nice-19 I/O thread (``backend/iothread.py``), which never takes the CPU from requests. So under many concurrent
+  fsyncs the loop keeps taking their writes while a commit's I/O is in flight (``commits_inline`` counts the
+  others).
 - ``wait_job`` wakes when the job completes, or with ``written`` once its blocks are written (the end of its
   pages' I/O, as Linux's ``end_page_writeback``: what a stable-page writer waits for).
 
@@ -122,8 +124,11 @@ class Runner:
                 started = clock()
                 hold = await self.sliced(job.prepare_steps(), urgent)
                 prepared = clock()
-                if inline_small and len(job.writes) <= self.options.inline_commit_blocks and not self.dev.slow:
-                    job.write()  # someone waits for this small commit: a thread hop costs more than it saves
+                if (inline_small and len(job.writes) <= self.options.inline_commit_blocks and not self.dev.slow
+                        and not self.frontend_pending()):
+                    # one caller waits for this small commit and no request waits for the loop: a thread hop
+                    # costs more than it saves
+                    job.write()
                     self.counters["commits_inline"] += 1
                 else:
                     token = trio.lowlevel.current_trio_token()

@@ -364,3 +364,31 @@ async def test_cache_limit_holds_while_a_file_twice_the_cache_is_written_and_rea
     assert b"".join(back) == data
     assert vol.counters["throttled"] + vol.counters["commits"] > 2 and cache.evictions > evicted
     assert worst["clean"] == limit  # the cache was full, and stayed at its limit
+
+
+@pytest.mark.parametrize("pending", [False, True])
+async def test_a_lone_fsync_writes_inline_unless_requests_wait_for_the_loop(make_vol, pending):
+    """One fsync of a small commit does its I/O on the event loop (no thread hop), but not while requests wait in
+    the kernel: then the I/O goes to a thread, so that the loop keeps taking them meanwhile."""
+    vol = make_vol()
+    f = vol.create(1, b"f", 0o644)
+    vol.write(f.ino, 0, fill(1))
+    await vol.sync()
+    vol.runner.frontend_pending = lambda: pending
+    inline = vol.counters["commits_inline"]
+    loop_thread = threading.get_ident()
+    seen: list[int] = []
+    real = vol.backend.dev.flush
+
+    def flush() -> None:
+        seen.append(threading.get_ident())
+        real()
+
+    vol.backend.dev.flush = flush
+    async with trio.open_nursery() as nursery:
+        await nursery.start(Flusher(vol, interval=0).run)
+        vol.write(f.ino, 0, fill(2))
+        await vol.fsync(f.ino)
+        nursery.cancel_scope.cancel()
+    assert seen and all((t == loop_thread) != pending for t in seen)
+    assert vol.counters["commits_inline"] - inline == (0 if pending else 1)
