@@ -27,6 +27,8 @@ Two references, measured in the same run:
                 durable write: the least any fsync that writes data can cost here)
   pyfuse3-null  scripts/nullfs.py (tux3fuse's FUSE options, fsync returns at once): the same workload's latency,
                 what the requests alone cost any pyfuse3 filesystem
+  embedded      the fio workload's steps through the embedded API, without FUSE or trio: 4 KiB append, setattr
+                (the kernel's mtime update), transition, prepare, write + flush, complete, each timed
 
 Output: a table on stdout and a section "## fsync, where the time goes" in OUTDIR/PERFORMANCE.md (OUTDIR is docs/,
 or bench-out/ with --quick).
@@ -158,6 +160,46 @@ def flush_alone(workdir: Path, count: int) -> float:
         path.unlink()
 
 
+def embedded(workdir: Path, count: int) -> dict[str, float]:
+    """The fio workload's steps without FUSE or trio, through the embedded API in this process: microseconds per
+    4 KiB append + setattr (the kernel's mtime) + commit, by step."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from mkfs import mkfs
+    from tux3fuse.fs import Volume
+
+    image = workdir / "embedded.img"
+    mkfs(str(image), size=1 << 30)
+    vol = Volume(str(image))
+    try:
+        ino = vol.create(1, b"f", 0o644).ino
+        vol.flusher.commit_now()
+        payload = os.urandom(4096)
+        steps = ("write", "setattr", "transition", "prepare", "write + flush", "complete")
+        spent = dict.fromkeys(steps, 0.0)
+        clock = time.perf_counter
+        for i in range(count + count // 10):
+            t0 = clock()
+            vol.write(ino, vol.getattr(ino).size, payload)
+            t1 = clock()
+            vol.setattr(ino, mtime_ns=time.time_ns())
+            t2 = clock()
+            job = vol.flusher.start_commit(prepare=False)
+            t3 = clock()
+            vol.runner.prepare(job)
+            t4 = clock()
+            job.write()
+            t5 = clock()
+            job.complete()
+            t6 = clock()
+            if i >= count // 10:  # the first tenth warms up
+                for step, a, b in zip(steps, (t0, t1, t2, t3, t4, t5), (t1, t2, t3, t4, t5, t6), strict=True):
+                    spent[step] += b - a
+        return {step: t / count * 1e6 for step, t in spent.items()}
+    finally:
+        vol.unmount()
+        image.unlink()
+
+
 def rows(results: dict[str, Result], flush_us: float, floors: dict[str, Result]) -> list[list[str]]:
     out: list[list[str]] = []
 
@@ -199,6 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     floors: dict[str, Result] = {}
     with h.workdir("tux3fsyncpath-") as workdir:
         flush_us = flush_alone(workdir, 200 if args.quick else 1000)
+        steps = embedded(workdir, 200 if args.quick else 2000)
         for workload in WORKLOADS:
             for fs, into in ((Tux3Fs(workdir / f"t-{workload}", foreground=True), results),
                              (NullFs(workdir / f"n-{workload}"), floors)):
@@ -213,9 +256,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     header = ["per fsync (us)", *results]
     table = rows(results, flush_us, floors)
     h.table(header, table)
+    steps_header = ["embedded, per 4 KiB append + fsync (us)", "time"]
+    steps_rows = [[step, f"{us:,.1f}"] for step, us in steps.items()]
+    steps_rows.append(["all", f"{sum(steps.values()):,.1f}"])
+    h.table(steps_header, steps_rows)
     print(h.load_line())
     text = [SECTION, "", generated_line(h.command(), h.now(), h.loads), "",
             *md_table(header, table), "",
+            "The fio workload's steps without FUSE and without the event loop, through the embedded API in one "
+            "process (`Volume.write`, `Volume.setattr` as the kernel's mtime update, then the commit's stages "
+            "called one after the other):", "",
+            *md_table(steps_header, steps_rows), "",
             "Stages are the daemon's own counters (`tux3 stat --json`: commit_prepare_seconds, commit_data_seconds, "
             "commit_super_seconds, commit_flush_seconds, commit_write_seconds, commit_complete_seconds, "
             "commit_seconds) divided by the fsyncs; with several fsyncs per commit each fsync's share is smaller "
