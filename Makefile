@@ -96,6 +96,7 @@ bench: install
 	$(PY) scripts/bench_device.py $(BENCH_ARGS)
 	$(PY) scripts/bench_fsync.py $(BENCH_ARGS)
 	$(PY) scripts/bench_fsync_path.py $(BENCH_ARGS)
+	$(PY) scripts/bench_reads.py $(BENCH_ARGS)
 	$(PY) scripts/bench_unify.py $(BENCH_ARGS)
 
 CRASH_POINTS ?= 1000

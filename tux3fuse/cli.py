@@ -76,7 +76,7 @@ IGNORED = {"defaults", "auto", "noauto", "user", "nouser", "users", "nofail", "_
 
 MAX_COMMIT = 86400.0  # seconds: commit= beyond a day is a mistake, not a setting
 FLAGS = {"ro", "nowriteback", "xattr", "verify_log"}
-SIZE_OPTIONS = ("cache", "dirty_limit", "fsync_ahead")
+SIZE_OPTIONS = ("cache", "dirty_limit", "fsync_ahead", "readahead")
 
 
 def _memory_bytes() -> int:
@@ -99,14 +99,15 @@ def _parse_seconds(key: str, value: str, high: float) -> float:
 MAX_DEVICE_LATENCY = 10.0  # seconds: a modelled device slower than this is a mistake
 
 
-def _parse_latency(value: str) -> float:
-    """device_latency=: a duration such as 5ms, 0.2ms, 20us or 0.01 (seconds), up to ``MAX_DEVICE_LATENCY``."""
+def _parse_latency(value: str, key: str = "device_latency") -> float:
+    """device_latency=, read_inline_max=: a duration such as 5ms, 0.2ms, 20us or 0.01 (seconds), up to
+    ``MAX_DEVICE_LATENCY``."""
     try:
         latency = parse_duration(value)
     except ValueError:
         latency = -1.0
     if not 0 <= latency <= MAX_DEVICE_LATENCY:
-        raise UsageError(f"device_latency= takes a duration such as 5ms or 0.2ms, up to {MAX_DEVICE_LATENCY:g}s, "
+        raise UsageError(f"{key}= takes a duration such as 5ms or 0.2ms, up to {MAX_DEVICE_LATENCY:g}s, "
                          f"not {value!r}")
     return latency
 
@@ -128,8 +129,8 @@ def _parse_option_size(key: str, value: str) -> int:
 def parse_mount_options(text: str) -> dict:
     """-o string -> settings; raises UsageError on anything unknown and on any value out of its range."""
     out = {"ro": False, "writeback": True, "xattr": False, "commit": 5.0, "cache": None, "stable": "fork",
-           "writelog": None, "dirty_limit": None, "fsync_ahead": None, "verify_log": False, "log": None,
-           "device_latency": 0.0, "device_bandwidth": 0, "fuse": set()}
+           "writelog": None, "dirty_limit": None, "fsync_ahead": None, "readahead": None, "verify_log": False,
+           "log": None, "read_inline_max": None, "device_latency": 0.0, "device_bandwidth": 0, "fuse": set()}
     for opt in filter(None, (text or "").split(",")):
         key, eq, value = opt.partition("=")
         if key in FLAGS and eq:
@@ -156,8 +157,8 @@ def parse_mount_options(text: str) -> dict:
             if value not in ("fork", "wait", "none"):
                 raise UsageError(f"stable= takes fork, wait or none, not {value!r}")
             out["stable"] = value
-        elif key == "device_latency":
-            out[key] = _parse_latency(value)
+        elif key in ("device_latency", "read_inline_max"):
+            out[key] = _parse_latency(value, key)
         elif key == "device_bandwidth":
             try:
                 out[key] = parse_size(value)
@@ -192,7 +193,10 @@ def mount_cmd(argv: list[str], prog: str = PROG_MOUNT) -> int:
     p.add_argument("-o", dest="options", action="append", default=[], help="mount options, comma separated: ro, "
                    "allow_other, writeback|nowriteback, xattr, commit=SECONDS (0 to 86400; 0: only fsync, sync and "
                    "unmount commit), cache=SIZE, dirty_limit=SIZE (0: no limit), "
-                   "stable=fork|wait|none, fsync_ahead=SIZE|off, auto_unmount, log=FILE (log to FILE as well), "
+                   "stable=fork|wait|none, fsync_ahead=SIZE|off, readahead=SIZE (the most read ahead of a sequential "
+                   "reader whose reads wait for the device; 0: none), read_inline_max=DURATION (reads of a device "
+                   "quicker than this run on the event loop, slower ones in worker threads; 0: always threads), "
+                   "auto_unmount, log=FILE (log to FILE as well), "
                    "writelog=FILE (record every write and flush to FILE, for crash tests), verify_log (after every "
                    "commit read the volume back as a mount would and compare it with memory: for testing), "
                    "device_latency=DURATION, device_bandwidth=SIZE (every write and flush of the image completes as "
@@ -234,6 +238,10 @@ def mount_cmd(argv: list[str], prog: str = PROG_MOUNT) -> int:
         options.dirty_limit = opts["dirty_limit"]  # 0: no limit
     if opts["fsync_ahead"] is not None:
         options.fsync_ahead_bytes = opts["fsync_ahead"]
+    if opts["readahead"] is not None:
+        options.readahead = opts["readahead"]
+    if opts["read_inline_max"] is not None:
+        options.read_inline_max = opts["read_inline_max"]
     if opts["verify_log"]:
         options.verify_log = True
     options.device_latency, options.device_bandwidth = opts["device_latency"], opts["device_bandwidth"]

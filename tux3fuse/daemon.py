@@ -148,6 +148,7 @@ class Daemon:
             nursery.start_soon(self._signals)
             await nursery.start(self._control)
             await nursery.start(Flusher(self.vol).run)
+            await nursery.start(self.vol.reads.readahead.run)
             await pyfuse3.main(min_tasks=2, max_tasks=self.vol.options.max_tasks)
             nursery.cancel_scope.cancel()
 

@@ -35,6 +35,7 @@ IOV_MAX = 1024
 # nice value. Between two pieces they can.
 WRITE_PIECE = 64 << 10  # bytes: the most one write system call carries (Options.write_piece)
 FILL_CHUNK = 1 << 20  # bytes: the image's holes are filled this much at a time, around the blocks written
+NOWAIT = getattr(os, "RWF_NOWAIT", 0)  # preadv2 flag: fail with EAGAIN rather than wait for the disk
 
 
 class DeviceModel:
@@ -155,6 +156,7 @@ class Device:
         self.run_max = max(1, min(IOV_MAX, write_piece // blocksize))  # blocks per vectored write
         self.filled = bytearray(-(-volblocks * blocksize // fill_chunk) // 8 + 1)  # bit per chunk: no hole left
         self.model = model
+        self.nowait = NOWAIT != 0  # pread_cached may try the host's page cache without waiting
         self.issued: list[int] = []  # with a model: the sizes of the requests of the batch being written
         self.unflushed = True  # written since the last flush (at first: not known, so the first flush is sent)
         self.fua_done = False  # the last write was a FUA write, after a flush: the next flush has nothing to do
@@ -195,11 +197,36 @@ class Device:
         return data
 
     def read_blocks(self, block: int, count: int) -> bytes:
+        data = self.pread_blocks(block, count)
+        self.stats.blocks_read += count
+        return data
+
+    def pread_cached(self, block: int, count: int) -> memoryview | None:
+        """``count`` blocks from ``block`` if the host's page cache holds them all, else None: an image file's
+        read with RWF_NOWAIT, which does not wait for the disk (so the event loop may issue it). Counted by nobody,
+        as ``pread_blocks``; None on a backing without a file descriptor, or where such reads are refused."""
+        fd = self.backing.fd
+        if fd < 0 or not self.nowait:
+            return None
+        self._check(block, count)
+        buf = bytearray(count * self.blocksize)
+        try:
+            done = os.preadv(fd, [buf], block * self.blocksize, NOWAIT)
+        except BlockingIOError:
+            return None
+        except OSError:  # EOPNOTSUPP, EINVAL: not on this file; the worker threads read it all
+            self.nowait = False
+            return None
+        return memoryview(buf).toreadonly() if done == len(buf) else None
+
+    def pread_blocks(self, block: int, count: int) -> bytes:
+        """``count`` blocks from ``block``, counted by nobody: safe to call from any thread, several at once and
+        beside a commit's writes (a file's pread, or the NBD backing's handle under its mutex). The caller counts
+        the blocks on the event loop (``stats.blocks_read``)."""
         self._check(block, count)
         n = count * self.blocksize
         data = self.backing.pread(n, block * self.blocksize)
-        self.stats.blocks_read += count
-        if len(data) < n:
+        if len(data) < n:  # a short image reads as zeros past its end
             data = data.ljust(n, b"\0")
         return data
 

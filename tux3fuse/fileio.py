@@ -10,6 +10,8 @@ Guarantees:
   stable=none changed in place.
 - Nothing is changed before space is reserved (``Space.reserve``) or before the writer has waited what it must
   (``Throttled`` over the dirty limit); the exceptions that say so are raised first.
+- The daemon reads through ``reads.py``, which never holds the event loop while the device reads and returns what
+  ``read`` would return when it completes.
 - Truncate during writeout never waits and never copies (``cache/fork.py:truncate_for_writeout``); the cut is
   remembered per delta (``Inode.hole_from``) so that reads past it see zeros until the commit unmaps the blocks.
 """
@@ -41,6 +43,16 @@ from .space import Space
 MAX_FILE_SIZE = 1 << 50  # logical blocks must fit the 48-bit range of the format at any block size
 
 
+def gather(parts: list, lo: int, length: int) -> bytes:
+    """``length`` bytes from byte ``lo`` of the whole pages ``parts``, copied once."""
+    if len(parts) == 1:
+        return bytes(parts[0][lo: lo + length])
+    tail = lo + length - (len(parts) - 1) * len(parts[0])  # bytes wanted of the last page
+    parts[0] = memoryview(parts[0])[lo:]
+    parts[-1] = memoryview(parts[-1])[:tail]
+    return b"".join(parts)
+
+
 class Files:
     def __init__(self, backend: Backend, icache: InodeCache, deltas: Deltas, dirty: DirtyLists, space: Space,
                  runner: Runner, forks: ForkRegistry, health: Health, options: Options,
@@ -58,6 +70,7 @@ class Files:
         self.blocksize = backend.blocksize
         self.stable = options.stable
         self.on_background: Callable[[], None] | None = None  # dirty data passed Options.background_bytes
+        self.on_truncate: Callable[[int], None] | None = None  # a file was cut short (readahead stops)
 
     # -- pages -----------------------------------------------------------------------------------------------------
 
@@ -162,10 +175,7 @@ class Files:
             for page in self.read_pages(inode, index, last - index + 1):
                 parts.append(page.data)
                 index += 1
-        lo = offset - first * bs
-        if len(parts) == 1:
-            return bytes(parts[0][lo: lo + end - offset])
-        return b"".join(parts)[lo: lo + end - offset]
+        return gather(parts, offset - first * bs, end - offset)
 
     def write(self, inode: Inode, offset: int, data: bytes) -> int:
         self.health.check_writable()
@@ -222,6 +232,8 @@ class Files:
         rec = inode.rec
         bs = self.blocksize
         if size < rec.size:
+            if self.on_truncate is not None:
+                self.on_truncate(inode.ino)
             keep = -(-size // bs)
             truncate_for_writeout(inode.mapping, keep, delta, self.forks)
             old = inode.hole_from.get(delta)

@@ -50,6 +50,7 @@ from .inode import Inode
 from .inodes import Attr
 from .namespace import Namespace
 from .options import Options
+from .reads import ReadPlan, Reads
 from .replay import delta_landed, find_super, load, read_super, reclaim_orphans
 from .replaycheck import check_replay
 from .runner import Runner
@@ -111,6 +112,8 @@ class Volume:
         self.space = Space(be, self.icache, self.dirty, self.runner)
         self.files = Files(be, self.icache, self.deltas, self.dirty, self.space, self.runner, self.forks,
                            self.health, opts, c)
+        self.reads = Reads(be, self.icache, self.runner, opts, c)  # the daemon's reads, beside the event loop
+        self.files.on_truncate = self.reads.readahead.stop
         self.names = Namespace(be, self.icache, self.files, self.deltas, self.dirty, self.space, self.health, c)
         self.flusher = Flusher(self)
         self.iget = self.icache.iget
@@ -254,6 +257,7 @@ class Volume:
     @guarded
     def release(self, ino: int) -> None:
         self.names.release(ino)
+        self.reads.readahead.closed(ino)
 
     @guarded
     def statfs(self) -> dict[str, int]:
@@ -265,6 +269,16 @@ class Volume:
     @guarded
     def read(self, ino: int, offset: int, size: int) -> bytes:
         return self.files.read(self.iget(ino), offset, size)
+
+    async def read_async(self, ino: int, offset: int, size: int) -> bytes:
+        """``read`` that never holds the event loop while the device reads (the daemon's); a read of cached pages
+        only is not a checkpoint (``Reads.read``)."""
+        return await self.reads.read(ino, offset, size, self.read, self.read_plan)
+
+    @guarded
+    def read_plan(self, ino: int, offset: int, size: int, fetched: list | None = None) -> ReadPlan:
+        """One round of ``read_async`` (``Reads.plan``)."""
+        return self.reads.plan(self.iget(ino), offset, size, fetched)
 
     @guarded
     def write(self, ino: int, offset: int, data: bytes) -> int:
@@ -366,7 +380,8 @@ class Volume:
         cache = self.icache.cache
         out.update(dirty_pages=cache.dirty_pages, cached_pages=len(cache.clean) + cache.dirty_pages,
                    delta=self.deltas.current, committed=self.deltas.committed, free_blocks=self.backend.free,
-                   flushes=self.backend.dev.stats.flushes, hole_fill_bytes=self.backend.dev.stats.fill_bytes,
+                   flushes=self.backend.dev.stats.flushes, blocks_read=self.backend.dev.stats.blocks_read,
+                   hole_fill_bytes=self.backend.dev.stats.fill_bytes,
                    fua_writes=self.backend.dev.stats.fua_writes, device=self.path,
                    forked_pages_live=self.forks.live,
                    forked_pages_peak=self.forks.peak, wait_seconds=float(self.counters["wait_seconds"]),

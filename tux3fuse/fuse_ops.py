@@ -169,7 +169,7 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def read(self, fh, off, size):
-        return self.vol.read(fh, off, size)
+        return await self.vol.read_async(fh, off, size)
 
     @_translate
     async def write(self, fh, off, buf):

@@ -32,6 +32,10 @@ class Options:
     dirty_limit: int = 128 << 20  # above this much dirty data writers are throttled (0: no limit)
     one_flush: bool = True  # commit with one flush, the superblock proving the delta's blocks (docs/FORMAT.md)
     inline_commit_blocks: int = 8  # commits this small do their I/O on the event loop, not in a worker thread
+    # a read of uncached blocks holds the event loop (no worker thread) only while nothing else waits for it and
+    # the device's recent reads took less than this (seconds; 0: always a worker thread): fileio.py
+    read_inline_max: float = 0.0005
+    readahead: int = 2 << 20  # bytes: the largest window a sequential reader is read ahead of (readahead.py; 0: none)
     fsync_ahead_bytes: int = 1 << 20  # fsync commits only the file when the rest of its delta is dirtier than this
     writelog: str | None = None  # record every write and flush to this file (crash testing)
     # a slower device for experiments (device.py, DeviceModel): every write and flush completes as on a device of

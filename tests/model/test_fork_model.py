@@ -9,7 +9,14 @@ from collections import Counter
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from mkfs import mkfs
 from tux3fuse.cache.page import CLEAN
@@ -249,8 +256,7 @@ SETTINGS = settings(max_examples=80, stateful_step_count=50, deadline=None, dera
 @pytest.mark.timeout(600)
 def test_fork_model():
     ForkMachine.totals.clear()
-    ForkMachine.TestCase.settings = SETTINGS
-    ForkMachine.TestCase().runTest()
+    run_state_machine_as_test(ForkMachine, settings=SETTINGS)  # (each access to .TestCase makes a new class)
     totals = ForkMachine.totals
     assert totals["forks"] > 0 and totals["pinned_copies"] > 0 and totals["commits"] > 0, totals
     assert totals["after_io_writes"] > 0, totals
@@ -259,7 +265,6 @@ def test_fork_model():
 @pytest.mark.timeout(600)
 def test_wait_model():
     WaitMachine.totals = Counter()
-    WaitMachine.TestCase.settings = SETTINGS
-    WaitMachine.TestCase().runTest()
+    run_state_machine_as_test(WaitMachine, settings=SETTINGS)
     totals = WaitMachine.totals
     assert totals["waited"] > 0 and totals["forks"] == 0 and totals["after_io_writes"] > 0, totals

@@ -25,7 +25,7 @@ from collections import Counter
 import trio
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 from volumes import unmount_clean
 
 from mkfs import mkfs
@@ -305,9 +305,8 @@ def run_machine(machine: type[FsyncAheadMachine], rounds: int = 4) -> Counter:
     """Run the machine until its fsyncs have gone both ways (ahead and whole), at most ``rounds`` times: a round of
     random programs may happen to take one way only, and every program checks the image either way."""
     machine.totals = Counter()
-    machine.TestCase.settings = SETTINGS
-    for _ in range(rounds):
-        machine.TestCase().runTest()
+    for _ in range(rounds):  # (settings go to the run: each access to .TestCase makes a new class)
+        run_state_machine_as_test(machine, settings=SETTINGS)
         if machine.totals["ahead"] and machine.totals["whole"]:
             break
     return machine.totals
