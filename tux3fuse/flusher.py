@@ -336,8 +336,12 @@ class Flusher:
                     if kind is not None:
                         self.request(kind, self.vol.deltas.current)
                 if not self.queue:
-                    with trio.move_on_at(self.deadline()):
+                    deadline = self.deadline()
+                    if deadline == math.inf:  # nothing dirty: no timer (a cancel scope costs each fsync's commit)
                         await self.kick.wait()
+                    else:
+                        with trio.move_on_at(deadline):
+                            await self.kick.wait()
                     self.vol.runner.turn_started = time.perf_counter()
                     self.kick = trio.Event()
                     continue
