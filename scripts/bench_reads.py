@@ -6,10 +6,12 @@ Configurations, each a fresh tux3fuse mount (`tux3fuse -f`), the configurations 
 
   image            a 1 GiB image file on local disk, default options: a read of uncached blocks runs on the event
                    loop while the device is quick (-o read_inline_max, 0.5 ms) and, for more than one block, no
-                   request waits; else in worker threads
+                   request waits; else in worker threads; no readahead in the daemon (the host's kernel reads the
+                   image file ahead)
   image-threads    the same with -o read_inline_max=0: every read of uncached blocks in a worker thread
+  image-readahead  the same with -o readahead=2M: the daemon reads ahead as well
   nbd              the image served by nbdkit (file plugin, 4 threads, Unix socket), default options: its reads
-                   miss every cache of this host's, so sequential streams are read ahead (-o readahead, 2 MiB)
+                   miss every cache of this host's, so sequential streams are read ahead (2 MiB by default)
   nbd-noreadahead  the same with -o readahead=0
 
 Jobs (fio --ioengine=psync), each after a remount and drop_caches (cold):
@@ -46,8 +48,9 @@ from benchfs import dispose, drop_caches
 from benchkit import BenchError, Harness, cpu_seconds, generated_line, log, md_table, run
 
 SECTION = "## Reads: on the event loop or in worker threads"
-CONFIGS = ("image", "image-threads", "nbd", "nbd-noreadahead")
-OPTIONS = {"image": "", "image-threads": "read_inline_max=0", "nbd": "", "nbd-noreadahead": "readahead=0"}
+CONFIGS = ("image", "image-threads", "image-readahead", "nbd", "nbd-noreadahead")
+OPTIONS = {"image": "", "image-threads": "read_inline_max=0", "image-readahead": "readahead=2M", "nbd": "",
+           "nbd-noreadahead": "readahead=0"}
 JOBS = ("randread", "randread4", "seqread", "afterwrite")
 UNITS = {"randread": "IOPS", "randread4": "IOPS", "seqread": "MB/s", "afterwrite": "MB/s"}
 IMAGE_MIB = 1024

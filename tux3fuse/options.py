@@ -35,7 +35,9 @@ class Options:
     # a read of uncached blocks holds the event loop (no worker thread) only while nothing else waits for it and
     # the device's recent reads took less than this (seconds; 0: always a worker thread): fileio.py
     read_inline_max: float = 0.0005
-    readahead: int = 2 << 20  # bytes: the largest window a sequential reader is read ahead of (readahead.py; 0: none)
+    # bytes: the largest window a sequential reader is read ahead of (0: none; None: 2 MiB on an NBD export, none on
+    # an image file or block device, which the host reads ahead itself: readahead.py, window_for)
+    readahead: int | None = None
     fsync_ahead_bytes: int = 1 << 20  # fsync commits only the file when the rest of its delta is dirtier than this
     writelog: str | None = None  # record every write and flush to this file (crash testing)
     # a slower device for experiments (device.py, DeviceModel): every write and flush completes as on a device of

@@ -2,11 +2,12 @@
 
 A stream is one file read sequentially: a read that starts where the previous read of that file ended. The first
 read of a file only starts a stream; each read after it that continues the stream, while the stream's reads wait
-for the device (an image whose host serves them from its own page cache, which it reads ahead itself, is not read
-ahead here: that would only add work), keeps blocks read ahead of it
-for a window that starts at ``INITIAL_WINDOW`` bytes (at most) and doubles, each time more is read ahead, up to
-``Options.readahead`` (0: no readahead) and a quarter of the page cache. More is read ahead once less than half a
-window is left ahead of the reader.
+for the device (an image whose host serves them from its own page cache is not read ahead here: that would only
+add work), keeps blocks read ahead of it for a window that starts at ``INITIAL_WINDOW`` bytes (at most) and
+doubles, each time more is read ahead, up to ``window_for`` (``Options.readahead``; by default ``AUTO_WINDOW`` on
+an NBD export and none on an image file or block device, which the host's kernel reads ahead itself: measured by
+scripts/bench_reads.py, the daemon's readahead only slowed a local image down) and a quarter of the page cache.
+More is read ahead once less than half a window is left ahead of the reader.
 
 Guarantees:
 - What is read ahead goes through the read path's own revalidation (``Reads.take``): a block enters the cache,
@@ -38,6 +39,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("tux3fuse")
 
 INITIAL_WINDOW = 128 << 10  # bytes read ahead when a stream is first seen to be sequential
+AUTO_WINDOW = 2 << 20  # bytes: the largest window by default where the host does not read ahead (NBD)
+
+
+def window_for(options: Options, has_fd: bool) -> int:
+    """The largest readahead window: ``Options.readahead`` when set; otherwise none for a backing the host reads
+    through its own page cache (a file or block device: its kernel reads ahead), ``AUTO_WINDOW`` for one it does
+    not (an NBD export)."""
+    if options.readahead is not None:
+        return options.readahead
+    return 0 if has_fd else AUTO_WINDOW
 
 
 @dataclass(eq=False)
@@ -60,8 +71,8 @@ class Readahead:
     def __init__(self, reads: Reads, options: Options) -> None:
         self.reads = reads
         self.blocksize = reads.blocksize
-        self.max_window = options.readahead
-        self.max_in_flight = 4 * options.readahead  # bytes being read ahead at once, all streams together
+        self.max_window = window_for(options, reads.backend.dev.fd >= 0)
+        self.max_in_flight = 4 * self.max_window  # bytes being read ahead at once, all streams together
         self.streams: dict[int, Stream] = {}
         self.in_flight = 0  # bytes
         self.nursery: trio.Nursery | None = None

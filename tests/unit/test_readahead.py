@@ -246,3 +246,23 @@ def test_the_read_inline_max_mount_option_is_parsed_and_checked():
     assert parse_mount_options("")["read_inline_max"] is None
     with pytest.raises(UsageError, match="read_inline_max"):
         parse_mount_options("read_inline_max=-1")
+
+
+def test_readahead_is_on_by_default_only_where_the_host_does_not_read_ahead():
+    """By default an image file or block device (read through the host's page cache, which its kernel reads ahead)
+    gets no readahead here, an NBD export (no cache of the host's) a window of AUTO_WINDOW; -o readahead= wins."""
+    from tux3fuse.options import Options
+    from tux3fuse.readahead import AUTO_WINDOW, window_for
+
+    assert window_for(Options(), has_fd=True) == 0
+    assert window_for(Options(), has_fd=False) == AUTO_WINDOW
+    assert window_for(Options(readahead=WINDOW), has_fd=True) == WINDOW
+    assert window_for(Options(readahead=0), has_fd=False) == 0
+
+
+def test_a_volume_on_an_image_file_reads_no_blocks_ahead_by_default(make_vol):
+    vol = make_vol()
+    try:
+        assert vol.backend.dev.fd >= 0 and vol.reads.readahead.max_window == 0
+    finally:
+        vol.unmount()
