@@ -32,8 +32,8 @@ class Options:
     dirty_limit: int = 128 << 20  # above this much dirty data writers are throttled (0: no limit)
     one_flush: bool = True  # commit with one flush, the superblock proving the delta's blocks (docs/FORMAT.md)
     inline_commit_blocks: int = 8  # commits this small do their I/O on the event loop, not in a worker thread
-    # a read of uncached blocks holds the event loop (no worker thread) only while nothing else waits for it and
-    # the device's recent reads took less than this (seconds; 0: always a worker thread): fileio.py
+    # a read of uncached blocks holds the event loop (no worker thread) only while the device's recent reads took
+    # less than this, and, for more than one block, no request waits (seconds; 0: always a worker thread): reads.py
     read_inline_max: float = 0.0005
     # bytes: the largest window a sequential reader is read ahead of (0: none; None: 2 MiB on an NBD export, none on
     # an image file or block device, which the host reads ahead itself: readahead.py, window_for)

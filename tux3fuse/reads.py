@@ -76,6 +76,8 @@ class ReadPlan:
     data: bytes | None = None
     runs: list[Run] = field(default_factory=list)
     waits: list[trio.Event] = field(default_factory=list)
+    device: bool | None = None  # the round waited for the device (True), the host's cache served it (False), or
+    # the page cache here did (None)
 
 
 class Reads:
@@ -110,16 +112,12 @@ class Reads:
             self.readahead.saw(ino, offset, size, None)
             return data
         fetched: list[Run] | None = None
-        c = self.counters
-        inline, host = c["read_inline_blocks"], c["read_host_cached"]
         try:
             for attempt in range(READ_ROUNDS + 1):
                 p = plan(ino, offset, size, fetched)
                 fetched = p.runs or None
-                if attempt == 0:  # did this read wait for the device, or did the host's cache serve it?
-                    device = bool(p.runs or p.waits) or c["read_inline_blocks"] > inline or (
-                        None if c["read_host_cached"] == host else False)
-                    self.readahead.saw(ino, offset, size, device)
+                if attempt == 0:
+                    self.readahead.saw(ino, offset, size, p.device)
                 if p.data is not None:
                     return p.data
                 if attempt == READ_ROUNDS:
@@ -201,8 +199,10 @@ class Reads:
                 data = None if inline and n == 1 else self.backend.dev.pread_cached(physical, n)
                 if data is not None:
                     self.counters["read_host_cached"] += n
+                    plan.device = plan.device or False
                 elif inline:
                     data = self._pread_now(physical, n)
+                    plan.device = True
                 if data is not None:  # read on the loop
                     parts.extend(self._insert_read(inode, index, physical, csums, data))
                 else:  # worker threads, in pieces: a read waiting for part of a larger one waits less
@@ -216,6 +216,7 @@ class Reads:
                     parts.append(zero)
             index += n
         if plan.runs or plan.waits:
+            plan.device = True
             return plan
         plan.data = gather(parts, offset - first * bs, end - offset)
         return plan

@@ -179,7 +179,7 @@ class Runner:
         try:
             for _ in _checked(steps):
                 if (now := clock()) - last >= length:
-                    if urgent:  # short stages someone waits for: the run queue's length, which costs nothing
+                    if urgent:  # short stages someone waits for: the run queue's length, cheaper than an instrument
                         go = (pending() or now - yielded >= opts.commit_yield
                               or trio.lowlevel.current_statistics().tasks_runnable > 0)
                     elif runnable is None:
