@@ -7,12 +7,16 @@ Guarantees:
 - Every change goes through the directory's pages, dirtied for the current delta like file data, so a directory
   block is committed (and forked) by the same mechanism as file data.
 - A malformed entry is reported as ``CorruptDir`` naming the directory and block; it is never skipped silently.
+- Finding where a change goes is apart from making it: ``place`` (for a new entry) and ``block_of`` (for one that
+  is removed or retargeted) name the block a change will write, after reading what they must, so that the caller
+  can read every block before its change begins; ``add`` given a place, ``remove`` and ``retarget`` change only
+  that block.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from .format import DIRENT, DIRENT_HEADER, decode_rec_len, encode_rec_len, rec_len
 
@@ -24,6 +28,16 @@ class CorruptDir(Exception):
 
 
 Entry = tuple[int, int, int, int]  # inum, type, block, offset
+
+
+class Place(NamedTuple):
+    """Where a new entry goes: the entry at ``offset`` of ``block`` whose record (``rec_len`` bytes, ``used`` of
+    them by its own name) has room for it; ``block`` == the directory's block count: a new block."""
+
+    block: int
+    offset: int
+    rec_len: int
+    used: int
 
 
 def parse_block(ino: int, block: int, data: bytes | bytearray) -> Iterator[tuple[int, int, int, int, bytes]]:
@@ -98,45 +112,61 @@ class DirIndex:
         self.room[block] = best
         return found
 
-    def add(self, name: bytes, inum: int, dtype: int, write: Callable[[int], bytearray]) -> bool:
-        """Add an entry; ``write(block)`` returns the block's data dirtied for the current delta.
-        Returns True when a new block was appended to the directory."""
+    def place(self, name: bytes) -> Place:
+        """Where ``add`` will put ``name``: an entry with room for it in one of the directory's blocks (read here,
+        so that the change itself reads nothing), or a new block at the end. Changes nothing but the index's hints
+        of where room is."""
         need = rec_len(len(name))
         last = self.nblocks - 1
         candidates = [last] if self.room.get(last, 0) >= need else []
         candidates += [b for b, free in self.room.items() if free >= need and b != last]
         for block in candidates:
             fit = self._fit(block, need)
-            if fit is None:
-                continue
-            off, rl, used = fit
+            if fit is not None:
+                return Place(block, *fit)
+        return Place(self.nblocks, 0, self.bs, 0)
+
+    def add(self, name: bytes, inum: int, dtype: int, write: Callable[[int], bytearray],
+            where: Place | None = None) -> bool:
+        """Add an entry at ``where`` (from ``place``, called now if not given); ``write(block)`` returns the
+        block's data dirtied for the current delta. Returns True when a new block was appended to the directory."""
+        if where is None:
+            where = self.place(name)
+        block, off, rl, used = where
+        if block >= self.nblocks:
+            if block != self.nblocks:
+                raise AssertionError(f"directory {self.ino}: new block {block} placed past block {self.nblocks}")
+            self.nblocks += 1
             data = write(block)
-            if used:
-                DIRENT.pack_into(data, off, int.from_bytes(data[off: off + 8], "little"), encode_rec_len(used),
-                                 data[off + 10], data[off + 11])
-                off, rl = off + used, rl - used
-            self._put(data, off, rl, name, inum, dtype)
-            self.names[name] = (inum, dtype, block, off)
-            self.hint[block] = off
-            return False
-        block = self.nblocks
-        self.nblocks += 1
+            self._put(data, 0, self.bs, name, inum, dtype)
+            self.names[name] = (inum, dtype, block, 0)
+            self.room[block] = self.bs - rec_len(len(name))
+            self.hint[block] = 0
+            return True
         data = write(block)
-        self._put(data, 0, self.bs, name, inum, dtype)
-        self.names[name] = (inum, dtype, block, 0)
-        self.room[block] = self.bs - need
-        self.hint[block] = 0
-        return True
+        if used:
+            DIRENT.pack_into(data, off, int.from_bytes(data[off: off + 8], "little"), encode_rec_len(used),
+                             data[off + 10], data[off + 11])
+            off, rl = off + used, rl - used
+        self._put(data, off, rl, name, inum, dtype)
+        self.names[name] = (inum, dtype, block, off)
+        self.hint[block] = off
+        return False
 
     @staticmethod
     def _put(data: bytearray, off: int, rl: int, name: bytes, inum: int, dtype: int) -> None:
         DIRENT.pack_into(data, off, inum, encode_rec_len(rl), len(name), dtype)
         data[off + DIRENT_HEADER: off + DIRENT_HEADER + len(name)] = name
 
+    def block_of(self, name: bytes) -> int:
+        """The block that holds the entry ``name`` (which must exist)."""
+        return self.names[name][2]
+
     def remove(self, name: bytes, write: Callable[[int], bytearray]) -> Entry:
-        entry = self.names.pop(name)
+        entry = self.names[name]
         _, _, block, off = entry
         data = write(block)
+        del self.names[name]
         prev = None
         for eoff, rl, _, _, ename in parse_block(self.ino, block, data):
             if eoff == off:

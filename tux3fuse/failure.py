@@ -8,6 +8,10 @@ Guarantees:
 - Anything else (a corrupt block, or a bug) is logged with its stack, turns the volume read-only (``Health.fail``:
   the image keeps its last commit) and reaches the caller as EIO (``guarded``), for every caller: the FUSE
   adapter, tests, scripts.
+- An operation that fails after it began to change its delta (any exception, an I/O error included, leaving a
+  ``Deltas.change`` block) turns the volume read-only before that delta can be committed (``Health.abort``), and
+  the log names the operation and its arguments (its inodes and names): what is on disk stays the last commit,
+  as ext4's ``errors=remount-ro`` keeps the journal's. The caller gets the error itself.
 """
 
 from __future__ import annotations
@@ -73,12 +77,20 @@ class Health:
         self.path = path
         self.readonly = readonly
         self.failed: str | None = None
+        self.operation: tuple[str, tuple] | None = None  # the embedded-API operation under way (``guarded``)
 
-    def fail(self, reason: str) -> None:
+    def fail(self, reason: str, exc: BaseException | None = None) -> None:
         """Turn the volume read-only after an error it cannot recover from; the image keeps its last commit."""
         if self.failed is None:
             self.failed = reason
-            log.error("volume %s is now read-only: %s", self.path, reason, exc_info=True)
+            log.error("volume %s is now read-only: %s", self.path, reason, exc_info=exc or True)
+
+    def abort(self, delta: int, exc: BaseException) -> None:
+        """A change of ``delta`` was left by ``exc``, perhaps half made: the volume turns read-only, so that no
+        commit takes the delta (``Deltas.on_abort``)."""
+        what = describe(self.operation) if self.operation is not None else "a change"
+        self.fail(f"{what} failed after it began changing delta {delta} ({type(exc).__name__}: {exc}); "
+                  f"delta {delta} will not be committed", exc)
 
     def check_writable(self) -> None:
         if self.failed is not None or self.readonly:
@@ -87,6 +99,15 @@ class Health:
     @property
     def writable(self) -> bool:
         return self.failed is None and not self.readonly
+
+
+def describe(operation: tuple[str, tuple]) -> str:
+    """``rename(3, b'a', 5, b'b')``: an operation and its arguments (inode numbers, names), for a log line."""
+    name, args = operation
+    shown = [f"<{len(a)} bytes>" if isinstance(a, bytes) and len(a) > 64
+             else repr(a) if isinstance(a, (int, bytes, str)) else type(a).__name__ for a in args]
+    text = ", ".join(shown)
+    return f"{name}({text if len(text) <= 400 else text[:400] + '...'})"
 
 
 PASS = (OSError, WaitFor, Throttled, VolumeError)  # the caller's answers: they go through ``guarded`` unchanged
@@ -122,6 +143,10 @@ def guarded(fn):
 
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
+        health = self.health
+        outer = health.operation is None
+        if outer:
+            health.operation = (fn.__name__, args)
         try:
             try:
                 return fn(self, *args, **kwargs)
@@ -135,4 +160,7 @@ def guarded(fn):
             raise
         except Exception as e:
             raise fail(self, e) from e
+        finally:
+            if outer:
+                health.operation = None
     return wrapper

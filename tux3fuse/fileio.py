@@ -10,6 +10,13 @@ Guarantees:
   stable=none changed in place.
 - Nothing is changed before space is reserved (``Space.reserve``) or before the writer has waited what it must
   (``Throttled`` over the dirty limit); the exceptions that say so are raised first.
+- Nothing is changed before every block a change reads is read (the partial first and last pages of a write, the
+  page a truncate cuts into, the page a mapping faults in: ``read_first``): a device error fails the operation
+  before its first change, with EIO and nothing else.
+- Every value an attribute change takes fits the format (docs/FORMAT.md §5) before it is stored, so that no
+  commit can fail on it: a time outside the format's range is clamped to it (``format.clamp_time``, as the kernel
+  clamps to a superblock's range); an id outside 32 bits, a negative size or offset is EINVAL; a size or write
+  past the largest file is EFBIG.
 - The daemon reads through ``reads.py``, which never holds the event loop while the device reads and returns what
   ``read`` would return when it completes.
 - Truncate during writeout never waits and never copies (``cache/fork.py:truncate_for_writeout``); the cut is
@@ -116,6 +123,12 @@ class Files:
     def page(self, inode: Inode, index: int) -> Page:
         return self.read_pages(inode, index, 1)[0]
 
+    def read_first(self, inode: Inode, index: int) -> None:
+        """Bring page ``index`` into the cache unless it is there: called before a change that fills it from the
+        volume (``write_page`` with ``fill``), so that the change reads nothing."""
+        if inode.mapping.get(index) is None:
+            self.read_pages(inode, index, 1)
+
     def write_page(self, inode: Inode, index: int, delta: int, fill: bool = True) -> Page:
         """The page at ``index`` made ready to change in ``delta`` (read first when ``fill``), by the decision
         table of cache/fork.py: dirtied, forked, or (stable=none) left under writeback to change in place."""
@@ -154,6 +167,7 @@ class Files:
         page = inode.mapping.get(index)
         if page is None or page.delta != self.deltas.current:
             self.space.reserve(1)
+        self.read_first(inode, index)
         with self.deltas.change() as delta:
             page = self.write_page(inode, index, delta)
             rec = self.dirty.mark(inode, delta)
@@ -164,6 +178,8 @@ class Files:
     # -- data ------------------------------------------------------------------------------------------------------
 
     def read(self, inode: Inode, offset: int, size: int) -> bytes:
+        if offset < 0 or size < 0:
+            raise err(errno.EINVAL)
         end = min(offset + size, inode.rec.size)
         if offset >= end:
             return b""
@@ -179,6 +195,8 @@ class Files:
 
     def write(self, inode: Inode, offset: int, data: bytes) -> int:
         self.health.check_writable()
+        if offset < 0:
+            raise err(errno.EINVAL)
         if offset + len(data) > MAX_FILE_SIZE:
             raise err(errno.EFBIG)
         if not data:
@@ -195,27 +213,30 @@ class Files:
         if limit and new and cache.dirty_pages and (cache.dirty_pages + new) * bs > limit:
             raise Throttled()  # the caller waits for a commit (Volume.call, or the volume's embedded mode)
         self.space.reserve(new)
+        size = inode.rec.size
+        end = offset + len(data)
+        lo = offset - first * bs
+        head = bool(lo or end - first * bs < bs)  # a partial first page
+        if head and not (lo == 0 and end >= size):
+            self.read_first(inode, first)
+        if end % bs and last > first and last * bs < size:  # a partial last page, filled from the volume
+            self.read_first(inode, last)
         with self.deltas.change() as delta:
-            size = inode.rec.size
             mv = memoryview(data)
-            end = offset + len(data)
             index, pos = first, 0
-            lo = offset - first * bs
-            if lo or end - first * bs < bs:  # a partial first page
+            if head:
                 n = min(bs - lo, len(data))
                 page = self.write_page(inode, first, delta, fill=not (lo == 0 and end >= size))
                 page.data[lo: lo + n] = mv[:n]
                 index, pos = first + 1, n
             whole_end = (end // bs) if end % bs else last + 1  # pages fully covered by the write
+            if whole_end <= last and whole_end >= index:  # a partial last page: before the whole pages, which
+                n = end - whole_end * bs  # may push the page read for it out of the cache
+                page = self.write_page(inode, whole_end, delta, fill=whole_end * bs < size)
+                page.data[:n] = mv[len(data) - n:]
             if index < whole_end:
                 mapping.write_pages(index, mv[pos: pos + (whole_end - index) * bs], delta,
                                     lambda i: self.write_page(inode, i, delta, fill=False))
-                pos += (whole_end - index) * bs
-                index = whole_end
-            if index <= last:  # a partial last page
-                n = end - index * bs
-                page = self.write_page(inode, index, delta, fill=index * bs < size)
-                page.data[:n] = mv[pos:]
             rec = self.dirty.mark(inode, delta)
             now = time.time_ns()
             if end > rec.size:
@@ -247,15 +268,24 @@ class Files:
                 size: int | None = None, atime_ns: int | None = None, mtime_ns: int | None = None,
                 ctime_ns: int | None = None) -> None:
         self.health.check_writable()
+        for ident in (uid, gid):
+            if ident is not None and not 0 <= ident <= fmt.ID_MAX:
+                raise err(errno.EINVAL, f"user or group id {ident} outside [0, {fmt.ID_MAX}]")
+        atime_ns, mtime_ns, ctime_ns = (None if t is None else fmt.clamp_time(t) for t in (atime_ns, mtime_ns,
+                                                                                              ctime_ns))
         if size is not None:
             if inode.is_dir:
                 raise err(errno.EISDIR)
+            if size < 0:
+                raise err(errno.EINVAL)
             if size > MAX_FILE_SIZE:
                 raise err(errno.EFBIG)
             if size > inode.rec.size and size % self.blocksize:
                 self.space.reserve(1)
             if size < inode.rec.size:
                 self.must_wait(inode, size // self.blocksize)
+                if size % self.blocksize:
+                    self.read_first(inode, size // self.blocksize)  # the page the cut goes through
         with self.deltas.change() as delta:
             rec = self.dirty.mark(inode, delta)
             now = time.time_ns()

@@ -307,6 +307,25 @@ def unpack_bnode(buf: bytes | bytearray, count: int) -> tuple[list[int], list[in
 # ---------------------------------------------------------------------------------------------------------------
 # Inode records (values in the inode table)
 
+# Inode times are signed nanoseconds in 64 bits. As the kernel clamps a time to its superblock's s_time_min and
+# s_time_max (timestamp_truncate), a time outside the whole seconds this holds is stored as the nearest one of them,
+# with no fraction: 1677-09-21 00:12:44 UTC to 2262-04-11 23:47:16 UTC.
+TIME_MIN_SEC = -((1 << 63) // 1_000_000_000)  # -9223372036
+TIME_MAX_SEC = ((1 << 63) - 1) // 1_000_000_000  # 9223372036
+ID_MAX = (1 << 32) - 1  # uid and gid are 32 bits
+
+
+def clamp_time(ns: int) -> int:
+    """A time in nanoseconds as an inode keeps it: clamped to [TIME_MIN_SEC, TIME_MAX_SEC] seconds, the fraction
+    dropped at either end (the kernel's timestamp_truncate)."""
+    sec = ns // 1_000_000_000
+    if sec >= TIME_MAX_SEC:
+        return TIME_MAX_SEC * 1_000_000_000
+    if sec <= TIME_MIN_SEC:
+        return TIME_MIN_SEC * 1_000_000_000
+    return ns
+
+
 _INODE = struct.Struct("<IIIIQQqqqQQQIH")
 INODE_FIXED = _INODE.size
 _XATTR = struct.Struct("<BH")

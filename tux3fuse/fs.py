@@ -105,6 +105,7 @@ class Volume:
         self.counters: Counter[str] = Counter({key: 0 for key in COUNTERS})
         c = self.counters
         self.deltas = Deltas(committed)  # the first commit is numbered above every delta seen
+        self.deltas.on_abort = self.health.abort  # a change left half made: read-only before any commit takes it
         self.dirty = DirtyLists(opts.touch_after, c)
         self.forks = ForkRegistry()
         self.runner = Runner(self.deltas, self.forks, be.dev, self.health, opts, c, self._verify_log)

@@ -2,9 +2,12 @@
 (kernel references, opens, and the end of an inode nothing names or holds).
 
 Guarantees:
-- Every operation checks everything it can refuse (names, types, emptiness, loops of directories, space) before it
-  changes anything, and then makes all of its changes within one delta: a rename, a link or an unlink is atomic on
-  disk (the delta is).
+- Every operation checks everything it can refuse (names, types, emptiness, loops of directories, space) and reads
+  every block it will change (the directory blocks its entries are in or go to: ``DirIndex.place``,
+  ``DirIndex.block_of``) before it changes anything, and then makes all of its changes within one delta: a
+  rename, a link or an unlink is atomic on disk (the delta is). A device error therefore fails an operation
+  before its first change, with EIO and nothing else; should anything fail after it, the delta is never
+  committed (``Deltas.on_abort``: the volume turns read-only).
 - Directory blocks are pages of the directory's file, changed through ``Files.write_page`` like file data (so a
   directory block under writeback is forked, or waited for, like any page).
 - An inode with no name, no kernel reference and not open is dead (``maybe_dead``): created within the current
@@ -24,7 +27,7 @@ from collections.abc import Iterator
 from . import format as fmt
 from .backend.store import Backend
 from .delta import Deltas
-from .dir import DirIndex
+from .dir import DirIndex, Place
 from .dirty import DirtyLists
 from .failure import Health, err
 from .fileio import Files
@@ -90,6 +93,10 @@ class Namespace:
                                  lambda block: self.files.page(inode, block).data)
         return inode.dir
 
+    def _read_entry_block(self, dirnode: Inode, name: bytes) -> None:
+        """Bring the block holding the entry ``name`` into the cache, before a change that writes it."""
+        self.files.page(dirnode, self.dir(dirnode).block_of(name))
+
     def _dir_writer(self, inode: Inode, delta: int):
         def write(block: int) -> bytearray:
             fill = block * self.blocksize < inode.rec.size
@@ -129,6 +136,8 @@ class Namespace:
         with the rest, before anything changes)."""
         self.health.check_writable()
         self._check_name(name)
+        if not (0 <= uid <= fmt.ID_MAX and 0 <= gid <= fmt.ID_MAX and 0 <= rdev < 1 << 64):
+            raise err(errno.EINVAL, f"uid {uid}, gid {gid} or device {rdev} out of range")
         dirnode = self.icache.iget(parent)
         index = self.dir(dirnode)
         if dirnode.rec.nlink == 0:
@@ -137,6 +146,7 @@ class Namespace:
             raise err(errno.EEXIST)
         self.files.must_wait(dirnode)
         self.space.reserve(2 + extra)
+        where = index.place(name)  # reads the block the entry goes to, before anything changes
         with self.deltas.change() as delta:
             now = time.time_ns()
             ino = self.backend.new_inum()
@@ -149,18 +159,20 @@ class Namespace:
                     rec.mode |= stat.S_ISGID
             inode = self.icache.new_inode(ino, rec, on_disk=False)
             self.dirty.mark(inode, delta)
-            self.add_entry(dirnode, name, inode, delta)
+            self.add_entry(dirnode, name, inode, delta, where)
             if is_dir:
                 prec = self.dirty.mark(dirnode, delta)
                 prec.nlink += 1
         inode.lookups += 1
         return inode
 
-    def add_entry(self, dirnode: Inode, name: bytes, inode: Inode, delta: int) -> None:
+    def add_entry(self, dirnode: Inode, name: bytes, inode: Inode, delta: int, where: Place | None = None) -> None:
+        """Name ``inode`` in ``dirnode`` within ``delta``, at ``where`` (``DirIndex.place``, read before the
+        change began; found here when not given)."""
         index = self.dir(dirnode)
         rec = self.dirty.mark(dirnode, delta)
         if index.add(name, inode.ino, DT_OF_MODE.get(stat.S_IFMT(inode.rec.mode), 0),
-                     self._dir_writer(dirnode, delta)):
+                     self._dir_writer(dirnode, delta), where):
             rec.size = index.nblocks * self.blocksize
         rec.mtime_ns = rec.ctime_ns = time.time_ns()
 
@@ -212,8 +224,9 @@ class Namespace:
             raise err(errno.EMLINK)
         self.files.must_wait(dirnode)
         self.space.reserve(1)
+        where = self.dir(dirnode).place(name)
         with self.deltas.change() as delta:
-            self.add_entry(dirnode, name, inode, delta)
+            self.add_entry(dirnode, name, inode, delta, where)
             rec = self.dirty.mark(inode, delta)
             rec.nlink += 1
             rec.ctime_ns = time.time_ns()
@@ -250,6 +263,7 @@ class Namespace:
         if is_dir and len(self.dir(inode)):
             raise err(errno.ENOTEMPTY)
         self.files.must_wait(dirnode)
+        self._read_entry_block(dirnode, name)
         with self.deltas.change() as delta:
             now = time.time_ns()
             index.remove(name, self._dir_writer(dirnode, delta))
@@ -297,6 +311,8 @@ class Namespace:
                 raise err(errno.EINVAL)
             if dst.is_dir and self._is_ancestor(dst.ino, sdir.ino) and src is not dst:
                 raise err(errno.EINVAL)
+            self._read_entry_block(sdir, old)
+            self._read_entry_block(ddir, new)
             self._exchange(sdir, old, src, ddir, new, dst)
             return
         if dst is src:
@@ -310,8 +326,12 @@ class Namespace:
                 raise err(errno.EISDIR)
             if dst.is_dir and len(self.dir(dst)):
                 raise err(errno.ENOTEMPTY)
+            self._read_entry_block(ddir, new)
+            where = None
         else:
             self.space.reserve(1)
+            where = didx.place(new)
+        self._read_entry_block(sdir, old)
         with self.deltas.change() as delta:
             now = time.time_ns()
             dtype = DT_OF_MODE.get(stat.S_IFMT(src.rec.mode), 0)
@@ -323,7 +343,7 @@ class Namespace:
                 if dst.is_dir:
                     drec.nlink -= 1
             else:
-                self.add_entry(ddir, new, src, delta)
+                self.add_entry(ddir, new, src, delta, where)
             sidx.remove(old, self._dir_writer(sdir, delta))
             srec = self.dirty.mark(sdir, delta)
             srec.mtime_ns = srec.ctime_ns = now

@@ -209,3 +209,72 @@ def test_faults_of_the_export_lose_no_fsynced_data_and_reach_the_caller_as_eio(n
     m.umount()
     r = run("fsck.tux3", "-n", healthy.uri)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+# -- a device error in the middle of an operation ------------------------------------------------------------------
+
+AT_FDCWD, RENAME_EXCHANGE = -100, 2
+
+
+def exchange(a: str, b: str) -> None:
+    """renameat2(a, b, RENAME_EXCHANGE); OSError on failure."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(AT_FDCWD, a.encode(), AT_FDCWD, b.encode(), RENAME_EXCHANGE) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), a)
+
+
+def test_a_read_error_in_the_middle_of_a_namespace_operation_fails_it_with_eio_and_changes_nothing(nbd, tmp_path):
+    """The directory index is in memory, its block is not (a small cache, 16 MiB written since): every operation
+    that changes the directory must read the block, and the device fails every read. Each fails with EIO before
+    its first change; the volume stays writable; once the device reads again, the same operations succeed, and
+    the volume unmounts cleanly and checks clean."""
+    flag = tmp_path / "FLAG"
+    server = nbd.serve("file", f"file={sparse(tmp_path / 'img', 64 << 20)}", "error-pread=EIO",
+                       "error-pread-rate=100%", f"error-pread-file={flag}", filters=["--filter=error"])
+    assert run("mkfs.tux3", "-q", server.uri).returncode == 0
+    m = nbd.mount(server.uri, "cache=2M,readahead=0")
+    os.mkdir(m.path("A"))
+    for i in range(50):
+        Path(m.path("A", f"file{i}")).write_bytes(b"%d" % i)
+    os.mkdir(m.path("A", "sub"))
+    os.symlink("file0", m.path("A", "link"))
+    os.mkdir(m.path("B"))
+    Path(m.path("B", "x")).write_bytes(b"x")
+    before = sorted(os.listdir(m.path("A"))), sorted(os.listdir(m.path("B")))
+    assert run("tux3", "sync", str(m.mnt)).returncode == 0
+    with open(m.path("big"), "wb") as f:  # pushes the directory blocks out of the daemon's cache
+        for _ in range(16):
+            f.write(os.urandom(1 << 20))
+    assert run("tux3", "sync", str(m.mnt)).returncode == 0
+
+    ops = {
+        "rename": lambda: os.rename(m.path("A", "file1"), m.path("B", "moved")),
+        "rename over": lambda: os.rename(m.path("A", "file2"), m.path("B", "x")),
+        "exchange": lambda: exchange(m.path("A", "file3"), m.path("B", "x")),
+        "rename a directory": lambda: os.rename(m.path("A", "sub"), m.path("B", "sub")),
+        "create": lambda: os.close(os.open(m.path("A", "new"), os.O_CREAT | os.O_WRONLY, 0o644)),
+        "mkdir": lambda: os.mkdir(m.path("A", "newdir")),
+        "symlink": lambda: os.symlink("file0", m.path("A", "newlink")),
+        "link": lambda: os.link(m.path("B", "x"), m.path("A", "hard")),
+        "unlink": lambda: os.unlink(m.path("A", "file4")),
+    }
+    flag.touch()
+    for name, op in ops.items():
+        with pytest.raises(OSError) as info:
+            op()
+        assert info.value.errno == errno.EIO, f"{name}: {info.value}"
+    stat = m.stat_json()
+    flag.unlink()
+    assert stat["read_only"] == 0, stat["recent_errors"]  # an error before any change: EIO and nothing else
+    assert (sorted(os.listdir(m.path("A"))), sorted(os.listdir(m.path("B")))) == before
+    for op in ops.values():
+        op()  # the device reads again: each operation now succeeds
+    assert Path(m.path("B", "moved")).read_bytes() == b"1"
+    assert Path(m.path("A", "file3")).read_bytes() == b"2"  # file2 went over x, then x and file3 were exchanged
+    assert not os.path.exists(m.path("A", "file1")) and not os.path.exists(m.path("A", "file4"))
+    m.umount()
+    r = run("fsck.tux3", "-n", server.uri)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -32,7 +32,8 @@ def test_an_unexpected_exception_inside_an_operation_is_eio_and_a_read_only_volu
     with caplog.at_level(logging.ERROR, logger="tux3fuse"), pytest.raises(OSError) as info:
         vol.create(1, b"new", 0o644)
     assert info.value.errno == errno.EIO
-    assert "unexpected KeyError in create" in vol.failed
+    assert "create(1, b'new', 420) failed after it began changing delta" in vol.failed  # the operation, named
+    assert "KeyError" in vol.failed
     assert any(r.exc_info for r in caplog.records), "the stack must be in the log"
     monkeypatch.undo()
     with pytest.raises(OSError) as info:

@@ -37,8 +37,14 @@ class PageCache:
         else:
             self.clean.pop(key, None)
 
-    def _evict(self, registry: dict[int, AddressSpace]) -> None:
-        while len(self.clean) > self.limit_pages:
+    def drop_clean(self, registry: dict[int, AddressSpace]) -> None:
+        """Evict every clean page nothing holds (the host's ``drop_caches``): the next read of each goes to the
+        device."""
+        self._evict(registry, 0)
+
+    def _evict(self, registry: dict[int, AddressSpace], keep: int | None = None) -> None:
+        keep = self.limit_pages if keep is None else keep
+        while len(self.clean) > keep:
             (ino, index), page = self.clean.popitem(last=False)
             mapping = registry.get(ino)
             if mapping is not None and mapping.pages.get(index) is page and page.delta == CLEAN and not (
