@@ -658,7 +658,7 @@ def test_a_steady_stream_of_requests_never_stops_a_commit(make_vol, monkeypatch)
     f = vol.create(1, b"f", 0o644)
     for i in range(0, 200, 2):
         vol.write(f.ino, i * BS, fill(i % 251))
-    state = {"turns": 0, "most": 0, "starved": False, "steps": 0}
+    state = {"turns": 0, "most": 0, "starved": False, "steps": 0, "prepared": False}
     real_steps = CommitJob.prepare_steps
 
     def prepare_steps(self):
@@ -666,6 +666,7 @@ def test_a_steady_stream_of_requests_never_stops_a_commit(make_vol, monkeypatch)
             state["steps"] += 1
             state["turns"] = 0
             yield
+        state["prepared"] = True  # the I/O that follows runs in a thread, as long as the machine makes it
 
     monkeypatch.setattr(CommitJob, "prepare_steps", prepare_steps)
     vol.runner.frontend_pending = lambda: not state["starved"]
@@ -674,6 +675,9 @@ def test_a_steady_stream_of_requests_never_stops_a_commit(make_vol, monkeypatch)
         async with trio.open_nursery() as nursery:
             async def frontend() -> None:
                 while True:
+                    if state["prepared"]:
+                        await trio.sleep(0)
+                        continue
                     state["turns"] += 1
                     state["most"] = max(state["most"], state["turns"])
                     if state["turns"] > 20_000:  # far beyond any share: the commit would never go on
