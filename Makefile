@@ -116,6 +116,7 @@ crashtest: install
 	keep stress1 $(PY) scripts/stress.py --procs 4 --ops 5000 --mix full --seed 1 --kill --options verify_log; \
 	keep stress2 $(PY) scripts/stress.py --procs 8 --ops 2000 --mix full --seed 2; \
 	keep stress3 $(PY) scripts/stress.py --procs 4 --ops 2500 --mix cuf --seed 3 --kill --options commit=0.02; \
+	keep stress4 $(PY) scripts/stress.py --procs 4 --ops 3000 --mix full --seed 4 --read-errors 5% --options cache=1M; \
 	awk '/crash points, [0-9]+ inconsistent/ { runs++; points += $$1; bad += $$(NF - 1) } \
 		/: PASS/ { pass++ } /: FAIL/ { fail++ } \
 		END { printf "crashtest: %d runs, %d crash points, %d inconsistent; stress: %d runs, %d PASS, %d FAIL\n", \

@@ -1,14 +1,14 @@
 """Multi-process stress of a tux3fuse mount, and a verifier of what fsync promised.
 
 ``python scripts/stress.py [--procs N] [--ops N] [--seed S] [--mix full|cuf|renameover|renameover-fsync]
-[--options OPTS] [--kill | --kill-after SECONDS]`` makes a fresh image, mounts it, runs N worker processes, each
-doing a seeded random mix of create, unlink (often of the file it has just created), rename (also over an
-existing name), link, mkdir/rmdir, truncate, pwrite, fsync, fdatasync, fsync of a directory, ``os.sync()`` and
-write-temp-then-rename-over, in a directory of its own and in one directory all workers share. It then unmounts
-(or SIGKILLs the daemon in the middle), requires ``fsck.tux3 -n`` to exit 0, mounts again, verifies, unmounts and
-runs fsck again. The last line says PASS or FAIL with the reason; the exit status is 0 only for PASS.
-``stress.py run MNT --journal DIR`` runs the workers against an existing mount; ``stress.py verify MNT --journal
-DIR [--clean]`` checks a mount against the journals.
+[--options OPTS] [--kill | --kill-after SECONDS] [--read-errors RATE]`` makes a fresh image, mounts it, runs N
+worker processes, each doing a seeded random mix of create, unlink (often of the file it has just created),
+rename (also over an existing name), link, mkdir/rmdir, truncate, pwrite, fsync, fdatasync, fsync of a directory,
+``os.sync()`` and write-temp-then-rename-over, in a directory of its own and in one directory all workers share.
+It then unmounts (or SIGKILLs the daemon in the middle), requires ``fsck.tux3 -n`` to exit 0, mounts again,
+verifies, unmounts and runs fsck again. The last line says PASS or FAIL with the reason; the exit status is 0 only
+for PASS. ``stress.py run MNT --journal DIR`` runs the workers against an existing mount; ``stress.py verify MNT
+--journal DIR [--clean]`` checks a mount against the journals.
 
 What is verified, and why it is sound. Every worker keeps a model of its own names: for each name the set of
 states it may have on disk after a crash (absent, a directory, or bound to one of its inodes with one exact
@@ -29,6 +29,13 @@ to be in one of its journaled states; after a clean run (no kill) it requires th
 name, directory, inode number and byte, and no other entry in the workers' directories. It then requires the
 used-inode count of ``statfs`` to equal the number of inodes reachable from the root, and the daemon logs to
 hold no ERROR and no "read-only".
+
+With ``--read-errors RATE`` (``2%``) the image is served by nbdkit with its ``error`` filter, which fails that share
+of the device's reads with EIO during the run (not during mkfs, the checks and the verification), and the mount
+runs with ``nowriteback`` (so that every write's error reaches the ``write()`` that made it). An operation that
+gets EIO must have changed nothing: the worker's model stays as it was, and the exact final state after a clean
+unmount proves it. A read error that a commit meets fails the volume (read-only): the workers stop there, and the
+verification is the one after a kill (every name in one of its journaled states).
 """
 
 from __future__ import annotations
@@ -102,8 +109,10 @@ class Worker:
     """One process of the stress: a model of its names, the operations, and the journal."""
 
     def __init__(self, mnt: str, wid: int, ops: int, seed: int, mix: str, journal: str, stop_flag: str,
-                 progress=None) -> None:
+                 progress=None, tolerate_eio: bool = False) -> None:
         self.mnt, self.wid, self.ops, self.mix = mnt, wid, ops, mix
+        self.tolerate_eio = tolerate_eio  # the device fails reads: an operation may fail with EIO, changing nothing
+        self.eio = 0
         self.rng = random.Random(f"{seed}/{wid}")
         self.stop_flag = stop_flag
         self.progress = progress
@@ -244,6 +253,17 @@ class Worker:
         self.bind[name] = inode
         inode.names.add(name)
 
+    def pwrite(self, fd: int, data: bytes, offset: int) -> int:
+        """``os.pwrite``; returns the bytes written. A short write is a failure, but where reads fail on purpose:
+        the kernel sends the part of a write that begins inside a page it has not cached in a request of its own,
+        and when a later request fails, the write returns what the first ones wrote (POSIX allows a short write)."""
+        done = os.pwrite(fd, data, offset)
+        if done < len(data):
+            if not self.tolerate_eio:
+                raise StressError(f"short write: {done} of {len(data)} bytes at {offset}")
+            self.eio += 1
+        return done
+
     def open_inode(self, inode: Inode, flags: int = os.O_RDWR) -> tuple[int, bool]:
         """An fd on ``inode``: one held open, or a new one through one of its names (close it when the flag)."""
         held = [fd for fd, i in self.fds if i is inode]
@@ -264,8 +284,7 @@ class Worker:
         if self.mix != "cuf" or self.rng.random() < 0.5:
             data = self.payload(8192)
             self.content_changes(inode)
-            os.pwrite(fd, data, 0)
-            inode.data[:] = data
+            inode.data[:] = data[: self.pwrite(fd, data, 0)]
         self.hold_or_close(fd, inode)
 
     def create(self, name: str) -> tuple[int, Inode]:
@@ -362,7 +381,7 @@ class Worker:
         data = self.payload(16384)
         offset = self.rng.randint(0, MAX_SIZE - len(data))
         self.content_changes(inode)
-        os.pwrite(fd, data, offset)
+        data = data[: self.pwrite(fd, data, offset)]
         if offset > len(inode.data):
             inode.data.extend(bytes(offset - len(inode.data)))
         inode.data[offset:offset + len(data)] = data
@@ -431,6 +450,9 @@ class Worker:
         data = os.pread(fd, MAX_SIZE + 65536, 0)
         if close:
             os.close(fd)
+        if self.tolerate_eio and len(data) < len(inode.data) and data == inode.data[:len(data)]:
+            self.eio += 1  # a read error after some pages were copied: the kernel returns those (a short read)
+            return
         if data != inode.data:
             raise StressError(f"{name}: read {len(data)} bytes (digest {digest(data)}), "
                               f"expected {len(inode.data)} ({digest(inode.data)})")
@@ -454,8 +476,7 @@ class Worker:
         data = self.payload(8192)
         self.content_changes(inode)
         try:
-            os.pwrite(fd, data, 0)
-            inode.data[:] = data
+            inode.data[:] = data[: self.pwrite(fd, data, 0)]
             if fsync:
                 os.fsync(fd)
                 self.synced(inode)
@@ -476,7 +497,12 @@ class Worker:
             for done in range(self.ops):
                 kind = self.rng.choices(kinds, weights)[0]
                 self.counts[kind] += 1
-                getattr(self, "op_" + kind)()
+                try:
+                    getattr(self, "op_" + kind)()
+                except OSError as e:
+                    if not (self.tolerate_eio and e.errno == errno.EIO):
+                        raise
+                    self.eio += 1  # nothing changed: the model stays as it was
                 if self.progress is not None and done % 16 == 0:
                     with self.progress.get_lock():
                         self.progress.value += 16
@@ -494,23 +520,25 @@ class Worker:
             return 1
         final = {n: self.state_str(("h", i.mid, len(i.data), digest(i.data))) for n, i in self.bind.items()}
         final.update({d: "d" for d in self.dirs})
-        self.write_journal({"final": final, "counts": self.counts, "points": self.verified_points})
+        self.write_journal({"final": final, "counts": self.counts, "points": self.verified_points, "eio": self.eio})
         return 0
 
 
 def _worker_main(mnt: str, wid: int, ops: int, seed: int, mix: str, journal: str, stop_flag: str,
-                 progress) -> None:
+                 progress, tolerate_eio: bool) -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    w = Worker(mnt, wid, ops, seed, mix, journal, stop_flag, progress)
+    w = Worker(mnt, wid, ops, seed, mix, journal, stop_flag, progress, tolerate_eio)
     os._exit(w.run())
 
 
 def run_workers(mnt: str, journal_dir: str, procs: int, ops: int, seed: int, mix: str,
-                kill_when: Callable[[float], bool] | None = None, on_kill: Callable[[], None] | None = None
-                ) -> list[str]:
+                kill_when: Callable[[float], bool] | None = None, on_kill: Callable[[], None] | None = None,
+                tolerate_eio: bool = False, on_start: Callable[[], None] | None = None) -> list[str]:
     """Run ``procs`` workers on the mount at ``mnt``; return the errors they reported. ``kill_when(done)`` is
     asked with the fraction of all operations done; once it says yes, ``on_kill()`` is called (once), and the
-    errors the workers meet after that are expected."""
+    errors the workers meet after that are expected. ``tolerate_eio``: the device fails reads on purpose, so an
+    operation may fail with EIO (having changed nothing). ``on_start()`` is called once the directories are made
+    and committed, as the workers start."""
     if mix not in MIXES:
         raise StressError(f"unknown mix {mix!r} (known: {', '.join(MIXES)})")
     os.makedirs(journal_dir, exist_ok=True)
@@ -521,11 +549,13 @@ def run_workers(mnt: str, journal_dir: str, procs: int, ops: int, seed: int, mix
     stop_flag = os.path.join(journal_dir, "stopped")
     if os.path.exists(stop_flag):
         os.unlink(stop_flag)
+    if on_start is not None:
+        on_start()
     ctx = multiprocessing.get_context("fork")
     progress = ctx.Value("q", 0)
     workers = [ctx.Process(target=_worker_main, args=(mnt, i, ops, seed, mix, os.path.join(journal_dir,
                                                                                           f"w{i}.jsonl"),
-                                                    stop_flag, progress)) for i in range(procs)]
+                                                    stop_flag, progress, tolerate_eio)) for i in range(procs)]
     for w in workers:
         w.start()
     try:
@@ -666,7 +696,7 @@ def count_inodes(mnt: str) -> tuple[int, int]:
 class Daemon:
     """tux3fuse in the foreground, its output in a log file."""
 
-    def __init__(self, image: Path, mnt: Path, options: str, log: Path) -> None:
+    def __init__(self, image: Path | str, mnt: Path, options: str, log: Path) -> None:
         self.image, self.mnt, self.options, self.log = image, mnt, options, log
         self.proc: subprocess.Popen | None = None
 
@@ -714,19 +744,52 @@ class Daemon:
         except OSError:
             return ""
 
-    def log_errors(self) -> list[str]:
+    def log_errors(self, allowed: Callable[[str], bool] = lambda line: False) -> list[str]:
+        """The log's ERROR, CRITICAL, read-only and Traceback lines, but those ``allowed``."""
         try:
             text = self.log.read_text(errors="replace")
         except OSError:
             return []
         return [line for line in text.splitlines()
-                if " ERROR:" in line or " CRITICAL:" in line or "read-only" in line or "Traceback" in line]
+                if (" ERROR:" in line or " CRITICAL:" in line or "read-only" in line or "Traceback" in line)
+                and not allowed(line)]
+
+
+class FailingReads:
+    """nbdkit serving ``image`` on a Unix socket with its error filter: while ``flag`` exists, ``rate`` of the
+    reads fail with EIO. Stopped by its PID."""
+
+    def __init__(self, image: Path, work: Path, rate: str) -> None:
+        self.flag, self.socket, self.log = work / "read-errors", work / "nbd.sock", work / "nbdkit.log"
+        self.uri = f"nbd+unix:///?socket={self.socket}"
+        args = ["nbdkit", "--unix", str(self.socket), "--foreground", "--exit-with-parent", "--filter=error", "file",
+                f"file={image}", "error-pread=EIO", f"error-pread-rate={rate}", f"error-pread-file={self.flag}"]
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while not self.socket.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise StressError(f"nbdkit did not start: {self.log.read_text(errors='replace').strip()}")
+            time.sleep(0.02)
+        time.sleep(0.1)  # the socket exists a moment before the server listens on it
+
+    def injected(self) -> int:
+        return self.log.read_text(errors="replace").count("injecting EIO error into pread")
+
+    def stop(self) -> None:
+        self.flag.unlink(missing_ok=True)
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 from tux3fuse.mounts import is_mounted as mounted  # noqa: E402
 
 
-def fsck(image: Path) -> None:
+def fsck(image: Path | str) -> None:
     r = subprocess.run([tool("fsck.tux3"), "-n", str(image)], capture_output=True, text=True, timeout=600)
     if r.returncode:
         out = (r.stdout + r.stderr).strip().splitlines()
@@ -745,6 +808,7 @@ class Config:
     kill_after: float | None = None
     workdir: str | None = None
     keep: bool = False
+    read_errors: str | None = None  # a share of the device's reads that fail (nbdkit's error filter), "2%"
 
 
 def drive(cfg: Config) -> tuple[bool, str]:
@@ -752,15 +816,23 @@ def drive(cfg: Config) -> tuple[bool, str]:
     verify, unmount, fsck. Returns (passed, summary line)."""
     work = Path(tempfile.mkdtemp(prefix="stress-", dir=cfg.workdir))
     image, mnt, journal = work / "fs.img", work / "mnt", work / "journal"
-    daemon = Daemon(image, mnt, cfg.options, work / "daemon.log")
+    options = cfg.options
+    if cfg.read_errors:
+        options = ",".join(o for o in (options, "nowriteback") if o)
+    daemon = Daemon(image, mnt, options, work / "daemon.log")
     what = (f"stress: {cfg.procs} procs x {cfg.ops} ops, mix {cfg.mix}, seed {cfg.seed}, "
-            f"options {cfg.options or 'default'}{', kill' if cfg.kill or cfg.kill_after is not None else ''}")
+            f"options {cfg.options or 'default'}{', kill' if cfg.kill or cfg.kill_after is not None else ''}"
+            + (f", {cfg.read_errors} read errors" if cfg.read_errors else ""))
     passed = False
+    server: FailingReads | None = None
     try:
         r = subprocess.run([tool("mkfs.tux3"), "-q", "-f", "-s", cfg.size, str(image)], capture_output=True,
                            text=True)
         if r.returncode:
             raise StressError(f"mkfs.tux3: {r.stderr.strip()}")
+        if cfg.read_errors:
+            server = FailingReads(image, work, cfg.read_errors)
+            daemon.image = server.uri
         daemon.start()
         started = time.monotonic()
         kill_when: Callable[[float], bool] | None = None
@@ -776,34 +848,53 @@ def drive(cfg: Config) -> tuple[bool, str]:
             daemon.kill()
             killed.append(time.monotonic() - started)
 
+        failed = False  # with read errors: a commit met one, and the volume turned read-only
+
+        def allowed(line: str) -> bool:  # what the injected read errors may log
+            return server is not None and ("read of " in line or "read error" in line or failed)
+
         errors = run_workers(str(mnt), str(journal), cfg.procs, cfg.ops, cfg.seed, cfg.mix, kill_when,
-                             on_kill)
+                             on_kill, tolerate_eio=server is not None,
+                             on_start=None if server is None else server.flag.touch)
+        if server is not None:
+            server.flag.unlink()
+            if daemon.proc is not None:
+                r = subprocess.run([tool("tux3"), "stat", "--json", str(mnt)], capture_output=True, text=True)
+                failed = bool(r.stdout) and json.loads(r.stdout).get("read_only") == 1
+            if failed:
+                errors = [e for e in errors if "EROFS" not in e]
         if errors:
             raise StressError(errors[0])
         if daemon.proc is not None:
             if kill_when is not None:  # the workers finished before the kill point
                 daemon.kill()
                 killed.append(time.monotonic() - started)
+            elif failed:  # as after a kill: the delta that met the error is not on disk
+                daemon.kill()
             else:
                 daemon.umount()
-        bad = daemon.log_errors()
+        bad = daemon.log_errors(allowed)
         if bad:
             raise StressError(f"daemon log: {bad[0]}")
-        fsck(image)
+        fsck(daemon.image)
         daemon.start()
-        v = verify(str(mnt), str(journal), clean=not killed)
+        v = verify(str(mnt), str(journal), clean=not killed and not failed)
         if v.problems:
             raise StressError(f"{len(v.problems)} names wrong after the remount: {v.problems[0]}")
         used, real = count_inodes(str(mnt))
         if used != real:
             raise StressError(f"statfs counts {used} used inodes, but {real} inodes are reachable")
         daemon.umount()
-        bad = daemon.log_errors()
+        bad = daemon.log_errors(allowed)
         if bad:
             raise StressError(f"daemon log: {bad[0]}")
-        fsck(image)
+        fsck(daemon.image)
         elapsed = time.monotonic() - started
         kill_note = f"killed at {killed[0]:.1f} s, " if killed else ""
+        if server is not None:
+            eio = sum(rec.get("eio", 0) for p in journal.glob("*.jsonl") for rec in read_journal(str(p)))
+            kill_note += (f"{server.injected()} read errors injected, {eio} operations failed with EIO"
+                          f"{', the volume turned read-only' if failed else ''}, ")
         passed = True
         return True, (f"{what}: PASS ({kill_note}fsck clean, {v.names} names verified, {v.exact_files} exact "
                       f"file contents, inodes {used} = {real}, {elapsed:.1f} s)")
@@ -813,6 +904,8 @@ def drive(cfg: Config) -> tuple[bool, str]:
                        + f"stress: work directory kept: {work}\n{what}: FAIL: {e}")
     finally:
         daemon.cleanup()
+        if server is not None:
+            server.stop()
         if passed and not cfg.keep:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -854,10 +947,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kill-after", type=float, metavar="SECONDS", help="SIGKILL the daemon after SECONDS")
     p.add_argument("--workdir", help="where the temporary work directory is made")
     p.add_argument("--keep", action="store_true", help="keep the work directory after a pass")
+    p.add_argument("--read-errors", metavar="RATE", help="serve the image with nbdkit's error filter failing RATE "
+                   "(2%%) of the reads during the run; operations may fail with EIO and must change nothing")
     a = p.parse_args(argv)
     if a.procs < 1 or a.ops < 1:
         p.error("--procs and --ops must be at least 1")
-    cfg = Config(a.procs, a.ops, a.seed, a.mix, a.options, a.size, a.kill, a.kill_after, a.workdir, a.keep)
+    cfg = Config(a.procs, a.ops, a.seed, a.mix, a.options, a.size, a.kill, a.kill_after, a.workdir, a.keep,
+                 a.read_errors)
     try:
         ok, line = drive(cfg)
     except KeyboardInterrupt:

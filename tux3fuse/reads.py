@@ -9,6 +9,8 @@ Guarantees:
   the loop (no checkpoint).
 - A read that needs a block another read (or readahead, ``readahead.py``) is reading waits for that one instead of
   reading it too; a read fetches its own blocks before it waits for others', so two reads never wait on each other.
+  Every run registered in flight is released (its ``done`` set) whatever happens: a plan that fails after it
+  registered some (a tree node or a block it reads on the loop fails) releases them before the error goes on.
 - A read holds the loop for the device only where a worker thread would cost more than it saves: blocks the host's
   page cache holds (``Device.pread_cached``), and blocks of a device whose recent reads took less than
   ``Options.read_inline_max`` (one block at any time, more only while no request waits in the kernel). A trip
@@ -173,48 +175,52 @@ class Reads:
         cache = self.icache.cache
         parts: list = []
         plan = ReadPlan()
-        index = first
-        while index <= last:
-            page = mapping.get(index)
-            if page is not None:
-                cache.touch(mapping, page)
-                parts.append(page.data)
-                index += 1
-                continue
-            data = got.get(index)
-            if data is not None:
-                parts.append(data)
-                index += 1
-                continue
-            other = self.reading.get((inode.ino, index))
-            if other is not None:
-                if not plan.waits or plan.waits[-1] is not other.done:
-                    plan.waits.append(other.done)
-                index += 1
-                continue
-            physical, csums, n = self._backing(inode, index, self._gap(inode, index, last + 1, got, LOOP_PIECE))
-            if physical:
-                inline = self.read_inline(n)  # a quick device, and nobody waits for the loop
-                # one block read inline: one system call (whether the host's cache holds it changes nothing)
-                data = None if inline and n == 1 else self.backend.dev.pread_cached(physical, n)
+        try:  # a failure after runs were registered releases them: nobody may wait for them forever
+            index = first
+            while index <= last:
+                page = mapping.get(index)
+                if page is not None:
+                    cache.touch(mapping, page)
+                    parts.append(page.data)
+                    index += 1
+                    continue
+                data = got.get(index)
                 if data is not None:
-                    self.counters["read_host_cached"] += n
-                    plan.device = plan.device or False
-                elif inline:
-                    data = self._pread_now(physical, n)
-                    plan.device = True
-                if data is not None:  # read on the loop
-                    parts.extend(self._insert_read(inode, index, physical, csums, data))
-                else:  # worker threads, in pieces: a read waiting for part of a larger one waits less
-                    for at in range(0, n, READ_PIECE):
-                        plan.runs.append(self._register(Run(inode.ino, index + at, physical + at,
-                                                            csums[at: at + READ_PIECE])))
-            else:
-                zero = memoryview(bytes(bs))  # holes share one read-only zero block until written
-                for i in range(index, index + n):
-                    mapping.insert(Page(i, zero))
-                    parts.append(zero)
-            index += n
+                    parts.append(data)
+                    index += 1
+                    continue
+                other = self.reading.get((inode.ino, index))
+                if other is not None:
+                    if not plan.waits or plan.waits[-1] is not other.done:
+                        plan.waits.append(other.done)
+                    index += 1
+                    continue
+                physical, csums, n = self._backing(inode, index, self._gap(inode, index, last + 1, got, LOOP_PIECE))
+                if physical:
+                    inline = self.read_inline(n)  # a quick device, and nobody waits for the loop
+                    # one block read inline: one system call (whether the host's cache holds it changes nothing)
+                    data = None if inline and n == 1 else self.backend.dev.pread_cached(physical, n)
+                    if data is not None:
+                        self.counters["read_host_cached"] += n
+                        plan.device = plan.device or False
+                    elif inline:
+                        data = self._pread_now(physical, n)
+                        plan.device = True
+                    if data is not None:  # read on the loop
+                        parts.extend(self._insert_read(inode, index, physical, csums, data))
+                    else:  # worker threads, in pieces: a read waiting for part of a larger one waits less
+                        for at in range(0, n, READ_PIECE):
+                            plan.runs.append(self._register(Run(inode.ino, index + at, physical + at,
+                                                                csums[at: at + READ_PIECE])))
+                else:
+                    zero = memoryview(bytes(bs))  # holes share one read-only zero block until written
+                    for i in range(index, index + n):
+                        mapping.insert(Page(i, zero))
+                        parts.append(zero)
+                index += n
+        except BaseException:
+            self.release(plan.runs)
+            raise
         if plan.runs or plan.waits:
             plan.device = True
             return plan
@@ -225,16 +231,20 @@ class Reads:
         """The runs that would bring blocks [first, first + n) into the cache (readahead): neither cached, nor in
         flight, nor holes, nor past the end of the file; registered in flight."""
         end = min(first + n, -(-inode.rec.size // self.blocksize))
-        runs = []
+        runs: list[Run] = []
         index = first
-        while index < end:
-            if inode.mapping.get(index) is not None or (inode.ino, index) in self.reading:
-                index += 1
-                continue
-            physical, csums, k = self._backing(inode, index, self._gap(inode, index, end, {}, AHEAD_PIECE))
-            if physical:
-                runs.append(self._register(Run(inode.ino, index, physical, csums)))
-            index += k
+        try:
+            while index < end:
+                if inode.mapping.get(index) is not None or (inode.ino, index) in self.reading:
+                    index += 1
+                    continue
+                physical, csums, k = self._backing(inode, index, self._gap(inode, index, end, {}, AHEAD_PIECE))
+                if physical:
+                    runs.append(self._register(Run(inode.ino, index, physical, csums)))
+                index += k
+        except BaseException:  # a tree node that cannot be read: what was registered is released
+            self.release(runs)
+            raise
         return runs
 
     def _gap(self, inode: Inode, index: int, end: int, got: dict[int, memoryview], piece: int = READ_PIECE) -> int:

@@ -309,3 +309,34 @@ async def test_an_uncached_read_holds_the_loop_only_when_nobody_waits_and_the_de
         assert vol.reads.read_seconds > 0  # every read, on the loop or in a thread, is measured
     finally:
         vol.unmount()
+
+
+async def test_a_read_whose_plan_fails_after_registering_runs_leaves_none_in_flight(files, monkeypatch):
+    """A round registers the runs it will read before it has looked at every block; when a later block fails (its
+    extent tree node cannot be read), the runs already registered are released: a read that needs their blocks
+    later reads them, instead of waiting forever for a read nobody makes."""
+    import errno
+
+    path, a, _ = files
+    vol, _ = held_volume(path)
+    try:
+        assert vol.read(a, 3 * BS, BS) == b"a" * BS  # block 3 cached: blocks 0-2 and 4-7 are two runs apart
+        real = vol.reads._backing
+        calls = []
+
+        def failing(inode, index, limit):
+            calls.append(index)
+            if len(calls) == 2:
+                raise OSError(errno.EIO, "an extent tree node cannot be read")
+            return real(inode, index, limit)
+
+        monkeypatch.setattr(vol.reads, "_backing", failing)
+        with pytest.raises(OSError) as info:
+            await vol.read_async(a, 0, 8 * BS)
+        assert info.value.errno == errno.EIO and calls == [0, 4]
+        assert vol.reads.reading == {}  # blocks 0-2 were registered first: released again
+        monkeypatch.undo()
+        with trio.fail_after(60):  # a hang detector, not a time asserted
+            assert await vol.read_async(a, 0, 8 * BS) == b"a" * 8 * BS
+    finally:
+        vol.unmount()
