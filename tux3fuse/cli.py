@@ -14,6 +14,7 @@ from collections.abc import Callable
 from .backing import is_uri
 from .fs import Options, VolumeError
 from .mounts import TUX3_TYPE, image_mountpoint, mounted_type, mounts
+from .options import MIN_CACHE_BYTES, MIN_DIRTY_LIMIT, MIN_READAHEAD
 from .units import human, parse_duration, parse_size
 
 PROG_MOUNT = "tux3fuse"
@@ -69,14 +70,21 @@ def mkfs_run(argv: list[str], prog: str) -> int:
 # tux3fuse IMAGE MOUNTPOINT
 
 PASSED = {"allow_other", "allow_root", "nodev", "nosuid", "noexec", "noatime", "sync", "dirsync", "auto_unmount"}
-IGNORED = {"defaults", "auto", "noauto", "user", "nouser", "users", "nofail", "_netdev", "dev", "suid", "exec",
-           "atime", "relatime", "strictatime", "nodiratime", "async", "rw", "default_permissions", "noxattr",
-           "writeback", "lazytime", "nolazytime"}
+UNDONE = {"dev": "nodev", "suid": "nosuid", "exec": "noexec", "atime": "noatime", "relatime": "noatime",
+          "strictatime": "noatime", "async": "sync"}  # an option and the passed one it takes back, as mount(8)
+IGNORED = {"defaults", "auto", "noauto", "user", "nouser", "users", "nofail", "_netdev", "nodiratime",
+           "default_permissions", "lazytime", "nolazytime"}
+# flags that set a setting of their own: the last one given wins, as in mount(8) (ro,rw mounts read-write)
+SETTINGS = {"ro": ("ro", True), "rw": ("ro", False), "writeback": ("writeback", True),
+            "nowriteback": ("writeback", False), "xattr": ("xattr", True), "noxattr": ("xattr", False),
+            "verify_log": ("verify_log", True)}
 
 
 MAX_COMMIT = 86400.0  # seconds: commit= beyond a day is a mistake, not a setting
-FLAGS = {"ro", "nowriteback", "xattr", "verify_log"}
-SIZE_OPTIONS = ("cache", "dirty_limit", "fsync_ahead", "readahead")
+FLAGS = set(SETTINGS) | set(PASSED) | set(UNDONE)  # options that take no value
+# size options: the least a mount takes, other than 0 where 0 has a meaning of its own (what it means)
+SIZE_OPTIONS = {"cache": (MIN_CACHE_BYTES, None), "dirty_limit": (MIN_DIRTY_LIMIT, "no limit"),
+                "fsync_ahead": (0, None), "readahead": (MIN_READAHEAD, "none")}
 
 
 def _memory_bytes() -> int:
@@ -113,21 +121,26 @@ def _parse_latency(value: str, key: str = "device_latency") -> float:
 
 
 def _parse_option_size(key: str, value: str) -> int:
-    """A size from 0 to the host's memory (512K, 64M, 1G)."""
+    """A size (512K, 64M, 1G) from the option's least (``SIZE_OPTIONS``; 0 too where it has a meaning of its own)
+    to the host's memory."""
     high = _memory_bytes()
+    low, zero = SIZE_OPTIONS[key]
     try:
         size = parse_size(value)
     except ValueError:
         size = None
-    if size is None or size > high:
+    if size is None or size > high or size < low and not (size == 0 and zero):
         extra = " or off" if key == "fsync_ahead" else ""
-        raise UsageError(f"{key}= takes a size such as 64M{extra}, from 0 to {human(high)} (this machine's memory), "
-                         f"not {value!r}")
+        least = f"0 ({zero}) or {human(low)}" if zero else human(low) if low else "0"
+        raise UsageError(f"{key}= takes a size such as 64M{extra}, from {least} to {human(high)} (this machine's "
+                         f"memory), not {value!r}")
     return size
 
 
 def parse_mount_options(text: str) -> dict:
-    """-o string -> settings; raises UsageError on anything unknown and on any value out of its range."""
+    """-o string -> settings; raises UsageError on anything unknown and on any value out of its range. Of two
+    options that contradict each other the later wins, as in mount(8): ``ro,rw`` is read-write, ``rw,ro``
+    read-only."""
     out = {"ro": False, "writeback": True, "xattr": False, "commit": 5.0, "cache": None, "stable": "fork",
            "writelog": None, "dirty_limit": None, "fsync_ahead": None, "readahead": None, "verify_log": False,
            "log": None, "read_inline_max": None, "device_latency": 0.0, "device_bandwidth": 0, "fuse": set()}
@@ -135,14 +148,11 @@ def parse_mount_options(text: str) -> dict:
         key, eq, value = opt.partition("=")
         if key in FLAGS and eq:
             raise UsageError(f"{key} takes no value, not {opt!r}")
-        if key == "ro":
-            out["ro"] = True
-        elif key == "nowriteback":
-            out["writeback"] = False
-        elif key == "xattr":
-            out["xattr"] = True
-        elif key == "verify_log":
-            out["verify_log"] = True
+        if key in SETTINGS:
+            setting, on = SETTINGS[key]
+            out[setting] = on
+        elif key in UNDONE:
+            out["fuse"].discard(UNDONE[key])
         elif key == "commit":
             out["commit"] = _parse_seconds(key, value, MAX_COMMIT)
         elif key == "writelog":
@@ -190,12 +200,13 @@ def mount_cmd(argv: list[str], prog: str = PROG_MOUNT) -> int:
                 "for root and in ~/.local/state/tux3fuse for other users (here: "
                 f"{os.path.dirname(default_log_file('/'))}). -o log=FILE logs to FILE as well. `tux3 stat "
                 "MOUNTPOINT` names the log and shows the last errors with their times.")
-    p.add_argument("-o", dest="options", action="append", default=[], help="mount options, comma separated: ro, "
+    p.add_argument("-o", dest="options", action="append", default=[], help="mount options, comma separated (of two "
+                   "that contradict each other the later wins, as in mount(8)): ro|rw, "
                    "allow_other, writeback|nowriteback, xattr, commit=SECONDS (0 to 86400; 0: only fsync, sync and "
-                   "unmount commit), cache=SIZE, dirty_limit=SIZE (0: no limit), "
+                   "unmount commit), cache=SIZE (at least 1M), dirty_limit=SIZE (0: no limit, else at least 1M), "
                    "stable=fork|wait|none, fsync_ahead=SIZE|off, readahead=SIZE (the most read ahead of a sequential "
                    "reader whose reads wait for the device; default 2M on NBD, none on a file or block device; 0: "
-                   "none), read_inline_max=DURATION (reads of a device "
+                   "none, else at least 64K), read_inline_max=DURATION (reads of a device "
                    "quicker than this run on the event loop, slower ones in worker threads; 0: always threads), "
                    "auto_unmount, log=FILE (log to FILE as well), "
                    "writelog=FILE (record every write and flush to FILE, for crash tests), verify_log (after every "

@@ -161,7 +161,8 @@ def test_help_names_the_log_place_and_every_mount_option(tmp_path):
     text = r.stdout
     assert r.returncode == 0
     assert f"(here: {tmp_path}/tux3fuse)" in text and "/dev/log" in text and "tux3 stat" in text
-    for option in ("log=FILE", "writelog=FILE", "verify_log", "commit=SECONDS", "fsync_ahead=SIZE|off", "ro,"):
+    for option in ("log=FILE", "writelog=FILE", "verify_log", "commit=SECONDS", "fsync_ahead=SIZE|off", "ro|rw,",
+                   "cache=SIZE (at least 1M)"):
         assert option in text, option
 
 
