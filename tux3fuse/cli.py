@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -299,40 +300,36 @@ def mount_helper_cmd(argv: list[str], prog: str = "mount.fuse.tux3") -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # tux3 umount / stat / sync
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[-1][0] != "Z"
-    except OSError:
-        return False
+def _check_hint(state: dict) -> str:
+    """What to run once a daemon died: fsck of its image."""
+    image = state.get("image")
+    return f"check the volume with fsck.tux3 {shlex.quote(image)}" if image else "check the volume with fsck.tux3"
+
+
+def _died(mnt: str, state: dict) -> str:
+    return f"the daemon of {mnt} (pid {state.get('pid')}) died without unmounting"
 
 
 def umount_cmd(argv: list[str], prog: str = "umount.tux3") -> int:
-    from .daemon import state_paths
+    from .daemon import daemon_alive, read_state
 
     p = _Parser(prog=prog, description="Unmount a tux3fuse mount and wait until its daemon has committed "
-                "everything and exited. Exit status 1 if the daemon met errors while mounted (the message names "
-                "its log), 2 on wrong usage: a mountpoint where nothing or another filesystem is mounted is left "
-                "untouched.")
+                "everything and exited. Exit status 1 if the daemon met errors while mounted or had died (killed: "
+                "the mount it left is dead; it is unmounted, and the message says to run fsck.tux3), 2 on wrong "
+                "usage: a mountpoint where nothing or another filesystem is mounted is left untouched.")
     p.add_argument("-z", "--lazy", action="store_true", help="lazy unmount (the mountpoint may be busy)")
     p.add_argument("mountpoint")
     a = p.parse_args(argv)
     mnt = os.path.realpath(a.mountpoint)
     fstype = mounted_type(mnt)
+    state = read_state(mnt)  # {}: no record of the daemon: unmount anyway, but there is nothing to wait for
+    died = state.get("status") == "running" and not daemon_alive(state)  # killed: it recorded no end
     if fstype is None:
+        if died:  # and the kernel unmounted it (auto_unmount), or someone else did
+            print(f"{prog}: {a.mountpoint} is not mounted; {_died(mnt, state)}, so what it had not committed is "
+                  f"lost; {_check_hint(state)}", file=sys.stderr)
+            return 1
         raise UsageError(f"{a.mountpoint} is not mounted")
-    state_file, _ = state_paths(mnt)
-    try:
-        with open(state_file) as f:
-            state = json.load(f)
-    except (OSError, ValueError):
-        state = {}  # no record of the daemon: unmount anyway, but there is nothing to wait for
     if fstype != TUX3_TYPE and not (fstype == "" and state):
         raise UsageError(f"{a.mountpoint} is not a tux3fuse filesystem (it is {fstype or 'of unknown type'}); "
                          "left mounted")
@@ -340,7 +337,14 @@ def umount_cmd(argv: list[str], prog: str = "umount.tux3") -> int:
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         msg = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "fusermount3 failed"
+        if died:
+            msg = (f"{_died(mnt, state)} and left the mount dead, which cannot be unmounted now ({msg}); once "
+                   f"nothing uses it, run fusermount3 -u {shlex.quote(mnt)}, then {_check_hint(state)}")
         print(f"{prog}: {msg}", file=sys.stderr)
+        return 1
+    if died:
+        print(f"{prog}: {_died(mnt, state)}, leaving the mount dead: unmounted it; what the daemon had not "
+              f"committed is lost; {_check_hint(state)}", file=sys.stderr)
         return 1
     pid = state.get("pid")
     if not pid:
@@ -348,40 +352,45 @@ def umount_cmd(argv: list[str], prog: str = "umount.tux3") -> int:
         return 1
     warned = False
     started = time.monotonic()
-    while _alive(pid):
+    while daemon_alive(state):
         time.sleep(0.02)
         if not warned and time.monotonic() - started > 10:
             print(f"{prog}: waiting for the daemon ({pid}) to finish its last commit...", file=sys.stderr)
             warned = True
-    try:
-        with open(state_file) as f:
-            state = json.load(f)
-    except (OSError, ValueError):
-        state = {"status": "unknown"}
+    state = read_state(mnt) or {"status": "unknown"}
     if state.get("status") != "done":
         places = [p for p in state.get("log") or [] if p != "stderr"]
+        logs = f" (log: {', '.join(places)})" if places else ""
         image = state.get("image") or ""
+        if state.get("status") == "running":  # it died after the unmount, before it recorded its end
+            print(f"{prog}: the daemon of {mnt} (pid {pid}) died before its last commit was written: what it had "
+                  f"not committed is lost; {_check_hint(state)}{logs}", file=sys.stderr)
+            return 1
         if is_uri(image) and state.get("error"):  # the export failed: what was durable before is on it
             print(f"{prog}: the volume on {image} turned read-only after an error and its last changes were not "
-                  f"written: {state['error']}; everything made durable before that is kept"
-                  + (f" (log: {', '.join(places)})" if places else ""), file=sys.stderr)
+                  f"written: {state['error']}; everything made durable before that is kept{logs}", file=sys.stderr)
             return 1
-        print(f"{prog}: the daemon reported errors: {state.get('error') or state.get('status')}"
-              + (f" (log: {', '.join(places)})" if places else ""), file=sys.stderr)
+        print(f"{prog}: the daemon reported errors: {state.get('error') or state.get('status')}{logs}",
+              file=sys.stderr)
         return 1
     return 0
 
 
 def _control(mnt: str, request: str) -> dict:
-    from .daemon import state_paths
+    from .daemon import daemon_alive, read_state, state_paths
 
     if mounted_type(mnt) not in (TUX3_TYPE, ""):
         raise UsageError(f"{mnt} is not a mounted tux3fuse filesystem")
-    _, sock = state_paths(os.path.realpath(mnt))
+    real = os.path.realpath(mnt)
+    _, sock = state_paths(real)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         try:
             s.connect(sock)
         except OSError:
+            state = read_state(real)
+            if state.get("status") == "running" and not daemon_alive(state):
+                raise VolumeError(f"{_died(real, state)} and left the mount dead: tux3 umount {shlex.quote(mnt)} "
+                                  f"unmounts it; then {_check_hint(state)}") from None
             raise VolumeError(f"no tux3fuse daemon answers for {mnt}") from None
         s.sendall(request.encode() + b"\n")
         data = b""

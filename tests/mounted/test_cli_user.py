@@ -1,6 +1,7 @@
 """The mount tools as a user meets them: the daemon's errors are findable (a log file, `tux3 stat`), `tux3 umount`
-leaves other filesystems alone, an unknown `tux3` command is named, mount(8) helpers exit 32 on failure, and every
-`--help` names what it documents. Each command runs as a user runs it: one line on failure, no traceback."""
+leaves other filesystems alone and says when the daemon died, an unknown `tux3` command is named, mount(8) helpers
+exit 32 on failure, and every `--help` names what it documents. Each command runs as a user runs it: one line on
+failure, no traceback."""
 
 from __future__ import annotations
 
@@ -167,7 +168,7 @@ def test_help_names_the_log_place_and_every_mount_option(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 2. tux3 umount leaves other filesystems alone
+# 2. tux3 umount leaves other filesystems alone, and says when the daemon died
 
 def test_umount_refuses_a_fuse_filesystem_that_is_not_tux3fuse_and_leaves_it_mounted(tmp_path):
     require_fuse()
@@ -191,6 +192,25 @@ def test_umount_refuses_a_filesystem_that_is_not_fuse():
     r = run("tux3", "umount", "/proc")
     assert r.returncode == 2 and "not a tux3fuse filesystem (it is proc)" in one_line(r)
     assert is_mounted("/proc")
+
+
+def test_after_the_daemon_was_killed_stat_and_umount_say_so_and_umount_takes_the_dead_mount_down(detached):
+    d = detached()
+    assert d.start().returncode == 0
+    (d.mnt / "uncommitted").write_bytes(b"lost with the daemon")
+    os.kill(d.pid, signal.SIGKILL)
+    while _alive(d.pid):
+        time.sleep(0.01)
+    died = f"the daemon of {d.mnt.resolve()} (pid {d.pid}) died without unmounting"
+    check = f"fsck.tux3 {d.image.resolve()}"
+    r = run("tux3", "stat", str(d.mnt))
+    assert r.returncode == 1 and died in one_line(r) and "tux3 umount" in one_line(r) and check in one_line(r)
+    r = run("tux3", "umount", str(d.mnt))
+    line = one_line(r)
+    assert r.returncode == 1 and died in line and "unmounted it" in line and check in line, line
+    assert "reported errors" not in line and "running" not in line
+    assert not is_mounted(str(d.mnt))
+    assert run("fsck.tux3", "-n", str(d.image)).returncode == 0  # a committed delta: nothing to repair
 
 
 # ---------------------------------------------------------------------------------------------------------------
