@@ -353,9 +353,10 @@ class Volume:
         self.names.rename(old_parent, old, new_parent, new, flags)
 
     @guarded
-    def readdir(self, ino: int, start: int) -> Iterator[tuple[bytes, int, int]]:
-        """(name, inode number, next position) from position ``start`` (0: the beginning)."""
-        yield from self.names.readdir(ino, start)
+    def readdir(self, ino: int, start: int, dots: bool = False) -> Iterator[tuple[bytes, int, int]]:
+        """(name, inode number, next position) from position ``start`` (0: the beginning); with ``dots``, "." and
+        ".." first, as POSIX readdir returns them (``Namespace.readdir``)."""
+        yield from self.names.readdir(ino, start, dots)
 
     @guarded
     def getxattr(self, ino: int, name: bytes) -> bytes:
