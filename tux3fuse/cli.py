@@ -7,6 +7,7 @@ import json
 import os
 import shlex
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -405,6 +406,33 @@ def _control(mnt: str, request: str) -> dict:
     return reply
 
 
+IDENTITY = ("device", "label", "uuid")  # what names a volume: first in tux3 stat, as dumpe2fs -h shows them
+
+
+def _table(values: dict) -> str:
+    """``tux3 stat``'s lines: the volume's identity first, then every other key in order; floats to the
+    microsecond, an empty label as <none>."""
+    keys = [k for k in IDENTITY if k in values] + sorted(k for k in values if k not in IDENTITY)
+    width = max(map(len, keys), default=0)
+    lines = []
+    for key in keys:
+        value = values[key]
+        text = f"{value:.6f}" if isinstance(value, float) else "<none>" if key == "label" and not value else value
+        lines.append(f"{key:<{width}}  {text}")
+    return "\n".join(lines)
+
+
+def _is_volume(target: str) -> bool:
+    """Does ``target`` name a volume to read (an image file, block device or NBD URI) rather than a mountpoint?"""
+    if is_uri(target):
+        return True
+    try:
+        mode = os.stat(target).st_mode
+    except OSError:
+        return False
+    return stat.S_ISREG(mode) or stat.S_ISBLK(mode)
+
+
 def tux3_cmd(argv: list[str]) -> int:
     """tux3 COMMAND ...; an unknown command is wrong usage (exit 2). ``tux3 IMAGE MOUNTPOINT [-o OPTIONS]``, as
     mount.fuse3 runs it for the type fuse.tux3, mounts as mount.fuse.tux3 does (failure: exit 32); the first
@@ -417,11 +445,13 @@ def tux3_cmd(argv: list[str]) -> int:
     p = _Parser(prog="tux3", description="tux3fuse administration.")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
     sub.add_parser("umount", help="unmount and wait for the daemon", add_help=False)
-    s = sub.add_parser("stat", help="print the counters of a mounted volume, where its daemon logs, and its last "
-                       "errors with their times")
-    s.add_argument("mountpoint")
+    s = sub.add_parser("stat", help="print the label, UUID and counters of a mounted volume, where its daemon logs, "
+                       "and its last errors with their times; of an image file, block device or NBD URI, what its "
+                       "superblock says (label, UUID, size, counts, state), mounted or not")
+    s.add_argument("mountpoint", metavar="MOUNTPOINT|IMAGE")
     s.add_argument("--json", action="store_true", help="one JSON object: the counters, log (where the daemon "
-                   "logs) and recent_errors (its last warnings and errors: time, level, message)")
+                   "logs) and recent_errors (its last warnings and errors: time, level, message); of an image, "
+                   "what its superblock says")
     y = sub.add_parser("sync", help="commit everything now and wait until it is durable")
     y.add_argument("mountpoint")
     sub.add_parser("mkfs", help="same as mkfs.tux3", add_help=False)
@@ -435,6 +465,12 @@ def tux3_cmd(argv: list[str]) -> int:
     if a.cmd is None:
         p.print_help()
         return 2
+    if a.cmd == "stat" and _is_volume(a.mountpoint):
+        from .fs import describe
+
+        info = describe(a.mountpoint)
+        print(json.dumps(info, sort_keys=True) if a.json else _table(info))
+        return 0
     reply = _control(a.mountpoint, a.cmd)
     if a.cmd == "stat":
         stats = reply.get("stat", {})
@@ -442,10 +478,7 @@ def tux3_cmd(argv: list[str]) -> int:
         if a.json:
             print(json.dumps({**stats, "log": places, "recent_errors": recent}, sort_keys=True))
         else:
-            width = max(map(len, stats), default=0)
-            for key in sorted(stats):
-                value = stats[key]
-                print(f"{key:<{width}}  {value:.6f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+            print(_table(stats))
             print(f"log: {', '.join(places) or 'unknown'}")
             print("last errors:" + ("" if recent else " none"))
             for record in recent:

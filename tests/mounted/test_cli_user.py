@@ -277,10 +277,6 @@ def test_tux3_help_lists_every_command():
         assert re.search(rf"^\s+{sub}\s", r.stdout, re.M), sub
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q"]))
-
-
 def test_tux3_stat_counts_requests_by_operation_and_close_sends_no_flush(detached, tmp_path):
     import json
     d = detached(env={"XDG_STATE_HOME": str(tmp_path / "state")})
@@ -298,3 +294,34 @@ def test_tux3_stat_counts_requests_by_operation_and_close_sends_no_flush(detache
     # the first close's FLUSH is refused with ENOSYS and the kernel sends no more
     assert after.get("fuse.flush", 0) <= 1 and done.get("flush", 0) <= 1
     assert run("tux3", "umount", str(d.mnt)).returncode == 0
+
+
+def test_the_label_and_uuid_mkfs_wrote_are_shown_by_tux3_stat_mounted_or_not_and_by_fsck(detached):
+    import json
+    import uuid
+    d = detached()
+    assert run("mkfs.tux3", "-q", "-f", "-L", "photos 2026", "-s", "32M", str(d.image)).returncode == 0
+    assert d.start().returncode == 0
+    mounted = json.loads(run("tux3", "stat", "--json", str(d.mnt)).stdout)
+    assert mounted["label"] == "photos 2026" and str(uuid.UUID(mounted["uuid"])) == mounted["uuid"]
+    def head(target) -> list[list[str]]:  # the first three lines of tux3 stat: device, label, uuid
+        return [line.split(None, 1) for line in run("tux3", "stat", str(target)).stdout.splitlines()[:3]]
+
+    identity = [["label", "photos 2026"], ["uuid", mounted["uuid"]]]
+    assert head(d.mnt)[1:] == identity
+    assert run("tux3", "umount", str(d.mnt)).returncode == 0
+    r = run("tux3", "stat", "--json", str(d.image))
+    assert r.returncode == 0, r.stderr
+    image = json.loads(r.stdout)
+    assert (image["label"], image["uuid"], image["state"]) == ("photos 2026", mounted["uuid"], "clean")
+    assert head(d.image)[1:] == identity
+    verbose = run("fsck.tux3", "-n", "-v", str(d.image)).stdout.splitlines()
+    assert verbose[2:4] == ["label: photos 2026", f"uuid: {mounted['uuid']}"], verbose[:4]
+    assert run("mkfs.tux3", "-q", "-f", "-s", "32M", str(d.image)).returncode == 0  # no label, a new UUID
+    again = json.loads(run("tux3", "stat", "--json", str(d.image)).stdout)
+    assert again["label"] == "" and again["uuid"] != mounted["uuid"]
+    assert head(d.image)[1] == ["label", "<none>"]
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
