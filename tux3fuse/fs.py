@@ -384,6 +384,8 @@ class Volume:
         out.update(dirty_pages=cache.dirty_pages, cached_pages=len(cache.clean) + cache.dirty_pages,
                    delta=self.deltas.current, committed=self.deltas.committed, free_blocks=self.backend.free,
                    flushes=self.backend.dev.stats.flushes, blocks_read=self.backend.dev.stats.blocks_read,
+                   read_errors=self.backend.dev.stats.read_errors,
+                   readahead_errors=self.backend.dev.stats.readahead_errors,
                    hole_fill_bytes=self.backend.dev.stats.fill_bytes,
                    fua_writes=self.backend.dev.stats.fua_writes, device=self.path,
                    forked_pages_live=self.forks.live,
