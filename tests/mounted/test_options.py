@@ -1,5 +1,6 @@
 """Mount options as mount(8) reads them, through the real commands: of two options that contradict each other the
-later wins, and a size option is what the daemon uses (below its least it is refused: test_inputs.py)."""
+later wins, and a size option is what the daemon uses (below its least it is refused: test_inputs.py); with the
+periodic commit off, sync(1) commits nothing and tux3 sync does (README, Durability)."""
 
 from __future__ import annotations
 
@@ -78,3 +79,18 @@ def test_the_mount_helper_refuses_a_cache_below_its_least_with_status_32(tmp_pat
         subprocess.run([tool("tux3"), "umount", str(mnt)], capture_output=True, timeout=60)
     assert not mounted
     assert r.returncode == 32 and "cache=" in one_line(r) and "1 MiB" in one_line(r)
+
+
+def test_sync_hands_the_daemon_the_data_but_commits_nothing_and_tux3_sync_commits(make_mount):
+    """README, Durability: the kernel sends a FUSE server no SYNCFS, so sync(1) is no durability point."""
+    m = make_mount(size="32M", options="commit=0")  # no periodic commit: only fsync, tux3 sync and unmount
+    before = m.stat_json()
+    with open(m.path("f"), "wb") as f:
+        f.write(b"z" * 8192)
+    subprocess.run(["sync"], check=True, timeout=120)
+    synced = m.stat_json()
+    assert synced["dirty_pages"] >= 2 and synced["committed"] == before["committed"], synced
+    subprocess.run([tool("tux3"), "sync", str(m.mnt)], check=True, timeout=60)
+    after = m.stat_json()
+    assert after["committed"] > before["committed"] and after["dirty_pages"] == 0
+    m.umount()
