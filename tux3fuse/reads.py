@@ -16,9 +16,9 @@ Guarantees:
   4 KiB read; a slow device's reads (NBD over a network, a busy disk) go to the threads, several at once.
 - Worker threads touch no state of the volume: they read and checksum; what they read is counted and inserted on
   the loop.
-- Every read the device fails, a readahead's too, is counted and logged once (``Device.read_errors``); the error
-  reaches a reader whose blocks it was (EIO), never a reader that only waited for a readahead: that one reads the
-  blocks itself.
+- Every read the device fails, a readahead's too, is counted and logged (``Device.read_errors``, which holds back
+  repeated lines); the error reaches the reader whose read it was (EIO), never one that only waited for a
+  readahead: that one reads the blocks itself.
 """
 
 from __future__ import annotations
