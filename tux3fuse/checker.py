@@ -474,7 +474,8 @@ def check(path: str, data: bool = True, talk: Talk = QUIET) -> tuple[Report, Vol
 
 
 def load_lines(path: str, vol: Volume) -> list[str]:
-    """What loading ``vol`` checked (for ``fsck.tux3 -v``): the superblock copies, the bitmap, the log replay."""
+    """What loading ``vol`` checked (for ``fsck.tux3 -v``): the superblock copies, and the label and UUID of the one
+    loaded, the bitmap, the log replay."""
     sb = vol.backend.sb
     copies = []
     backing = vol.backend.dev.backing  # the image file, block device or NBD export the volume was loaded from
@@ -486,6 +487,7 @@ def load_lines(path: str, vol: Volume) -> list[str]:
             copies.append(f"copy {copy} is unusable ({e})")
     damaged = len(vol.backend.bitmap_damage)
     return [f"checked the superblock copies: {', '.join(copies)}; delta {sb.seq} is loaded",
+            f"label: {sb.label_text or '<none>'}", f"uuid: {sb.uuid_text}",
             f"checked the bitmap: {sb.bitmap_blocks} block(s) of region {sb.bitmap_cur}"
             + (f", {damaged} corrupt" if damaged else ", every checksum right"),
             f"replayed the log: {len(vol.backend.log_blocks)} log block(s) of deltas {sb.unify_seq + 1}-{sb.seq}"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -14,6 +16,7 @@ from collections.abc import Callable
 from .backing import is_uri
 from .fs import Options, VolumeError
 from .mounts import TUX3_TYPE, image_mountpoint, mounted_type, mounts
+from .options import MIN_CACHE_BYTES, MIN_DIRTY_LIMIT, MIN_READAHEAD
 from .units import human, parse_duration, parse_size
 
 PROG_MOUNT = "tux3fuse"
@@ -69,14 +72,21 @@ def mkfs_run(argv: list[str], prog: str) -> int:
 # tux3fuse IMAGE MOUNTPOINT
 
 PASSED = {"allow_other", "allow_root", "nodev", "nosuid", "noexec", "noatime", "sync", "dirsync", "auto_unmount"}
-IGNORED = {"defaults", "auto", "noauto", "user", "nouser", "users", "nofail", "_netdev", "dev", "suid", "exec",
-           "atime", "relatime", "strictatime", "nodiratime", "async", "rw", "default_permissions", "noxattr",
-           "writeback", "lazytime", "nolazytime"}
+UNDONE = {"dev": "nodev", "suid": "nosuid", "exec": "noexec", "atime": "noatime", "relatime": "noatime",
+          "strictatime": "noatime", "async": "sync"}  # an option and the passed one it takes back, as mount(8)
+IGNORED = {"defaults", "auto", "noauto", "user", "nouser", "users", "nofail", "_netdev", "nodiratime",
+           "default_permissions", "lazytime", "nolazytime"}
+# flags that set a setting of their own: the last one given wins, as in mount(8) (ro,rw mounts read-write)
+SETTINGS = {"ro": ("ro", True), "rw": ("ro", False), "writeback": ("writeback", True),
+            "nowriteback": ("writeback", False), "xattr": ("xattr", True), "noxattr": ("xattr", False),
+            "verify_log": ("verify_log", True)}
 
 
 MAX_COMMIT = 86400.0  # seconds: commit= beyond a day is a mistake, not a setting
-FLAGS = {"ro", "nowriteback", "xattr", "verify_log"}
-SIZE_OPTIONS = ("cache", "dirty_limit", "fsync_ahead", "readahead")
+FLAGS = set(SETTINGS) | set(PASSED) | set(UNDONE)  # options that take no value
+# size options: the least a mount takes, other than 0 where 0 has a meaning of its own (what it means)
+SIZE_OPTIONS = {"cache": (MIN_CACHE_BYTES, None), "dirty_limit": (MIN_DIRTY_LIMIT, "no limit"),
+                "fsync_ahead": (0, None), "readahead": (MIN_READAHEAD, "none")}
 
 
 def _memory_bytes() -> int:
@@ -113,21 +123,26 @@ def _parse_latency(value: str, key: str = "device_latency") -> float:
 
 
 def _parse_option_size(key: str, value: str) -> int:
-    """A size from 0 to the host's memory (512K, 64M, 1G)."""
+    """A size (512K, 64M, 1G) from the option's least (``SIZE_OPTIONS``; 0 too where it has a meaning of its own)
+    to the host's memory."""
     high = _memory_bytes()
+    low, zero = SIZE_OPTIONS[key]
     try:
         size = parse_size(value)
     except ValueError:
         size = None
-    if size is None or size > high:
+    if size is None or size > high or size < low and not (size == 0 and zero):
         extra = " or off" if key == "fsync_ahead" else ""
-        raise UsageError(f"{key}= takes a size such as 64M{extra}, from 0 to {human(high)} (this machine's memory), "
-                         f"not {value!r}")
+        least = f"0 ({zero}) or {human(low)}" if zero else human(low) if low else "0"
+        raise UsageError(f"{key}= takes a size such as 64M{extra}, from {least} to {human(high)} (this machine's "
+                         f"memory), not {value!r}")
     return size
 
 
 def parse_mount_options(text: str) -> dict:
-    """-o string -> settings; raises UsageError on anything unknown and on any value out of its range."""
+    """-o string -> settings; raises UsageError on anything unknown and on any value out of its range. Of two
+    options that contradict each other the later wins, as in mount(8): ``ro,rw`` is read-write, ``rw,ro``
+    read-only."""
     out = {"ro": False, "writeback": True, "xattr": False, "commit": 5.0, "cache": None, "stable": "fork",
            "writelog": None, "dirty_limit": None, "fsync_ahead": None, "readahead": None, "verify_log": False,
            "log": None, "read_inline_max": None, "device_latency": 0.0, "device_bandwidth": 0, "fuse": set()}
@@ -135,14 +150,11 @@ def parse_mount_options(text: str) -> dict:
         key, eq, value = opt.partition("=")
         if key in FLAGS and eq:
             raise UsageError(f"{key} takes no value, not {opt!r}")
-        if key == "ro":
-            out["ro"] = True
-        elif key == "nowriteback":
-            out["writeback"] = False
-        elif key == "xattr":
-            out["xattr"] = True
-        elif key == "verify_log":
-            out["verify_log"] = True
+        if key in SETTINGS:
+            setting, on = SETTINGS[key]
+            out[setting] = on
+        elif key in UNDONE:
+            out["fuse"].discard(UNDONE[key])
         elif key == "commit":
             out["commit"] = _parse_seconds(key, value, MAX_COMMIT)
         elif key == "writelog":
@@ -190,12 +202,13 @@ def mount_cmd(argv: list[str], prog: str = PROG_MOUNT) -> int:
                 "for root and in ~/.local/state/tux3fuse for other users (here: "
                 f"{os.path.dirname(default_log_file('/'))}). -o log=FILE logs to FILE as well. `tux3 stat "
                 "MOUNTPOINT` names the log and shows the last errors with their times.")
-    p.add_argument("-o", dest="options", action="append", default=[], help="mount options, comma separated: ro, "
+    p.add_argument("-o", dest="options", action="append", default=[], help="mount options, comma separated (of two "
+                   "that contradict each other the later wins, as in mount(8)): ro|rw, "
                    "allow_other, writeback|nowriteback, xattr, commit=SECONDS (0 to 86400; 0: only fsync, sync and "
-                   "unmount commit), cache=SIZE, dirty_limit=SIZE (0: no limit), "
+                   "unmount commit), cache=SIZE (at least 1M), dirty_limit=SIZE (0: no limit, else at least 1M), "
                    "stable=fork|wait|none, fsync_ahead=SIZE|off, readahead=SIZE (the most read ahead of a sequential "
                    "reader whose reads wait for the device; default 2M on NBD, none on a file or block device; 0: "
-                   "none), read_inline_max=DURATION (reads of a device "
+                   "none, else at least 64K), read_inline_max=DURATION (reads of a device "
                    "quicker than this run on the event loop, slower ones in worker threads; 0: always threads), "
                    "auto_unmount, log=FILE (log to FILE as well), "
                    "writelog=FILE (record every write and flush to FILE, for crash tests), verify_log (after every "
@@ -288,40 +301,36 @@ def mount_helper_cmd(argv: list[str], prog: str = "mount.fuse.tux3") -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # tux3 umount / stat / sync
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[-1][0] != "Z"
-    except OSError:
-        return False
+def _check_hint(state: dict) -> str:
+    """What to run once a daemon died: fsck of its image."""
+    image = state.get("image")
+    return f"check the volume with fsck.tux3 {shlex.quote(image)}" if image else "check the volume with fsck.tux3"
+
+
+def _died(mnt: str, state: dict) -> str:
+    return f"the daemon of {mnt} (pid {state.get('pid')}) died without unmounting"
 
 
 def umount_cmd(argv: list[str], prog: str = "umount.tux3") -> int:
-    from .daemon import state_paths
+    from .daemon import daemon_alive, read_state
 
     p = _Parser(prog=prog, description="Unmount a tux3fuse mount and wait until its daemon has committed "
-                "everything and exited. Exit status 1 if the daemon met errors while mounted (the message names "
-                "its log), 2 on wrong usage: a mountpoint where nothing or another filesystem is mounted is left "
-                "untouched.")
+                "everything and exited. Exit status 1 if the daemon met errors while mounted or had died (killed: "
+                "the mount it left is dead; it is unmounted, and the message says to run fsck.tux3), 2 on wrong "
+                "usage: a mountpoint where nothing or another filesystem is mounted is left untouched.")
     p.add_argument("-z", "--lazy", action="store_true", help="lazy unmount (the mountpoint may be busy)")
     p.add_argument("mountpoint")
     a = p.parse_args(argv)
     mnt = os.path.realpath(a.mountpoint)
     fstype = mounted_type(mnt)
+    state = read_state(mnt)  # {}: no record of the daemon: unmount anyway, but there is nothing to wait for
+    died = state.get("status") == "running" and not daemon_alive(state)  # killed: it recorded no end
     if fstype is None:
+        if died:  # and the kernel unmounted it (auto_unmount), or someone else did
+            print(f"{prog}: {a.mountpoint} is not mounted; {_died(mnt, state)}, so what it had not committed is "
+                  f"lost; {_check_hint(state)}", file=sys.stderr)
+            return 1
         raise UsageError(f"{a.mountpoint} is not mounted")
-    state_file, _ = state_paths(mnt)
-    try:
-        with open(state_file) as f:
-            state = json.load(f)
-    except (OSError, ValueError):
-        state = {}  # no record of the daemon: unmount anyway, but there is nothing to wait for
     if fstype != TUX3_TYPE and not (fstype == "" and state):
         raise UsageError(f"{a.mountpoint} is not a tux3fuse filesystem (it is {fstype or 'of unknown type'}); "
                          "left mounted")
@@ -329,7 +338,14 @@ def umount_cmd(argv: list[str], prog: str = "umount.tux3") -> int:
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         msg = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "fusermount3 failed"
+        if died:
+            msg = (f"{_died(mnt, state)} and left the mount dead, which cannot be unmounted now ({msg}); once "
+                   f"nothing uses it, run fusermount3 -u {shlex.quote(mnt)}, then {_check_hint(state)}")
         print(f"{prog}: {msg}", file=sys.stderr)
+        return 1
+    if died:
+        print(f"{prog}: {_died(mnt, state)}, leaving the mount dead: unmounted it; what the daemon had not "
+              f"committed is lost; {_check_hint(state)}", file=sys.stderr)
         return 1
     pid = state.get("pid")
     if not pid:
@@ -337,40 +353,45 @@ def umount_cmd(argv: list[str], prog: str = "umount.tux3") -> int:
         return 1
     warned = False
     started = time.monotonic()
-    while _alive(pid):
+    while daemon_alive(state):
         time.sleep(0.02)
         if not warned and time.monotonic() - started > 10:
             print(f"{prog}: waiting for the daemon ({pid}) to finish its last commit...", file=sys.stderr)
             warned = True
-    try:
-        with open(state_file) as f:
-            state = json.load(f)
-    except (OSError, ValueError):
-        state = {"status": "unknown"}
+    state = read_state(mnt) or {"status": "unknown"}
     if state.get("status") != "done":
         places = [p for p in state.get("log") or [] if p != "stderr"]
+        logs = f" (log: {', '.join(places)})" if places else ""
         image = state.get("image") or ""
+        if state.get("status") == "running":  # it died after the unmount, before it recorded its end
+            print(f"{prog}: the daemon of {mnt} (pid {pid}) died before its last commit was written: what it had "
+                  f"not committed is lost; {_check_hint(state)}{logs}", file=sys.stderr)
+            return 1
         if is_uri(image) and state.get("error"):  # the export failed: what was durable before is on it
             print(f"{prog}: the volume on {image} turned read-only after an error and its last changes were not "
-                  f"written: {state['error']}; everything made durable before that is kept"
-                  + (f" (log: {', '.join(places)})" if places else ""), file=sys.stderr)
+                  f"written: {state['error']}; everything made durable before that is kept{logs}", file=sys.stderr)
             return 1
-        print(f"{prog}: the daemon reported errors: {state.get('error') or state.get('status')}"
-              + (f" (log: {', '.join(places)})" if places else ""), file=sys.stderr)
+        print(f"{prog}: the daemon reported errors: {state.get('error') or state.get('status')}{logs}",
+              file=sys.stderr)
         return 1
     return 0
 
 
 def _control(mnt: str, request: str) -> dict:
-    from .daemon import state_paths
+    from .daemon import daemon_alive, read_state, state_paths
 
     if mounted_type(mnt) not in (TUX3_TYPE, ""):
         raise UsageError(f"{mnt} is not a mounted tux3fuse filesystem")
-    _, sock = state_paths(os.path.realpath(mnt))
+    real = os.path.realpath(mnt)
+    _, sock = state_paths(real)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         try:
             s.connect(sock)
         except OSError:
+            state = read_state(real)
+            if state.get("status") == "running" and not daemon_alive(state):
+                raise VolumeError(f"{_died(real, state)} and left the mount dead: tux3 umount {shlex.quote(mnt)} "
+                                  f"unmounts it; then {_check_hint(state)}") from None
             raise VolumeError(f"no tux3fuse daemon answers for {mnt}") from None
         s.sendall(request.encode() + b"\n")
         data = b""
@@ -385,6 +406,33 @@ def _control(mnt: str, request: str) -> dict:
     return reply
 
 
+IDENTITY = ("device", "label", "uuid")  # what names a volume: first in tux3 stat, as dumpe2fs -h shows them
+
+
+def _table(values: dict) -> str:
+    """``tux3 stat``'s lines: the volume's identity first, then every other key in order; floats to the
+    microsecond, an empty label as <none>."""
+    keys = [k for k in IDENTITY if k in values] + sorted(k for k in values if k not in IDENTITY)
+    width = max(map(len, keys), default=0)
+    lines = []
+    for key in keys:
+        value = values[key]
+        text = f"{value:.6f}" if isinstance(value, float) else "<none>" if key == "label" and not value else value
+        lines.append(f"{key:<{width}}  {text}")
+    return "\n".join(lines)
+
+
+def _is_volume(target: str) -> bool:
+    """Does ``target`` name a volume to read (an image file, block device or NBD URI) rather than a mountpoint?"""
+    if is_uri(target):
+        return True
+    try:
+        mode = os.stat(target).st_mode
+    except OSError:
+        return False
+    return stat.S_ISREG(mode) or stat.S_ISBLK(mode)
+
+
 def tux3_cmd(argv: list[str]) -> int:
     """tux3 COMMAND ...; an unknown command is wrong usage (exit 2). ``tux3 IMAGE MOUNTPOINT [-o OPTIONS]``, as
     mount.fuse3 runs it for the type fuse.tux3, mounts as mount.fuse.tux3 does (failure: exit 32); the first
@@ -397,11 +445,13 @@ def tux3_cmd(argv: list[str]) -> int:
     p = _Parser(prog="tux3", description="tux3fuse administration.")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
     sub.add_parser("umount", help="unmount and wait for the daemon", add_help=False)
-    s = sub.add_parser("stat", help="print the counters of a mounted volume, where its daemon logs, and its last "
-                       "errors with their times")
-    s.add_argument("mountpoint")
+    s = sub.add_parser("stat", help="print the label, UUID and counters of a mounted volume, where its daemon logs, "
+                       "and its last errors with their times; of an image file, block device or NBD URI, what its "
+                       "superblock says (label, UUID, size, counts, state), mounted or not")
+    s.add_argument("mountpoint", metavar="MOUNTPOINT|IMAGE")
     s.add_argument("--json", action="store_true", help="one JSON object: the counters, log (where the daemon "
-                   "logs) and recent_errors (its last warnings and errors: time, level, message)")
+                   "logs) and recent_errors (its last warnings and errors: time, level, message); of an image, "
+                   "what its superblock says")
     y = sub.add_parser("sync", help="commit everything now and wait until it is durable")
     y.add_argument("mountpoint")
     sub.add_parser("mkfs", help="same as mkfs.tux3", add_help=False)
@@ -415,6 +465,12 @@ def tux3_cmd(argv: list[str]) -> int:
     if a.cmd is None:
         p.print_help()
         return 2
+    if a.cmd == "stat" and _is_volume(a.mountpoint):
+        from .fs import describe
+
+        info = describe(a.mountpoint)
+        print(json.dumps(info, sort_keys=True) if a.json else _table(info))
+        return 0
     reply = _control(a.mountpoint, a.cmd)
     if a.cmd == "stat":
         stats = reply.get("stat", {})
@@ -422,10 +478,7 @@ def tux3_cmd(argv: list[str]) -> int:
         if a.json:
             print(json.dumps({**stats, "log": places, "recent_errors": recent}, sort_keys=True))
         else:
-            width = max(map(len, stats), default=0)
-            for key in sorted(stats):
-                value = stats[key]
-                print(f"{key:<{width}}  {value:.6f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+            print(_table(stats))
             print(f"log: {', '.join(places) or 'unknown'}")
             print("last errors:" + ("" if recent else " none"))
             for record in recent:

@@ -4,7 +4,8 @@ Guarantees:
 - Mount errors (bad image, bad mountpoint, FUSE refusing) are reported before the command returns: the daemon
   detaches only after the kernel mount exists.
 - On unmount, SIGTERM or SIGINT the daemon commits everything (with a unify) before it exits; it records its exit
-  status in its state file, which ``tux3 umount`` waits for.
+  status in its state file, which ``tux3 umount`` waits for. A daemon that was killed leaves "running" there, with
+  a pid and start time that no live process has (``daemon_alive``): the tools say that it died.
 - A control socket beside the state file answers ``stat`` (counters as JSON) and ``sync`` (a sync item on the
   flusher's queue: it returns once everything changed before it is durable); both replies also name where the
   daemon logs and hold its last WARNING and ERROR records with their times.
@@ -60,6 +61,37 @@ def write_state(path: str, **fields) -> None:
     os.replace(tmp, path)
 
 
+def read_state(mountpoint: str) -> dict:
+    """What the daemon serving ``mountpoint`` (resolved) last recorded: pid, started, image, mountpoint, status
+    ("running", then "done" or "error"), error, log; {} when there is no readable record."""
+    try:
+        with open(state_paths(mountpoint)[0]) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks after boot, /proc/PID/stat), or None: no such process, or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(") ", 1)[1].split()
+        return None if fields[0] == "Z" else int(fields[19])  # the state is field 3, the start time field 22
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def daemon_alive(state: dict) -> bool:
+    """Is the daemon of a state record (``read_state``) still running: its pid names a live process that started
+    when the daemon did (a pid used again by another process is not the daemon)?"""
+    pid = state.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    started = process_start(pid)
+    return started is not None and state.get("started") in (None, started)
+
+
 def requests_waiting() -> Callable[[], bool]:
     """A check whether the kernel holds a request for this process that no task has read yet: a poll of the
     /dev/fuse descriptor (pyfuse3 does not export it, so it is found among the open descriptors)."""
@@ -95,8 +127,9 @@ class Daemon:
         self.signalled: int | None = None
 
     def _record(self, status: str) -> None:
-        write_state(self.state, pid=os.getpid(), image=self.image, mountpoint=self.mountpoint, status=status,
-                    error=self.vol.failed, log=self.logs.places if self.logs else [])
+        write_state(self.state, pid=os.getpid(), started=process_start(os.getpid()), image=self.image,
+                    mountpoint=self.mountpoint, status=status, error=self.vol.failed,
+                    log=self.logs.places if self.logs else [])
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:

@@ -11,14 +11,21 @@ byte that a read returns.
 
 With a ``DeviceModel`` (``-o device_latency=,device_bandwidth=``) every write and flush returns only when a device
 of that latency and bandwidth would have completed it: the experiments' slow device, on any backing store.
+
+Every read the device fails is counted (``IOStats.read_errors``, readahead's also in ``readahead_errors``) and logged
+in one line naming the blocks, the inode and file blocks when the reader knows them, and the error; identical lines
+and bursts are held back so that a failing device cannot flood the log (``ReadErrors``). The error still reaches
+the reader.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import threading
 import time
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -36,6 +43,12 @@ IOV_MAX = 1024
 WRITE_PIECE = 64 << 10  # bytes: the most one write system call carries (Options.write_piece)
 FILL_CHUNK = 1 << 20  # bytes: the image's holes are filled this much at a time, around the blocks written
 NOWAIT = getattr(os, "RWF_NOWAIT", 0)  # preadv2 flag: fail with EAGAIN rather than wait for the disk
+NOWAIT_REFUSED = {errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS}  # what a file that takes no RWF_NOWAIT says
+# read errors logged: at most READ_ERROR_BURST lines every READ_ERROR_INTERVAL seconds, and a line the same as one
+# logged less than READ_ERROR_REPEAT seconds before not again (printk's ratelimit, with its figures)
+READ_ERROR_BURST, READ_ERROR_INTERVAL, READ_ERROR_REPEAT = 10, 5.0, 60.0
+
+log = logging.getLogger("tux3fuse")
 
 
 class DeviceModel:
@@ -82,12 +95,59 @@ class OutOfRange(Exception):
 @dataclass
 class IOStats:
     blocks_read: int = 0
+    read_errors: int = 0  # reads the device failed, readahead's included (ReadErrors)
+    readahead_errors: int = 0  # ... of them, reads ahead of a reader
     blocks_written: int = 0
     bytes_written: int = 0
     writes: int = 0  # system calls
     flushes: int = 0
     fua_writes: int = 0  # superblocks written durable on their own (NBD FUA), each in place of a flush
     fill_bytes: int = 0  # zeros written into holes of a sparse image (``Device.fill``)
+
+
+class ReadErrors:
+    """The device's failed reads: each one counted in ``stats`` and logged at ERROR in one line, "read error on
+    DEVICE block B (inode I, block F; readahead): ERROR", unless the same line was logged less than ``repeat``
+    seconds before or ``burst`` lines were logged in the last ``interval`` seconds; the next line logged then says
+    how many were held back. Callable from any thread."""
+
+    def __init__(self, device: str, stats: IOStats, clock: Callable[[], float] = time.monotonic,
+                 burst: int = READ_ERROR_BURST, interval: float = READ_ERROR_INTERVAL,
+                 repeat: float = READ_ERROR_REPEAT) -> None:
+        self.device, self.stats, self.clock = device, stats, clock
+        self.burst, self.interval, self.repeat = burst, interval, repeat
+        self.lock = threading.Lock()
+        self.logged: dict[str, float] = {}  # line -> when it was last logged (the last ``burst`` * 8 lines)
+        self.window = float("-inf")  # when the current interval began
+        self.in_window = 0  # lines logged in it
+        self.held = 0  # errors not logged since the last line
+
+    def failed(self, error: OSError, block: int, count: int = 1, ino: int | None = None, index: int = 0,
+               ahead: bool = False) -> None:
+        """A read of ``count`` blocks from ``block`` failed with ``error``; ``ino`` and ``index``: the file and its
+        block there, when the reader knows them; ``ahead``: the read was a readahead."""
+        def span(first: int) -> str:
+            return f"block {first}" if count == 1 else f"blocks {first}-{first + count - 1}"
+        about = [f"inode {ino}, {span(index)}"] if ino is not None else []
+        about += ["readahead"] if ahead else []
+        said = str(error.strerror or error).removeprefix(f"{self.device}: ")  # an NBD error names the export
+        line = f"read error on {self.device} {span(block)}" + (f" ({'; '.join(about)})" if about else "") + f": {said}"
+        with self.lock:
+            self.stats.read_errors += 1
+            if ahead:
+                self.stats.readahead_errors += 1
+            now = self.clock()
+            if now - self.window >= self.interval:
+                self.window, self.in_window = now, 0
+            if now - self.logged.get(line, float("-inf")) < self.repeat or self.in_window >= self.burst:
+                self.held += 1
+                return
+            self.in_window += 1
+            self.logged[line] = now
+            if len(self.logged) > 8 * self.burst:
+                del self.logged[min(self.logged, key=self.logged.__getitem__)]
+            held, self.held = self.held, 0
+        log.error("%s%s", line, f" ({held} more read error(s) not logged)" if held else "")
 
 
 def _uncovered(first: int, last: int, written: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
@@ -146,6 +206,7 @@ class Device:
         self.blocksize = blocksize
         self.volblocks = volblocks
         self.stats = IOStats()
+        self.read_errors = ReadErrors(self.path, self.stats)
         self.holds: dict[int, tuple[threading.Event, threading.Event]] = {}
         self.writelog = WriteLog(writelog) if writelog else None
         # a regular image file may be sparse: see fill
@@ -189,15 +250,26 @@ class Device:
             raise OutOfRange(block + count - 1 if block >= 0 else block, self.volblocks)
 
     def read_block(self, block: int) -> bytes:
+        """One block (a tree node, a log or bitmap block); a failed read is counted and logged, and raised."""
         self._check(block)
-        data = self.backing.pread(self.blocksize, block * self.blocksize)
+        try:
+            data = self.backing.pread(self.blocksize, block * self.blocksize)
+        except OSError as e:
+            self.read_errors.failed(e, block)
+            raise
         self.stats.blocks_read += 1
         if len(data) < self.blocksize:  # a short image reads as zeros past its end
             data = data.ljust(self.blocksize, b"\0")
         return data
 
-    def read_blocks(self, block: int, count: int) -> bytes:
-        data = self.pread_blocks(block, count)
+    def read_blocks(self, block: int, count: int, ino: int | None = None, index: int = 0) -> bytes:
+        """``count`` blocks from ``block`` (of inode ``ino`` from its block ``index``, when they are a file's); a
+        failed read is counted and logged, and raised."""
+        try:
+            data = self.pread_blocks(block, count)
+        except OSError as e:
+            self.read_errors.failed(e, block, count, ino, index)
+            raise
         self.stats.blocks_read += count
         return data
 
@@ -214,15 +286,16 @@ class Device:
             done = os.preadv(fd, [buf], block * self.blocksize, NOWAIT)
         except BlockingIOError:
             return None
-        except OSError:  # EOPNOTSUPP, EINVAL: not on this file; the worker threads read it all
-            self.nowait = False
+        except OSError as e:  # not on this file: the worker threads read it all; another error: they meet it too
+            if e.errno in NOWAIT_REFUSED:
+                self.nowait = False
             return None
         return memoryview(buf).toreadonly() if done == len(buf) else None
 
     def pread_blocks(self, block: int, count: int) -> bytes:
         """``count`` blocks from ``block``, counted by nobody: safe to call from any thread, several at once and
         beside a commit's writes (a file's pread, or the NBD backing's handle under its mutex). The caller counts
-        the blocks on the event loop (``stats.blocks_read``)."""
+        the blocks on the event loop (``stats.blocks_read``), and a failed read (``read_errors.failed``)."""
         self._check(block, count)
         n = count * self.blocksize
         data = self.backing.pread(n, block * self.blocksize)

@@ -105,7 +105,7 @@ class Files:
                 n = max(1, min(n, hole - index))
         pages = []
         if physical:
-            data = memoryview(self.backend.dev.read_blocks(physical, n))
+            data = memoryview(self.backend.dev.read_blocks(physical, n, inode.ino, index))
             for i in range(n):
                 block = data[i * bs: (i + 1) * bs]
                 if fmt.checksum(block) != csums[i]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import struct
+import uuid
 from dataclasses import dataclass, field
 
 import xxhash
@@ -120,6 +121,16 @@ class Super:
     @property
     def blocksize(self) -> int:
         return 1 << self.blockbits
+
+    @property
+    def label_text(self) -> str:
+        """The label as a person reads it: UTF-8, any other byte as a backslash escape ("" for none)."""
+        return self.label.decode("utf-8", "backslashreplace")
+
+    @property
+    def uuid_text(self) -> str:
+        """The volume's UUID in its usual form (8-4-4-4-12 hexadecimal digits)."""
+        return str(uuid.UUID(bytes=bytes(self.uuid)))
 
     def impossible(self) -> str | None:
         """What no committed state can hold (a negative or overflowing count, a block outside the volume), or

@@ -15,6 +15,8 @@ façade through which every caller (the FUSE adapter, tests, scripts, the repair
 | ``space``                | reservation and statfs                                        | space.py          |
 | ``files``, ``names``     | file I/O and mapping faults; namespace operations             | fileio.py, namespace.py |
 
+``describe`` reads what a volume's superblock says without opening the volume (``tux3 stat IMAGE``).
+
 Guarantees:
 - Every change runs inside one delta (``Deltas.change``) and touches only in-core state; trees, bitmap and log are
   the backend's, changed only by a commit.
@@ -354,9 +356,10 @@ class Volume:
         self.names.rename(old_parent, old, new_parent, new, flags)
 
     @guarded
-    def readdir(self, ino: int, start: int) -> Iterator[tuple[bytes, int, int]]:
-        """(name, inode number, next position) from position ``start`` (0: the beginning)."""
-        yield from self.names.readdir(ino, start)
+    def readdir(self, ino: int, start: int, dots: bool = False) -> Iterator[tuple[bytes, int, int]]:
+        """(name, inode number, next position) from position ``start`` (0: the beginning); with ``dots``, "." and
+        ".." first, as POSIX readdir returns them (``Namespace.readdir``)."""
+        yield from self.names.readdir(ino, start, dots)
 
     @guarded
     def getxattr(self, ino: int, name: bytes) -> bytes:
@@ -382,14 +385,36 @@ class Volume:
         out.update(dirty_pages=cache.dirty_pages, cached_pages=len(cache.clean) + cache.dirty_pages,
                    delta=self.deltas.current, committed=self.deltas.committed, free_blocks=self.backend.free,
                    flushes=self.backend.dev.stats.flushes, blocks_read=self.backend.dev.stats.blocks_read,
+                   read_errors=self.backend.dev.stats.read_errors,
+                   readahead_errors=self.backend.dev.stats.readahead_errors,
                    hole_fill_bytes=self.backend.dev.stats.fill_bytes,
                    fua_writes=self.backend.dev.stats.fua_writes, device=self.path,
                    forked_pages_live=self.forks.live,
                    forked_pages_peak=self.forks.peak, wait_seconds=float(self.counters["wait_seconds"]),
                    stable=self.stable, read_only=int(not self.health.writable),
+                   label=self.backend.sb.label_text, uuid=self.backend.sb.uuid_text,
                    dropped_delta=self.recovery.dropped, dropped_cause=self.recovery.cause)
         return out
 
 
+def describe(path: str) -> dict[str, object]:
+    """What the superblock of the volume at ``path`` (an image file, block device or NBD URI; mounted or not)
+    says, as ``tux3 stat IMAGE`` shows it: identity (label, UUID), size, counts and state as of the delta a mount
+    would load. Reads only, without the lock; VolumeError with one line when the volume cannot be read."""
+    try:
+        backing = open_backing(path, readonly=True)
+    except OSError as e:
+        raise VolumeError(e.strerror if is_uri(path) else f"cannot open {path}: {e.strerror}") from None
+    try:
+        sb = read_super(backing, path)
+    finally:
+        backing.close()
+    state = "clean" if sb.state == fmt.STATE_CLEAN else "mounted or not cleanly unmounted"
+    return {"device": path, "label": sb.label_text, "uuid": sb.uuid_text, "blocksize": sb.blocksize,
+            "blocks": sb.volblocks, "free_blocks": sb.free_blocks, "used_inodes": sb.used_inodes,
+            "committed": sb.seq, "state": state,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(sb.created_ns // 10**9))}
+
+
 __all__ = ["Attr", "CorruptBlock", "CorruptDir", "NoSpace", "Options", "Throttled", "Volume", "VolumeError",
-           "WaitFor", "delta_landed", "find_super", "read_super"]
+           "WaitFor", "delta_landed", "describe", "find_super", "read_super"]

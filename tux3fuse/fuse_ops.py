@@ -215,11 +215,15 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def readdir(self, fh, start_id, token):
-        for name, ino, nxt in self.vol.readdir(fh, start_id):
-            a = self.kernel.seen(fh, name, self.vol.getattr(ino))
+        for name, ino, nxt in self.vol.readdir(fh, start_id, dots=True):
+            # READDIRPLUS: the kernel takes a lookup reference for every entry of the reply but "." and ".."
+            # (fs/fuse/readdir.c, fuse_direntplus_link), and keeps no name for those two
+            dot = name in (b".", b"..")
+            a = self.vol.getattr(ino) if dot else self.kernel.seen(fh, name, self.vol.getattr(ino))
             if not pyfuse3.readdir_reply(token, name, self.entry(a), nxt):
                 break
-            self.vol.ref(ino)
+            if not dot:
+                self.vol.ref(ino)
 
     async def releasedir(self, fh):
         self.requests["releasedir"] += 1

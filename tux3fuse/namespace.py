@@ -13,6 +13,8 @@ Guarantees:
 - An inode with no name, no kernel reference and not open is dead (``maybe_dead``): created within the current
   delta, it is dropped at once (``DirtyLists.done``, counted as ``inodes_discarded``); otherwise it is dirtied for
   the current delta, whose commit destroys it (only the last delta that dirtied it does, ``CommitJob``).
+- A readdir position stays valid while names come and go: a listing resumed from any position it returned neither
+  repeats nor skips a name; with ``dots`` it begins with "." and ".." (``readdir``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ DT_OF_MODE = {stat.S_IFREG: fmt.DT_REG, stat.S_IFDIR: fmt.DT_DIR, stat.S_IFCHR: 
               stat.S_IFBLK: fmt.DT_BLK, stat.S_IFIFO: fmt.DT_FIFO, stat.S_IFSOCK: fmt.DT_SOCK,
               stat.S_IFLNK: fmt.DT_LNK}
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+DOT_POSITIONS = 2  # readdir positions of "." and "..", before those of the entries (``readdir``)
 
 
 class Namespace:
@@ -375,12 +378,23 @@ class Namespace:
                 self.dirty.mark(sdir, delta).nlink -= moved
                 self.dirty.mark(ddir, delta).nlink += moved
 
-    def readdir(self, ino: int, start: int) -> Iterator[tuple[bytes, int, int]]:
-        """(name, inode number, next position) from position ``start`` (0: the beginning)."""
+    def readdir(self, ino: int, start: int, dots: bool = False) -> Iterator[tuple[bytes, int, int]]:
+        """(name, inode number, next position) from position ``start`` (0: the beginning). With ``dots`` (what
+        POSIX readdir returns) the listing starts with "." (the directory) and ".." (its parent; the root's is the
+        root) at positions 0 and 1, and every entry's position is its place in the directory (``DirIndex``) plus
+        ``DOT_POSITIONS``: any position returned resumes the listing after what came before it, neither repeating
+        nor skipping a name."""
         inode = self.icache.iget(ino)
         index = self.dir(inode)
+        shift = 0
+        if dots:
+            if start <= 0:
+                yield b".", ino, 1
+            if start <= 1:
+                yield b"..", inode.rec.parent or ROOT_INO, DOT_POSITIONS
+            shift, start = DOT_POSITIONS, max(start - DOT_POSITIONS, 0)
         for name, child, _, nxt in index.entries(start, lambda block: self.files.page(inode, block).data):
-            yield name, child, nxt
+            yield name, child, nxt + shift
 
     # -- extended attributes -------------------------------------------------------------------------------------
 

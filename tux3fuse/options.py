@@ -1,5 +1,6 @@
 """Every tunable of a volume, in one place: the mount's ``-o`` options (cli.py parses them) and the scheduler's
-parameters, passed to the parts that use them; no module keeps a tunable of its own."""
+parameters, passed to the parts that use them; no module keeps a tunable of its own. The least value a mount
+accepts for each size option is here too (``MIN_*``): cli.py refuses less, naming the minimum."""
 
 from __future__ import annotations
 
@@ -8,6 +9,13 @@ from dataclasses import dataclass, field
 
 from .cache.fork import FORK
 from .device import FILL_CHUNK, WRITE_PIECE
+from .format import MAX_BLOCKBITS
+
+# The least a mount takes (cli.py refuses less): one request of the kernel's carries up to 1 MiB (a write under
+# the writeback cache), and a readahead window smaller than a block of the largest size reads nothing ahead.
+MIN_CACHE_BYTES = 1 << 20  # cache=: the pages of one request and the readahead beyond it (16 of 64 KiB blocks)
+MIN_DIRTY_LIMIT = 1 << 20  # dirty_limit= (other than 0, no limit): below one request, every write waits a commit
+MIN_READAHEAD = 1 << MAX_BLOCKBITS  # readahead= (other than 0, none): one block of the largest size (64 KiB)
 
 
 @dataclass

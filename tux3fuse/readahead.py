@@ -13,7 +13,9 @@ Guarantees:
 - What is read ahead goes through the read path's own revalidation (``Reads.take``): a block enters the cache,
   as a clean page, only if the file still maps it to the block read with the same checksum and no page holds it
   meanwhile; a truncate, a write or a commit that moved the block while it was read leaves nothing stale behind.
-  A block that does not match its checksum is left out: the read that asks for it reports it.
+  A block that does not match its checksum is left out: the read that asks for it reports it. A block the device
+  fails to read is left out too, counted and logged (``readahead_errors``, ``Device.read_errors``); the read that
+  asks for it reads it again.
 - A read that needs a block being read ahead waits for that read (``Reads.reading``) rather than reading it too.
 - The bytes in flight are bounded (four windows of the largest size, for all streams); readahead inserts clean
   pages only, so the page cache's bound holds and a dirty page is never evicted for it.

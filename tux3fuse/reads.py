@@ -18,6 +18,9 @@ Guarantees:
   4 KiB read; a slow device's reads (NBD over a network, a busy disk) go to the threads, several at once.
 - Worker threads touch no state of the volume: they read and checksum; what they read is counted and inserted on
   the loop.
+- Every read the device fails, a readahead's too, is counted and logged (``Device.read_errors``, which holds back
+  repeated lines); the error reaches the reader whose read it was (EIO), never one that only waited for a
+  readahead: that one reads the blocks itself.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class Run:
     sums: list[int] = field(default_factory=list)
     error: Exception | None = None
     seconds: float = 0.0  # how long the device took to read it
+    ahead: bool = False  # a readahead's run
 
     @property
     def n(self) -> int:
@@ -204,7 +208,7 @@ class Reads:
                         self.counters["read_host_cached"] += n
                         plan.device = plan.device or False
                     elif inline:
-                        data = self._pread_now(physical, n)
+                        data = self._pread_now(inode, index, physical, n)
                         plan.device = True
                     if data is not None:  # read on the loop
                         parts.extend(self._insert_read(inode, index, physical, csums, data))
@@ -240,7 +244,7 @@ class Reads:
                     continue
                 physical, csums, k = self._backing(inode, index, self._gap(inode, index, end, {}, AHEAD_PIECE))
                 if physical:
-                    runs.append(self._register(Run(inode.ino, index, physical, csums)))
+                    runs.append(self._register(Run(inode.ino, index, physical, csums, ahead=True)))
                 index += k
         except BaseException:  # a tree node that cannot be read: what was registered is released
             self.release(runs)
@@ -277,9 +281,14 @@ class Reads:
         whenever one takes a request.)"""
         return self.read_seconds < self.read_inline_max and (n == 1 or not self.runner.frontend_pending())
 
-    def _pread_now(self, physical: int, n: int) -> bytes:
+    def _pread_now(self, inode: Inode, index: int, physical: int, n: int) -> bytes:
         started = time.perf_counter()
-        data = self.backend.dev.pread_blocks(physical, n)
+        dev = self.backend.dev
+        try:
+            data = dev.pread_blocks(physical, n)
+        except OSError as e:
+            dev.read_errors.failed(e, physical, n, inode.ino, index)
+            raise
         self._read_took(time.perf_counter() - started)
         self.counters["read_inline_blocks"] += n
         return data
@@ -337,9 +346,12 @@ class Reads:
         try:
             await trio.to_thread.run_sync(self._pread, run, limiter=self.limiter)
         finally:
+            dev = self.backend.dev  # counted on the loop
             if run.data:
-                self.backend.dev.stats.blocks_read += run.n  # counted on the loop
+                dev.stats.blocks_read += run.n
                 self._read_took(run.seconds)
+            elif isinstance(run.error, OSError):  # a read's own error reaches it when taken (``take``)
+                dev.read_errors.failed(run.error, run.physical, run.n, run.ino, run.index, run.ahead)
 
     def _pread(self, run: Run) -> None:
         """In a worker thread: the run's blocks and their checksums; no state of the volume is touched."""

@@ -1,6 +1,7 @@
 """The mount tools as a user meets them: the daemon's errors are findable (a log file, `tux3 stat`), `tux3 umount`
-leaves other filesystems alone, an unknown `tux3` command is named, mount(8) helpers exit 32 on failure, and every
-`--help` names what it documents. Each command runs as a user runs it: one line on failure, no traceback."""
+leaves other filesystems alone and says when the daemon died, an unknown `tux3` command is named, mount(8) helpers
+exit 32 on failure, and every `--help` names what it documents. Each command runs as a user runs it: one line on
+failure, no traceback."""
 
 from __future__ import annotations
 
@@ -161,12 +162,13 @@ def test_help_names_the_log_place_and_every_mount_option(tmp_path):
     text = r.stdout
     assert r.returncode == 0
     assert f"(here: {tmp_path}/tux3fuse)" in text and "/dev/log" in text and "tux3 stat" in text
-    for option in ("log=FILE", "writelog=FILE", "verify_log", "commit=SECONDS", "fsync_ahead=SIZE|off", "ro,"):
+    for option in ("log=FILE", "writelog=FILE", "verify_log", "commit=SECONDS", "fsync_ahead=SIZE|off", "ro|rw,",
+                   "cache=SIZE (at least 1M)"):
         assert option in text, option
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 2. tux3 umount leaves other filesystems alone
+# 2. tux3 umount leaves other filesystems alone, and says when the daemon died
 
 def test_umount_refuses_a_fuse_filesystem_that_is_not_tux3fuse_and_leaves_it_mounted(tmp_path):
     require_fuse()
@@ -190,6 +192,25 @@ def test_umount_refuses_a_filesystem_that_is_not_fuse():
     r = run("tux3", "umount", "/proc")
     assert r.returncode == 2 and "not a tux3fuse filesystem (it is proc)" in one_line(r)
     assert is_mounted("/proc")
+
+
+def test_after_the_daemon_was_killed_stat_and_umount_say_so_and_umount_takes_the_dead_mount_down(detached):
+    d = detached()
+    assert d.start().returncode == 0
+    (d.mnt / "uncommitted").write_bytes(b"lost with the daemon")
+    os.kill(d.pid, signal.SIGKILL)
+    while _alive(d.pid):
+        time.sleep(0.01)
+    died = f"the daemon of {d.mnt.resolve()} (pid {d.pid}) died without unmounting"
+    check = f"fsck.tux3 {d.image.resolve()}"
+    r = run("tux3", "stat", str(d.mnt))
+    assert r.returncode == 1 and died in one_line(r) and "tux3 umount" in one_line(r) and check in one_line(r)
+    r = run("tux3", "umount", str(d.mnt))
+    line = one_line(r)
+    assert r.returncode == 1 and died in line and "unmounted it" in line and check in line, line
+    assert "reported errors" not in line and "running" not in line
+    assert not is_mounted(str(d.mnt))
+    assert run("fsck.tux3", "-n", str(d.image)).returncode == 0  # a committed delta: nothing to repair
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -256,10 +277,6 @@ def test_tux3_help_lists_every_command():
         assert re.search(rf"^\s+{sub}\s", r.stdout, re.M), sub
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q"]))
-
-
 def test_tux3_stat_counts_requests_by_operation_and_close_sends_no_flush(detached, tmp_path):
     import json
     d = detached(env={"XDG_STATE_HOME": str(tmp_path / "state")})
@@ -277,3 +294,34 @@ def test_tux3_stat_counts_requests_by_operation_and_close_sends_no_flush(detache
     # the first close's FLUSH is refused with ENOSYS and the kernel sends no more
     assert after.get("fuse.flush", 0) <= 1 and done.get("flush", 0) <= 1
     assert run("tux3", "umount", str(d.mnt)).returncode == 0
+
+
+def test_the_label_and_uuid_mkfs_wrote_are_shown_by_tux3_stat_mounted_or_not_and_by_fsck(detached):
+    import json
+    import uuid
+    d = detached()
+    assert run("mkfs.tux3", "-q", "-f", "-L", "photos 2026", "-s", "32M", str(d.image)).returncode == 0
+    assert d.start().returncode == 0
+    mounted = json.loads(run("tux3", "stat", "--json", str(d.mnt)).stdout)
+    assert mounted["label"] == "photos 2026" and str(uuid.UUID(mounted["uuid"])) == mounted["uuid"]
+    def head(target) -> list[list[str]]:  # the first three lines of tux3 stat: device, label, uuid
+        return [line.split(None, 1) for line in run("tux3", "stat", str(target)).stdout.splitlines()[:3]]
+
+    identity = [["label", "photos 2026"], ["uuid", mounted["uuid"]]]
+    assert head(d.mnt)[1:] == identity
+    assert run("tux3", "umount", str(d.mnt)).returncode == 0
+    r = run("tux3", "stat", "--json", str(d.image))
+    assert r.returncode == 0, r.stderr
+    image = json.loads(r.stdout)
+    assert (image["label"], image["uuid"], image["state"]) == ("photos 2026", mounted["uuid"], "clean")
+    assert head(d.image)[1:] == identity
+    verbose = run("fsck.tux3", "-n", "-v", str(d.image)).stdout.splitlines()
+    assert verbose[2:4] == ["label: photos 2026", f"uuid: {mounted['uuid']}"], verbose[:4]
+    assert run("mkfs.tux3", "-q", "-f", "-s", "32M", str(d.image)).returncode == 0  # no label, a new UUID
+    again = json.loads(run("tux3", "stat", "--json", str(d.image)).stdout)
+    assert again["label"] == "" and again["uuid"] != mounted["uuid"]
+    assert head(d.image)[1] == ["label", "<none>"]
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))

@@ -213,14 +213,21 @@ REFUSED_OPTIONS = [
     ("commit=1e999", ["commit=", "'1e999'"]),
     ("commit=86401", ["commit=", "86400"]),
     ("commit=", ["commit="]),
-    ("cache=inf", ["cache=", "from 0 to", "'inf'"]),
-    ("cache=-1", ["cache=", "from 0 to"]),
+    ("cache=inf", ["cache=", "from 1 MiB to", "'inf'"]),
+    ("cache=-1", ["cache=", "from 1 MiB to"]),
+    ("cache=0", ["cache=", "from 1 MiB to", "'0'"]),
+    ("cache=1023K", ["cache=", "from 1 MiB to", "'1023K'"]),
     ("cache=1E", ["cache=", "memory"]),
-    ("dirty_limit=nan", ["dirty_limit=", "from 0 to", "'nan'"]),
-    ("dirty_limit=-64M", ["dirty_limit=", "from 0 to"]),
+    ("dirty_limit=nan", ["dirty_limit=", "from 0 (no limit) or 1 MiB to", "'nan'"]),
+    ("dirty_limit=-64M", ["dirty_limit=", "from 0 (no limit) or 1 MiB to"]),
+    ("dirty_limit=4K", ["dirty_limit=", "from 0 (no limit) or 1 MiB to", "'4K'"]),
+    ("readahead=1", ["readahead=", "from 0 (none) or 64 KiB to", "'1'"]),
+    ("readahead=-1M", ["readahead=", "from 0 (none) or 64 KiB to"]),
     ("fsync_ahead=inf", ["fsync_ahead=", "off", "'inf'"]),
     ("fsync_ahead=nan", ["fsync_ahead=", "off", "'nan'"]),
+    ("fsync_ahead=-1", ["fsync_ahead=", "off", "from 0 to"]),
     ("ro=1", ["ro takes no value"]),
+    ("rw=0", ["rw takes no value"]),
 ]
 
 
@@ -249,14 +256,14 @@ def test_the_bounds_of_every_numeric_mount_option_are_accepted(tmp_path):
     require_fuse()
     image = tmp_path / "a.img"
     mkfs(image, "32M")
-    m = Mount(image, tmp_path / "mnt", "commit=0,cache=0,dirty_limit=0,fsync_ahead=0")
+    m = Mount(image, tmp_path / "mnt", "commit=0,cache=1M,dirty_limit=0,fsync_ahead=0,readahead=0")
     try:
         m.start()
         with open(m.path("f"), "wb") as f:
             f.write(b"x" * 100_000)
             os.fsync(f.fileno())
         m.umount()
-        m.start("commit=86400,fsync_ahead=off,cache=1M,dirty_limit=1M")
+        m.start("commit=86400,fsync_ahead=off,cache=1M,dirty_limit=1M,readahead=64K")
         with open(m.path("f"), "rb") as f:
             assert f.read() == b"x" * 100_000
         m.umount()

@@ -6,6 +6,8 @@
   flushes) under a write + fsync load through the mount: every fsync that returned success is durable after a
   remount on a healthy server (the same file, no fault), every failure reaches the caller as EIO (and, once the
   volume has turned read-only, as EROFS), ``tux3 umount`` says that the volume failed, and fsck is clean.
+- A bad stretch of the export (the ``eval`` plugin): the daemon's readahead into it is counted and logged, a
+  reader's own read of it gets EIO, and once the export reads again the reader gets the right bytes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -269,6 +272,8 @@ def test_a_read_error_in_the_middle_of_a_namespace_operation_fails_it_with_eio_a
     stat = m.stat_json()
     flag.unlink()
     assert stat["read_only"] == 0, stat["recent_errors"]  # an error before any change: EIO and nothing else
+    assert stat["read_errors"] >= len(ops)  # each one counted, and logged
+    assert any("read error on" in e["message"] for e in stat["recent_errors"]), stat["recent_errors"]
     assert (sorted(os.listdir(m.path("A"))), sorted(os.listdir(m.path("B")))) == before
     for op in ops.values():
         op()  # the device reads again: each operation now succeeds
@@ -278,3 +283,59 @@ def test_a_read_error_in_the_middle_of_a_namespace_operation_fails_it_with_eio_a
     m.umount()
     r = run("fsck.tux3", "-n", server.uri)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def failing_reads(image: Path, trigger: Path, lo: int, hi: int) -> list[str]:
+    """nbdkit's eval plugin serving ``image``, whose reads of bytes that touch [lo, hi) fail with EIO while
+    ``trigger`` exists: a disk with a bad stretch."""
+    return [
+        f"get_size=stat -c %s {image}", "can_write=exit 0", "can_flush=exit 0",
+        f"pread=if [ -e {trigger} ] && [ $(($4 + $3)) -gt {lo} ] && [ $4 -lt {hi} ]; then "
+        "echo 'EIO injected read error' >&2; exit 1; fi; "
+        f"exec dd if={image} iflag=skip_bytes,count_bytes skip=$4 count=$3 bs=64K status=none",
+        f"pwrite=exec dd of={image} oflag=seek_bytes conv=notrunc seek=$4 bs=64K status=none",
+        f"flush=exec sync {image}",
+    ]
+
+
+def test_read_errors_of_readahead_are_counted_and_logged_and_a_reader_still_gets_eio(nbd, tmp_path, monkeypatch):
+    from conftest import opened
+
+    from tux3fuse.backend import extents
+
+    monkeypatch.setenv("TUX3FUSE_VERIFY_LOG", "0")  # the replay check would read the bad stretch too
+    image, trigger = sparse(tmp_path / "img", 64 << 20), tmp_path / "inject"
+    assert run("mkfs.tux3", "-q", "-f", str(image)).returncode == 0
+    data = random.Random(7).randbytes(8 << 20)
+    vol = opened(str(image))
+    f = vol.create(1, b"f", 0o644)
+    vol.write(f.ino, 0, data)
+    vol.release(f.ino)
+    vol.commit()
+    physical, _, n = extents.lookup_run(vol.backend.dtree(vol.iget(f.ino)), 512, 512)  # from 2 MiB in the file
+    vol.unmount()
+    assert n >= 16
+    server = nbd.serve("eval", *failing_reads(image, trigger, physical * 4096, (physical + n) * 4096))
+    m = nbd.mount(server.uri)  # an NBD export: read ahead by the daemon (2 MiB)
+    trigger.touch()
+    with open(m.path("f"), "rb", buffering=0) as reader:
+        for offset in range(0, 1536 << 10, 128 << 10):  # a sequential reader of 1.5 MiB, read ahead past 2 MiB
+            assert reader.read(128 << 10) == data[offset: offset + (128 << 10)]
+        deadline = time.monotonic() + 60
+        while not (stat := m.stat_json())["readahead_errors"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert stat["readahead_errors"] >= 1 and stat["read_errors"] >= stat["readahead_errors"], stat
+        before = stat["read_errors"]
+        with pytest.raises(OSError) as failed:  # a reader's own read of the bad stretch: EIO, as before
+            os.pread(reader.fileno(), 4096, (512 + 8) * 4096)
+        assert failed.value.errno == errno.EIO
+        stat = m.stat_json()
+        assert stat["read_errors"] > before and stat["read_only"] == 0
+        trigger.unlink()
+        assert os.pread(reader.fileno(), len(data), 0) == data  # nothing stale was kept: the disk reads again
+    lines = [e["message"] for e in stat["recent_errors"]]  # the daemon's log, as tux3 stat shows it
+    assert any(line.startswith(f"read error on {server.uri} block") and f"(inode {f.ino}, block" in line
+               and "; readahead): " in line for line in lines), lines
+    assert f"(inode {f.ino}, block {512 + 8}): " in "\n".join(lines), lines  # the reader's own read
+    m.umount()
+    assert f"read error on {server.uri} block" in m.log.read_text()

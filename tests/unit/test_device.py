@@ -182,3 +182,28 @@ def test_planning_checks_every_block_and_yields_as_it_goes(tmp_path):
     with pytest.raises(device.OutOfRange):
         dev.plan([(5, block(1)), (VOLBLOCKS, block(1))])
     dev.close()
+
+
+def test_every_read_error_is_counted_and_a_failing_device_cannot_flood_the_log(caplog):
+    """``ReadErrors``: one line per failure naming the blocks, the inode and the error; the same line again only
+    after ``repeat`` seconds, at most ``burst`` lines per ``interval``; the next line says how many were held back."""
+    now = [0.0]
+    stats = device.IOStats()
+    errors = device.ReadErrors("img", stats, clock=lambda: now[0], burst=3, interval=5.0, repeat=60.0)
+    eio = OSError(errno.EIO, os.strerror(errno.EIO))
+    caplog.set_level("ERROR", logger="tux3fuse")
+    for _ in range(20):  # a reader trying the same bad block again and again
+        errors.failed(eio, 812, ino=12, index=3)
+    assert caplog.messages == ["read error on img block 812 (inode 12, block 3): Input/output error"]
+    now[0] = 61.0
+    errors.failed(eio, 812, ino=12, index=3)
+    assert caplog.messages[-1].endswith("Input/output error (19 more read error(s) not logged)")
+    caplog.clear()
+    for block in range(100, 110):  # a dying device: many blocks at once
+        errors.failed(eio, block, 4, ahead=True)
+    assert caplog.messages == [f"read error on img blocks {b}-{b + 3} (readahead): Input/output error"
+                               for b in (100, 101)]  # the burst of this interval had one line already
+    now[0] = 70.0
+    errors.failed(eio, 5)
+    assert caplog.messages[-1] == "read error on img block 5: Input/output error (8 more read error(s) not logged)"
+    assert (stats.read_errors, stats.readahead_errors) == (32, 10)

@@ -4,11 +4,13 @@ ahead waits for that read instead of reading it again."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 
 import pytest
 import trio
+from conftest import opened
 from test_read_async import BS, HeldBacking, held_volume, in_thread, physical
 
 from tux3fuse.readahead import INITIAL_WINDOW
@@ -224,6 +226,52 @@ async def test_a_stream_the_hosts_page_cache_serves_is_not_read_ahead_here(make_
                 await settle(vol)
             nursery.cancel_scope.cancel()
         assert vol.counters["readahead_blocks"] > 0
+    finally:
+        vol.unmount()
+
+
+class BadRange(HeldBacking):
+    """Reads that touch bytes [lo, hi) of the volume (``bad``) fail with EIO, as a failing disk's do."""
+
+    def __init__(self, inner, lo: int, hi: int) -> None:
+        super().__init__(inner)
+        self.bad = (lo, hi)
+
+    def pread(self, count: int, offset: int) -> bytes:
+        lo, hi = self.bad
+        if offset < hi and offset + count > lo:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return super().pread(count, offset)
+
+
+async def test_a_failed_readahead_is_counted_and_logged_and_a_reader_still_gets_its_own_error(make_vol, caplog):
+    caplog.set_level("ERROR", logger="tux3fuse")
+    path, a, data = make_file(make_vol)
+    vol = opened(path, readahead=WINDOW, read_inline_max=0.0)
+    dev = vol.backend.dev
+    first = physical(vol, a, 16)
+    assert physical(vol, a, 31) == first + 15
+    dev.backing = bad = BadRange(dev.backing, first * BS, (first + 16) * BS)  # file blocks 16..31
+    stats = dev.stats
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(vol.reads.readahead.run)
+            for offset in range(0, 16 * BS, 4 * BS):  # a sequential reader of blocks 0..15: read ahead past 16
+                assert await vol.read_async(a, offset, 4 * BS) == data[offset: offset + 4 * BS]
+                await settle(vol)
+            assert stats.readahead_errors >= 1 and stats.read_errors == stats.readahead_errors
+            assert vol.stats()["readahead_errors"] == stats.readahead_errors
+            assert not {i for i in cached(vol, a) if 16 <= i < 32}
+            with pytest.raises(OSError) as failed:  # the reader's own read of a bad block: EIO, as before
+                await vol.read_async(a, 16 * BS, BS)
+            assert failed.value.errno == errno.EIO and stats.read_errors == stats.readahead_errors + 1
+            bad.bad = (0, 0)  # the device recovers: nothing stale was cached meanwhile
+            assert await vol.read_async(a, 16 * BS, 16 * BS) == data[16 * BS: 32 * BS]
+            nursery.cancel_scope.cancel()
+        assert vol.failed is None  # a device's read error leaves the volume writable
+        lines = [m for m in caplog.messages if m.startswith("read error")]
+        assert any(f"(inode {a}, blocks " in m and "; readahead): Input/output error" in m for m in lines), lines
+        assert f"read error on {path} block {first} (inode {a}, block 16): Input/output error" in lines, lines
     finally:
         vol.unmount()
 

@@ -16,12 +16,14 @@ from collections import OrderedDict
 from .fork import backend_owns
 from .page import CLEAN, Page
 
+MIN_PAGES = 16  # the fewest clean pages kept, whatever the limit (a mount's least cache, 1 MiB, is 16 of 64 KiB)
+
 
 class PageCache:
     """Accounting shared by every address space of a volume."""
 
     def __init__(self, limit_bytes: int, pagesize: int) -> None:
-        self.limit_pages = max(64, limit_bytes // pagesize)
+        self.limit_pages = max(MIN_PAGES, limit_bytes // pagesize)
         self.pagesize = pagesize
         self.clean: OrderedDict[tuple[int, int], Page] = OrderedDict()
         self.dirty_pages = 0
