@@ -16,7 +16,7 @@ from collections.abc import Callable
 from .backing import is_uri
 from .fs import Options, VolumeError
 from .mounts import TUX3_TYPE, image_mountpoint, mounted_type, mounts
-from .options import MIN_CACHE_BYTES, MIN_DIRTY_LIMIT, MIN_READAHEAD
+from .options import MIN_CACHE_BYTES, MIN_DIRTY_LIMIT, MIN_KERNEL_DIRTY, MIN_READAHEAD
 from .units import human, parse_duration, parse_size
 
 PROG_MOUNT = "tux3fuse"
@@ -86,7 +86,8 @@ MAX_COMMIT = 86400.0  # seconds: commit= beyond a day is a mistake, not a settin
 FLAGS = set(SETTINGS) | set(PASSED) | set(UNDONE)  # options that take no value
 # size options: the least a mount takes, other than 0 where 0 has a meaning of its own (what it means)
 SIZE_OPTIONS = {"cache": (MIN_CACHE_BYTES, None), "dirty_limit": (MIN_DIRTY_LIMIT, "no limit"),
-                "fsync_ahead": (0, None), "readahead": (MIN_READAHEAD, "none")}
+                "fsync_ahead": (0, None), "readahead": (MIN_READAHEAD, "none"),
+                "kernel_dirty": (MIN_KERNEL_DIRTY, "off")}
 
 
 def _memory_bytes() -> int:
@@ -132,7 +133,7 @@ def _parse_option_size(key: str, value: str) -> int:
     except ValueError:
         size = None
     if size is None or size > high or size < low and not (size == 0 and zero):
-        extra = " or off" if key == "fsync_ahead" else ""
+        extra = " or off" if key in ("fsync_ahead", "kernel_dirty") else ""
         least = f"0 ({zero}) or {human(low)}" if zero else human(low) if low else "0"
         raise UsageError(f"{key}= takes a size such as 64M{extra}, from {least} to {human(high)} (this machine's "
                          f"memory), not {value!r}")
@@ -144,8 +145,9 @@ def parse_mount_options(text: str) -> dict:
     options that contradict each other the later wins, as in mount(8): ``ro,rw`` is read-write, ``rw,ro``
     read-only."""
     out = {"ro": False, "writeback": True, "xattr": False, "commit": 5.0, "cache": None, "stable": "fork",
-           "writelog": None, "dirty_limit": None, "fsync_ahead": None, "readahead": None, "verify_log": False,
-           "log": None, "read_inline_max": None, "device_latency": 0.0, "device_bandwidth": 0, "fuse": set()}
+           "writelog": None, "dirty_limit": None, "fsync_ahead": None, "readahead": None, "kernel_dirty": None,
+           "verify_log": False, "log": None, "read_inline_max": None, "device_latency": 0.0, "device_bandwidth": 0,
+           "fuse": set()}
     for opt in filter(None, (text or "").split(",")):
         key, eq, value = opt.partition("=")
         if key in FLAGS and eq:
@@ -180,6 +182,8 @@ def parse_mount_options(text: str) -> dict:
                 raise UsageError(f"device_bandwidth= takes bytes per second such as 50M, not {value!r}")
         elif key == "fsync_ahead" and value == "off":
             out[key] = -1
+        elif key == "kernel_dirty" and value == "off":
+            out[key] = 0
         elif key in SIZE_OPTIONS:
             out[key] = _parse_option_size(key, value)
         elif key in PASSED:
@@ -206,6 +210,8 @@ def mount_cmd(argv: list[str], prog: str = PROG_MOUNT) -> int:
                    "that contradict each other the later wins, as in mount(8)): ro|rw, "
                    "allow_other, writeback|nowriteback, xattr, commit=SECONDS (0 to 86400; 0: only fsync, sync and "
                    "unmount commit), cache=SIZE (at least 1M), dirty_limit=SIZE (0: no limit, else at least 1M), "
+                   "kernel_dirty=SIZE|off (the least the kernel's dirty limit for the mount is lowered to as the "
+                   "volume fills; off or 0: the kernel's own; else at least 64K), "
                    "stable=fork|wait|none, fsync_ahead=SIZE|off, readahead=SIZE (the most read ahead of a sequential "
                    "reader whose reads wait for the device; default 2M on NBD, none on a file or block device; 0: "
                    "none, else at least 64K), read_inline_max=DURATION (reads of a device "
@@ -254,6 +260,8 @@ def mount_cmd(argv: list[str], prog: str = PROG_MOUNT) -> int:
         options.fsync_ahead_bytes = opts["fsync_ahead"]
     if opts["readahead"] is not None:
         options.readahead = opts["readahead"]
+    if opts["kernel_dirty"] is not None:
+        options.kernel_dirty = opts["kernel_dirty"]  # 0: the kernel's own dirty limit stands
     if opts["read_inline_max"] is not None:
         options.read_inline_max = opts["read_inline_max"]
     if opts["verify_log"]:

@@ -32,6 +32,7 @@ import trio
 
 from .flusher import Flusher
 from .fs import Volume, VolumeError
+from .mounts import mount_device
 
 log = logging.getLogger("tux3fuse")
 RECENT_ERRORS = 8  # WARNING and ERROR records the daemon keeps for ``tux3 stat``
@@ -189,6 +190,10 @@ class Daemon:
         """Serve until unmounted; then commit and close. Returns the exit status."""
         self._record("running")
         self.vol.runner.frontend_pending = requests_waiting()
+        kernel = getattr(self.ops, "kernel", None)
+        device = mount_device(self.mountpoint)
+        if kernel is not None and device is not None:
+            kernel.attach(device)  # the kernel's dirty limit for the mount follows the volume's room
         # The cache holds many long-lived objects; full collections of them would stall requests for tens of
         # milliseconds. Freeze what exists now and collect the young generation less often.
         gc.collect()

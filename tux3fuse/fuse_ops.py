@@ -4,8 +4,10 @@ Guarantees:
 - No exception other than FUSEError leaves a handler. An OSError becomes its errno, a VolumeError EIO. The volume
   itself turns a corrupt block or an unexpected exception into a read-only volume, a logged stack and EIO
   (``fs.guarded``), for embedded callers as for the mount; what escapes the adapter's own code gets the same.
-- What readers see is what the volume keeps: the adapter calls ``coherence.py`` (``KernelCache``), which keeps the
-  kernel's caches coherent with the volume, at the points a request changes what the kernel caches.
+- What readers see is what the volume keeps, and a writer gets ENOSPC under the writeback cache too: the adapter
+  calls ``coherence.py`` (``KernelCache``), which keeps the kernel's caches coherent with the volume and decides
+  which WRITEs and GETATTRs are refused, at the points a request changes what the kernel caches (every WRITE
+  goes through it).
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ class Operations(pyfuse3.Operations):
         e = pyfuse3.EntryAttributes()
         e.st_ino = a.ino
         e.generation = 0
-        e.entry_timeout = e.attr_timeout = TIMEOUT
+        e.entry_timeout = TIMEOUT
+        e.attr_timeout = self.kernel.attr_timeout(a.ino, TIMEOUT)
         e.st_mode = a.mode
         e.st_nlink = a.nlink
         e.st_uid = a.uid
@@ -80,10 +83,7 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def lookup(self, parent_inode, name, ctx=None):
-        a = self.vol.lookup(parent_inode, name)
-        if await self.kernel.wait_forgotten(a.ino):
-            a = self.vol.getattr(a.ino)
-        return self.entry(self.kernel.seen(parent_inode, name, a))
+        return self.entry(await self.kernel.looked_up(parent_inode, name, self.vol.lookup(parent_inode, name)))
 
     async def forget(self, inode_list):
         self.requests["forget"] += 1
@@ -96,6 +96,7 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def getattr(self, inode, ctx=None):
+        self.kernel.check_attributes(inode)
         return self.entry(self.vol.getattr(inode))
 
     @_translate
@@ -173,12 +174,7 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def write(self, fh, off, buf):
-        try:
-            return await self.vol.call(self.vol.write, fh, off, buf)
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                await self.kernel.refused(fh)
-            raise
+        return await self.kernel.write(fh, off, buf)
 
     async def flush(self, fh):
         # Data reaches the image by commits; fsync and umount report their errors. ENOSYS tells the kernel that
@@ -224,6 +220,7 @@ class Operations(pyfuse3.Operations):
                 break
             if not dot:
                 self.vol.ref(ino)
+        await self.kernel.settled()
 
     async def releasedir(self, fh):
         self.requests["releasedir"] += 1

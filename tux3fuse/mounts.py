@@ -5,6 +5,8 @@ Guarantees:
   so a mountpoint named through a symlink or holding a space is found.
 - ``mounted_type`` gives the topmost filesystem at a path (the last line for it): a tux3fuse mount is
   ``fuse.tux3`` (``TUX3_TYPE``), another FUSE filesystem ``fuse.NAME`` or ``fuse``.
+- ``mount_device`` gives the device number of the topmost mount at a resolved path from /proc/self/mountinfo, and
+  never looks at the mount itself (the daemon asks it of its own mount).
 - When /proc/self/mounts cannot be read, ``mounted_type`` falls back to ``os.path.ismount`` ("" for a mount of
   unknown type) and ``image_mountpoint`` answers None; nothing here raises for an unreadable table.
 """
@@ -17,6 +19,7 @@ from typing import NamedTuple
 
 TUX3_TYPE = "fuse.tux3"  # the type /proc/mounts gives a tux3fuse mount (subtype=tux3)
 MOUNTS = "/proc/self/mounts"
+MOUNTINFO = "/proc/self/mountinfo"
 
 
 class Mount(NamedTuple):
@@ -54,6 +57,22 @@ def mounted_type(path: str | os.PathLike[str]) -> str | None:
 def is_mounted(path: str | os.PathLike[str]) -> bool:
     """Whether any filesystem is mounted at ``path``."""
     return mounted_type(path) is not None
+
+
+def mount_device(real: str) -> str | None:
+    """``MAJOR:MINOR`` (st_dev) of the topmost filesystem mounted at ``real``, an absolute path without symlinks
+    (``realpath`` would look at the mount itself), read from /proc/self/mountinfo; None when nothing is mounted
+    there or the table cannot be read."""
+    try:
+        with open(MOUNTINFO) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    found = None
+    for fields in (line.split() for line in lines):
+        if len(fields) > 4 and _unescape(fields[4]) == real:
+            found = fields[2]
+    return found
 
 
 def image_mountpoint(image: str | os.PathLike[str]) -> str | None:

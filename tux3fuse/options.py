@@ -16,6 +16,7 @@ from .format import MAX_BLOCKBITS
 MIN_CACHE_BYTES = 1 << 20  # cache=: the pages of one request and the readahead beyond it (16 of 64 KiB blocks)
 MIN_DIRTY_LIMIT = 1 << 20  # dirty_limit= (other than 0, no limit): below one request, every write waits a commit
 MIN_READAHEAD = 1 << MAX_BLOCKBITS  # readahead= (other than 0, none): one block of the largest size (64 KiB)
+MIN_KERNEL_DIRTY = 1 << 16  # kernel_dirty= (other than 0, off): below a few pages the kernel's writers barely move
 
 
 @dataclass
@@ -46,6 +47,9 @@ class Options:
     # bytes: the largest window a sequential reader is read ahead of (0: none; None: 2 MiB on an NBD export, none on
     # an image file or block device, which the host reads ahead itself: readahead.py, window_for)
     readahead: int | None = None
+    # bytes: the least the daemon lowers the kernel's dirty limit for the mount to as the volume fills
+    # (coherence.py, DirtyBound; kernel_dirty=; 0: the kernel's own limit is left alone)
+    kernel_dirty: int = 1 << 20
     fsync_ahead_bytes: int = 1 << 20  # fsync commits only the file when the rest of its delta is dirtier than this
     writelog: str | None = None  # record every write and flush to this file (crash testing)
     # a slower device for experiments (device.py, DeviceModel): every write and flush completes as on a device of

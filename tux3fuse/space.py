@@ -65,6 +65,11 @@ class Space:
         """Blocks kept back for deletes and truncates, which must work on a full volume."""
         return max(8, self.backend.sb.volblocks // 512)
 
+    def room(self) -> int:
+        """Blocks new dirty pages may take now without waiting for a commit: the free blocks less the reservation of
+        the dirty data and the slack (``statfs`` adds what the deltas not yet committed free)."""
+        return max(0, self.backend.free - self.dirty_reservation() - self.slack())
+
     def reserve(self, new_pages: int) -> None:
         """Make sure ``new_pages`` more dirty pages can be committed, or raise before anything changes."""
         be = self.backend

@@ -226,6 +226,8 @@ REFUSED_OPTIONS = [
     ("fsync_ahead=inf", ["fsync_ahead=", "off", "'inf'"]),
     ("fsync_ahead=nan", ["fsync_ahead=", "off", "'nan'"]),
     ("fsync_ahead=-1", ["fsync_ahead=", "off", "from 0 to"]),
+    ("kernel_dirty=inf", ["kernel_dirty=", "off", "'inf'"]),
+    ("kernel_dirty=4K", ["kernel_dirty=", "from 0 (off) or 64 KiB to", "'4K'"]),
     ("ro=1", ["ro takes no value"]),
     ("rw=0", ["rw takes no value"]),
 ]
@@ -256,14 +258,14 @@ def test_the_bounds_of_every_numeric_mount_option_are_accepted(tmp_path):
     require_fuse()
     image = tmp_path / "a.img"
     mkfs(image, "32M")
-    m = Mount(image, tmp_path / "mnt", "commit=0,cache=1M,dirty_limit=0,fsync_ahead=0,readahead=0")
+    m = Mount(image, tmp_path / "mnt", "commit=0,cache=1M,dirty_limit=0,fsync_ahead=0,readahead=0,kernel_dirty=0")
     try:
         m.start()
         with open(m.path("f"), "wb") as f:
             f.write(b"x" * 100_000)
             os.fsync(f.fileno())
         m.umount()
-        m.start("commit=86400,fsync_ahead=off,cache=1M,dirty_limit=1M,readahead=64K")
+        m.start("commit=86400,fsync_ahead=off,cache=1M,dirty_limit=1M,readahead=64K,kernel_dirty=64K")
         with open(m.path("f"), "rb") as f:
             assert f.read() == b"x" * 100_000
         m.umount()
