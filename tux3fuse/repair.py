@@ -286,6 +286,8 @@ def log_fixes(path: str, damage: LogDamage) -> list[Fix]:
     fixes = []
     with open_backing(path, readonly=True) as backing:
         for block in damage.unreadable:
+            if damage.sb.outside(block):  # a pointer gone wrong, not a block with a flipped bit
+                return []
             fix = meta_fix(backing.pread(bs, block * bs), block)
             if fix is None:
                 return []
@@ -331,7 +333,7 @@ def settle_damage(path: str, vol: Volume) -> list[str]:
     found, loaded = vol.recovery, vol.backend.sb
     try:
         newest = newest_logged(vol.backend, max(loaded.seq, found.dropped))
-        chain, broken = walk_log(vol.backend.dev.read_block, loaded.log_head, loaded.log_count)
+        chain, broken = walk_log(vol.backend.dev.read_block, loaded)
     finally:
         vol.close_files()
     lines: list[str] = []
