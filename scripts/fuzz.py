@@ -15,7 +15,9 @@ stopping at a checksum. The bytes of an input read as:
 
   byte 0          the seed image (its index modulo the number of seeds)
   byte 1          flags: 1 data checksums resealed too, 2 the superblock's proof recomputed, 4 fsck also repairs
-                  (on a copy), 8 a read-write mount also runs a few operations (on a copy)
+                  (on a copy), 8 a read-write mount also runs a few operations (on a copy), 16 after the reseal
+                  one bit of the first byte of the last patch is flipped (bit ``flags >> 5``): damage that the
+                  checksums see, beside the values they do not
   then patches, each an op byte (modulo 4) and its arguments, until the bytes run out:
     0 field    u16 place, u8 value: a field of a structure the seed holds (``places``: superblock fields, block
                headers, tree entries, extent and inode records, log records, directory entries) set to one of
@@ -40,10 +42,11 @@ without, and a read-write mount that creates, writes, renames and unlinks, commi
 
 What counts as a bug: any exception but the documented ones (``VolumeError`` in one line; ``OSError`` with the
 errno of the operation, EIO only when the volume turned read-only over a ``CorruptBlock`` or ``CorruptDir``, or
-EROFS after; ``CorruptBlock``/``CorruptDir`` from the raw tree walk), an fsck status outside 0, 1, 4, 8 or a
-report line over two lines, a hang (-timeout), or the memory limit (-rss_limit_mb, or MemoryError in process).
-libFuzzer keeps such inputs as DIR/crash-*, timeout-*, oom-*; ``image`` turns one into the image it crafts, which
-goes under tests/images/fuzz-*.img once the bug is fixed (tests/unit/test_hostile_images.py replays them all).
+EROFS after; ``CorruptBlock``/``CorruptDir`` from the raw tree walk), an fsck status outside 0, 1, 4, 8, a report
+line over two lines, a repair that says it corrected everything and leaves errors, a hang (-timeout), or the memory
+limit (-rss_limit_mb, or MemoryError in process). libFuzzer keeps such inputs as DIR/crash-*, timeout-*, oom-*;
+``image`` turns one into the image it crafts, which goes under tests/images/fuzz-*.img once the bug is fixed
+(tests/scripts/test_fuzz.py replays them all).
 
 Exit status: 0 nothing found, 1 libFuzzer found a crash, hang or memory blow-up (its own status otherwise), 2 usage.
 """
@@ -300,6 +303,7 @@ def craft(data: bytes, seeds: list[Seed]) -> tuple[bytearray, int]:
     flags = r.u(1)
     img = bytearray(seed.image)
     bs, size = seed.bs, len(img)
+    last = None  # the byte the last patch changed first
     while r.left() > 0:
         op = r.u(1) % 4
         if op == 0 or op == 3:
@@ -316,10 +320,14 @@ def craft(data: bytes, seeds: list[Seed]) -> tuple[bytearray, int]:
             img[at: at + n] = r.take(n)[: size - at]
         else:
             src, dst = r.u(2) % seed.nblocks, r.u(2) % seed.nblocks
+            at = dst * bs + 32
             img[dst * bs: (dst + 1) * bs] = seed.image[src * bs: (src + 1) * bs]
             if bytes(img[dst * bs: dst * bs + 4]) in fmt.KIND_NAMES:
                 struct.pack_into("<Q", img, dst * bs + 8, dst)
+        last = at
     reseal(img, bs, data=bool(flags & 1), proof=bool(flags & 2))
+    if flags & 16 and last is not None:  # one flipped bit after the reseal: damage, beside the crafted values
+        img[last] ^= 1 << (flags >> 5)
     return img, flags
 
 
@@ -362,9 +370,9 @@ def _answer(e: BaseException, vol=None) -> None:
     raise Bug(f"{type(e).__name__}: {e}", e)
 
 
-def _call(vol, fn, *args):
+def _call(vol, fn, *args, **kwargs):
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except Exception as e:
         _answer(e, vol)
         return None
@@ -410,8 +418,18 @@ def check_fsck(path: str, repair: bool = False) -> int:
     return report.status
 
 
+def repair_then_check(path: str) -> None:
+    """fsck with repair, then without: a repair that says it corrected everything leaves a volume that checks
+    clean (e2fsck's promise)."""
+    if check_fsck(path, repair=True) == 1 and check_fsck(path) != 0:
+        raise Bug(f"fsck repaired and said so, yet the check after it is not clean: {fsck(path).lines}")
+    check_fsck(path)
+
+
 def read_write(path: str) -> None:
-    """A read-write mount: create, write, rename, unlink, commit, unmount; then a check."""
+    """A read-write mount: create and write; for the first names of the root, a rewrite and a truncate of a file, a
+    directory made and removed in a directory, a rename and an unlink (rmdir); a commit between, a unify at the
+    unmount; then a check."""
     try:
         vol = Volume(path, Options(verify_log=False))
     except Exception as e:
@@ -424,9 +442,17 @@ def read_write(path: str) -> None:
             _call(vol, vol.write, a.ino, 0, b"z" * 5000)
             _call(vol, vol.write, a.ino, 1, b"y" * 100)
             _call(vol, vol.release, a.ino)
-        for name, _, _ in (_call(vol, lambda: list(vol.readdir(1, 0))) or [])[:3]:
+        for name, child, _ in (_call(vol, lambda: list(itertools.islice(vol.readdir(1, 0), 4))) or []):
+            attr = _call(vol, vol.lookup, 1, name)
+            if attr is not None and stat.S_ISREG(attr.mode):
+                _call(vol, vol.write, child, 1, b"w" * 700)
+                _call(vol, vol.setattr, child, size=attr.size // 2)
+            elif attr is not None and stat.S_ISDIR(attr.mode):
+                _call(vol, vol.mkdir, child, b"fuzz-dir", 0o755)
+                _call(vol, vol.rmdir, child, b"fuzz-dir")
+            _call(vol, vol.commit)
             _call(vol, vol.rename, 1, name, 1, name + b".r")
-            _call(vol, vol.unlink, 1, name + b".r")
+            _call(vol, vol.unlink if attr is None or not stat.S_ISDIR(attr.mode) else vol.rmdir, 1, name + b".r")
         _call(vol, vol.commit)
     finally:
         try:
@@ -455,7 +481,7 @@ def run_targets(path: str, flags: int) -> None:
         finally:
             vol.close_files()
     check_fsck(path)
-    for flag, target in ((4, lambda p: (check_fsck(p, repair=True), check_fsck(p))), (8, read_write)):
+    for flag, target in ((4, repair_then_check), (8, read_write)):
         if flags & flag:
             copy = path + ".copy"
             shutil.copyfile(path, copy)

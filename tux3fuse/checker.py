@@ -109,6 +109,7 @@ class Report:
     errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     leaked: list[int] = field(default_factory=list)  # blocks marked used that nothing references
+    unmarked: list[int] = field(default_factory=list)  # blocks in use that the bitmap has free
     orphans: list[int] = field(default_factory=list)
     counts_wrong: bool = False
     lost_dir_blocks: list[tuple[int, int]] = field(default_factory=list)  # (directory, block index) unreadable
@@ -438,9 +439,8 @@ class Checker:
             unknown.update(range(lo, hi))
         if unknown:
             r.owned = set(self.owner)
-        for b in range(first):
-            if not alloc.is_used(b) and b not in unknown:
-                r.error(f"bitmap: fixed block {b} marked free")
+        for b in alloc.fixed_free:  # used in memory whatever the bitmap says; the repair's unify writes them so
+            r.error(f"bitmap: fixed block {b} marked free")
         missing = 0
         total = vol.backend.sb.volblocks
         for chunk in range(first, total, PROGRESS_BLOCKS):
@@ -451,6 +451,7 @@ class Checker:
                 if used and b not in self.owner:
                     r.leaked.append(b)
                 elif not used and b in self.owner:
+                    r.unmarked.append(b)
                     missing += 1
                     if missing <= 10:
                         r.error(f"bitmap: block {b} is used by {self.owner[b]} but marked free",

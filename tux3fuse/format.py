@@ -34,6 +34,7 @@ MAX_VOLBLOCKS = 1 << 32  # the largest: the allocator keeps a bit per block in m
 MAX_LEVEL = 32  # deepest btree accepted: a level takes at least 15 times the insertions of the level below it
 MAX_FILE_SIZE = 1 << 50  # logical blocks must fit the 48-bit range of the format at any block size
 SYMLINK_MAX = 4095  # the longest symlink target
+LINK_MAX, DIR_LINK_MAX = 65000, 1 << 31  # the most links of a file, and of a directory (EMLINK beyond)
 
 # Kinds of metadata block (the first four bytes of the block).
 KIND_ILEAF = b"ILEF"  # inode table leaf

@@ -199,12 +199,12 @@ def _fsck(path: str, repair: bool, data: bool, talk: Talk) -> Report:
             ("setting the counts", True)) if needed))
         try:
             report.repairs += repair_found(path, report.leaked, report.lost_dir_blocks, report.names,
-                                           report.bitmap_rebuild, report.owned)
-        except VolumeError as e:
+                                           report.bitmap_rebuild, report.owned, report.unmarked)
+            again, vol2 = check(path, data, talk)
+        except (VolumeError, OSError, fmt.FormatError) as e:
             report.lines = [head, *map(report.show, report.errors), f"repair failed: {bare(path, e)}"]
             report.status = FSCK_UNCORRECTED
             return report
-        again, vol2 = check(path, data, talk)
         vol2.close_files()
         if not again.errors:
             report.lines = [head, *rolled, *dropped_names(again.names, dropped),

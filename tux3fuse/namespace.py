@@ -153,6 +153,8 @@ class Namespace:
             raise err(errno.ENOENT)
         if index.get(name) is not None:
             raise err(errno.EEXIST)
+        if stat.S_ISDIR(mode) and dirnode.rec.nlink >= fmt.DIR_LINK_MAX:
+            raise err(errno.EMLINK)
         if not self.backend.inums_left():  # every inode number the format holds has been handed out
             raise err(errno.ENOSPC, "no inode number left")
         self.files.must_wait(dirnode)
@@ -228,7 +230,7 @@ class Namespace:
         dirnode = self.icache.iget(parent)
         if self.dir(dirnode).get(name) is not None:
             raise err(errno.EEXIST)
-        if inode.rec.nlink >= 65000:
+        if inode.rec.nlink >= fmt.LINK_MAX:
             raise err(errno.EMLINK)
         self.files.must_wait(dirnode)
         self.space.reserve(1)
@@ -310,6 +312,10 @@ class Namespace:
         dst = self._named(ddir, dentry) if dentry is not None else None
         if src.is_dir and sdir is not ddir:
             self._losing_subdir(sdir)
+            if ddir.rec.nlink >= fmt.DIR_LINK_MAX:
+                raise err(errno.EMLINK)
+        if dst is not None and dst.is_dir and sdir is not ddir and sdir.rec.nlink >= fmt.DIR_LINK_MAX:
+            raise err(errno.EMLINK)  # an exchange moves it into the source directory
         if dst is not None and dst.is_dir and dst is not src:
             self._losing_subdir(ddir)
         if flags & RENAME_NOREPLACE and dst is not None:

@@ -7,8 +7,10 @@ Guarantees:
   for each), map blocks of the allocatable area, lie below the largest file and do not overlap.
 - An inode record (``read_inode``): its bytes decode and fit a leaf; its file type is known; its size is one its
   type can have (a directory: a multiple of the block size, no larger than the volume; a symlink: at most
-  ``SYMLINK_MAX``; anything else: at most ``MAX_FILE_SIZE``); it maps at most the volume's blocks; its extent tree's
-  root, if any, lies in the allocatable area; and its number is one the superblock has handed out.
+  ``SYMLINK_MAX``; anything else: at most ``MAX_FILE_SIZE``); its link count is at most ``LINK_MAX``
+  (``DIR_LINK_MAX`` for a directory), so that no link made later overflows it; it maps at most the volume's
+  blocks; its extent tree's root, if any, lies in the allocatable area; and its number is one the superblock has
+  handed out.
 - A log record applied to the trees (``log_problem``): the same for the inode it names and the record it carries,
   and a map's blocks in the allocatable area below the largest file.
 A failed check raises ``CorruptBlock`` (``ValueError`` for ``read_inode`` and ``log_problem``, whose callers name
@@ -91,6 +93,9 @@ def read_inode(ino: int, raw: bytes, sb: fmt.Super, next_inum: int | None = None
         raise ValueError(f"symlink of {rec.size} bytes, longer than {fmt.SYMLINK_MAX}")
     if rec.size > fmt.MAX_FILE_SIZE:
         raise ValueError(f"size {rec.size} above {fmt.MAX_FILE_SIZE}")
+    if rec.nlink > (fmt.DIR_LINK_MAX if kind == stat.S_IFDIR else fmt.LINK_MAX):
+        raise ValueError(f"link count {rec.nlink}, more than a {'directory' if kind == stat.S_IFDIR else 'file'} "
+                         "may have")
     if rec.blocks > sb.volblocks:
         raise ValueError(f"{rec.blocks} blocks in a volume of {sb.volblocks}")
     if rec.dtree_root and sb.outside(rec.dtree_root):

@@ -18,8 +18,8 @@ from tux3fuse.fs import Options, Volume
 
 reseal = load_script("reseal")
 BS = 4096
-INODE_FIELDS = {"mode": (0, "<I"), "size": (16, "<Q"), "dtree_root": (56, "<Q"), "blocks": (64, "<Q"),
-                "xattrs": (84, "<H")}
+INODE_FIELDS = {"mode": (0, "<I"), "nlink": (12, "<I"), "size": (16, "<Q"), "dtree_root": (56, "<Q"),
+                "blocks": (64, "<Q"), "xattrs": (84, "<H")}
 
 
 def volume(tmp_path) -> tuple[str, dict[bytes, int]]:
@@ -61,6 +61,8 @@ def patch_inode(path: str, ino: int, field: str, value: int) -> int:
     (b"s", "size", 5000, "symlink of 5000 bytes, longer than 4095"),
     (b"f", "size", 1 << 51, f"size {1 << 51} above {1 << 50}"),
     (b"f", "blocks", 1 << 40, f"{1 << 40} blocks in a volume of 256"),
+    (b"f", "nlink", 70000, "link count 70000, more than a file may have"),
+    (b"d", "nlink", (1 << 32) - 1, f"link count {(1 << 32) - 1}, more than a directory may have"),
     (b"f", "mode", 0o170644, "unknown file type in mode 170644"),
     (b"f", "dtree_root", 2, "extent tree root 2 outside the allocatable area [5, 256)"),
     (b"f", "xattrs", 9, "cut short in its extended attributes"),

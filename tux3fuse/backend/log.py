@@ -112,7 +112,8 @@ def load_bitmap(read_block: Callable[[int], bytes], sb: fmt.Super,
                 damaged: list[tuple[int, int, str]] | None = None) -> Allocator:
     """The allocation bitmap as the last unify wrote it. A bitmap block that fails its checks raises CorruptBlock,
     or, with ``damaged`` (a read-only load, which allocates nothing), reads as all used and is added to it as
-    (index in the region, block, reason)."""
+    (index in the region, block, reason). The fixed blocks (reserved, both bitmap regions) are used whatever the
+    bitmap says; those it had free are listed in ``Allocator.fixed_free`` (fsck reports them)."""
     bpb = fmt.bitmap_bits_per_block(sb.blocksize)
     start = sb.bitmap_start[sb.bitmap_cur]
     bits = bytearray()
@@ -128,6 +129,10 @@ def load_bitmap(read_block: Callable[[int], bytes], sb: fmt.Super,
         bits += buf[fmt.HEADER_SIZE:]
     alloc = Allocator(sb.volblocks, bpb, bits[: -(-sb.volblocks // 8)])
     alloc.stale[1 - sb.bitmap_cur].update(range(sb.bitmap_blocks))  # the other region is of unknown age
+    alloc.fixed_free = [b for b in range(sb.alloc_start) if not alloc.is_used(b)]
+    if alloc.fixed_free:  # never handed out, whatever the bitmap says: used in memory, rewritten by the next unify
+        alloc.mark_used(0, sb.alloc_start)
+        alloc.recount()
     return alloc
 
 
