@@ -37,8 +37,9 @@ log of several deltas. They are made deterministically (fixed times, uuid and co
 Each input runs these targets, with libFuzzer's -timeout and -rss_limit_mb and an address-space limit in the
 process (``--memory``): superblock choice (``replay.find_super``); the volume load, read-only (log replay); every
 inode of the table (getattr), every directory from the root (readdir, then lookup of each name), every file read
-(its head and its tail) and every symlink; ``fsck`` without repair; with the flags, ``fsck`` with repair and then
-without, and a read-write mount that creates, writes, renames and unlinks, commits and unmounts, then fsck.
+(its head by the daemon's read beside the event loop and by the embedded read, which must agree; its tail) and every
+symlink; ``fsck`` without repair; with the flags, ``fsck`` with repair and then without, and a read-write mount that
+creates, writes, truncates, makes and removes a directory, renames and unlinks, commits and unmounts, then fsck.
 
 What counts as a bug: any exception but the documented ones (``VolumeError`` in one line; ``OSError`` with the
 errno of the operation, EIO only when the volume turned read-only over a ``CorruptBlock`` or ``CorruptDir``, or
@@ -86,7 +87,8 @@ ALLOWED_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EINVAL, errno
 
 def _imports() -> None:
     """Import what the targets use; under ``atheris.instrument_imports`` when fuzzing, for coverage."""
-    global fmt, Volume, Options, VolumeError, CorruptBlock, CorruptDir, find_super, fsck, reseal, mkfs
+    global fmt, Volume, Options, VolumeError, CorruptBlock, CorruptDir, find_super, fsck, reseal, mkfs, trio
+    import trio
     from reseal import reseal
 
     from mkfs import mkfs
@@ -399,8 +401,11 @@ def walk(vol) -> None:
             if kind == stat.S_IFDIR and child not in seen:
                 seen.add(child)
                 queue.append(child)
-            elif kind == stat.S_IFREG:
-                _call(vol, vol.read, child, 0, READ_AT_MOST)
+            elif kind == stat.S_IFREG:  # the daemon's read (worker threads), then the embedded one: the same bytes
+                head = _call(vol, trio.run, vol.read_async, child, 0, READ_AT_MOST)
+                again = _call(vol, vol.read, child, 0, READ_AT_MOST)
+                if head is not None and again is not None and head != again:
+                    raise Bug(f"inode {child}: read_async and read return different bytes")
                 _call(vol, vol.read, child, max(0, attr.size - READ_AT_MOST), READ_AT_MOST)
             elif kind == stat.S_IFLNK:
                 _call(vol, vol.readlink, child)
@@ -598,7 +603,11 @@ def cmd_replay(a: argparse.Namespace) -> int:
     signal.signal(signal.SIGALRM, hang)
     try:
         for f in inputs:
-            img, flags = craft(f.read_bytes(), seeds)
+            try:
+                data = f.read_bytes()
+            except FileNotFoundError:  # a corpus that libFuzzer is reducing meanwhile
+                continue
+            img, flags = craft(data, seeds)
             Path(image).write_bytes(img)
             signal.alarm(TIMEOUT)
             try:
