@@ -32,6 +32,7 @@ MAX_INUM = (1 << 48) - 1  # inode numbers are 48-bit, as Tux3's: next_inum above
 MIN_VOLBLOCKS, MIN_VOLBYTES = 64, 64 << 10  # the smallest volume: at least this many blocks and bytes
 MAX_VOLBLOCKS = 1 << 32  # the largest: the allocator keeps a bit per block in memory, and fsck walks every block
 MAX_LEVEL = 32  # deepest btree accepted: a level takes at least 15 times the insertions of the level below it
+MAX_SEQ = 1 << 62  # the highest delta number a volume may hold: room for every commit after it
 MAX_FILE_SIZE = 1 << 50  # logical blocks must fit the 48-bit range of the format at any block size
 SYMLINK_MAX = 4095  # the longest symlink target
 LINK_MAX, DIR_LINK_MAX = 65000, 1 << 31  # the most links of a file, and of a directory (EMLINK beyond)
@@ -173,6 +174,8 @@ class Super:
                 return f"{name} {block} outside the allocatable blocks [{first}, {self.volblocks})"
         if not 0 <= self.log_count <= self.volblocks - first or (self.log_count == 0) != (self.log_head == 0):
             return f"log of {self.log_count} blocks with head {self.log_head}"
+        if self.seq > MAX_SEQ:
+            return f"delta {self.seq} above {MAX_SEQ}"
         if not 0 <= self.unify_seq <= self.seq:
             return f"last unify at delta {self.unify_seq}, after delta {self.seq}"
         return None

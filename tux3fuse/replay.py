@@ -190,7 +190,7 @@ def newest_logged(backend: Backend, above: int) -> int:
     """The highest delta number of a valid log block anywhere on the volume, or ``above`` when none is higher:
     a superblock written over dropped deltas is numbered above it, so that none of their log blocks can be taken
     for a later delta."""
-    return max([above, *(e.delta for e in _scan_log_blocks(backend, above, 1 << 62).values())])
+    return max([above, *(e.delta for e in _scan_log_blocks(backend, above, fmt.MAX_SEQ).values())])
 
 
 def _other_super(backend: Backend) -> fmt.Super | None:

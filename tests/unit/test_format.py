@@ -59,8 +59,8 @@ def test_super_pack_unpack_round_trip_keeps_every_field(blocksize: int) -> None:
     assert back.label == b"volume-label"
 
 
-@given(seq=u64, volblocks=st.integers(0, fmt.MAX_VOLBLOCKS), roots=st.tuples(u64, u64, u64), counts=st.tuples(u32,
-       u64, u64), label=st.binary(max_size=32).map(lambda b: b.rstrip(b"\0")),
+@given(seq=st.integers(0, fmt.MAX_SEQ), volblocks=st.integers(0, fmt.MAX_VOLBLOCKS), roots=st.tuples(u64, u64, u64),
+       counts=st.tuples(u32, u64, u64), label=st.binary(max_size=32).map(lambda b: b.rstrip(b"\0")),
        uuid=st.binary(min_size=16, max_size=16), created=u64, bits=st.integers(fmt.MIN_BLOCKBITS, fmt.MAX_BLOCKBITS),
        cur=st.sampled_from([0, 1]))
 @FAST
@@ -98,6 +98,7 @@ REFUSED = [  # (field values, what the refusal says) for a volume of 123457 bloc
     (dict(log_count=(1 << 32) - 1), f"log of {(1 << 32) - 1} blocks with head 902"),
     (dict(log_count=0), "log of 0 blocks with head 902"),
     (dict(unify_seq=78), "last unify at delta 78, after delta 77"),
+    (dict(seq=(1 << 64) - 1), f"delta {(1 << 64) - 1} above {1 << 62}"),
 ]
 
 
