@@ -4,6 +4,8 @@ VENV ?= .venv
 PY = $(VENV)/bin/python
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+FUZZ_SECONDS ?= 600
+FUZZ_ARGS ?=
 
 # pyfuse3 is built from source: it also needs a C compiler and the Python headers. NBD volumes: libnbd's Python
 # module (python3-libnbd) and, for the tests, the nbdkit server.
@@ -17,7 +19,7 @@ NBD_STAMP = $(NBD_LINK)/.linked
 
 .DEFAULT_GOAL := help
 
-.PHONY: help deps install test demo bench crashtest clean distclean
+.PHONY: help deps install test demo bench crashtest fuzz clean distclean
 
 help:
 	@echo "Targets:"
@@ -27,6 +29,8 @@ help:
 	@echo "                  tests/model, tests/mounted, tests/crash or tests/scripts)"
 	@echo "  make demo       mkfs, mount, fio verify, fsx, stat, umount, fsck on a 1 GiB image"
 	@echo "  make crashtest  crash-consistency check of every flush point and reordered/torn writes (a few minutes)"
+	@echo "  make fuzz       coverage-guided fuzzing of crafted images for FUZZ_SECONDS (default 600; corpus and"
+	@echo "                  findings in .fuzz/; extra args: FUZZ_ARGS='--seed 1', or libFuzzer's -jobs=2)"
 	@echo "  make bench      fio benchmarks: tux3fuse vs fuse2fs, then page forking, fsync scaling and unify"
 	@echo "                  (extra args: BENCH_ARGS='--quick')"
 	@echo "  make clean      remove build artifacts and caches (keeps the venv)"
@@ -87,6 +91,9 @@ test: install
 	$(PY) -m ruff check tux3fuse mkfs scripts tests
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
+fuzz: install
+	$(PY) scripts/fuzz.py run --seconds $(FUZZ_SECONDS) $(FUZZ_ARGS)
+
 demo: install
 	$(PY) scripts/demo.py
 
@@ -123,7 +130,7 @@ crashtest: install
 			runs, points, bad, pass + fail, pass, fail }' "$$out/last"
 
 clean:
-	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .hypothesis bench-out
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .hypothesis bench-out .fuzz
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
 distclean: clean

@@ -42,10 +42,8 @@ SIGNATURES = [
     (4086, b"SWAPSPACE2", "swap"), (0, b"LUKS\xba\xbe", "LUKS"), (32769, b"CD001", "iso9660"),
     (82, b"FAT32", "vfat"), (54, b"FAT1", "vfat"), (0, b"\x85\x19\x01\x20", "tux3"), (3, b"NTFS    ", "ntfs"),
 ]
-MIN_BLOCKS = 64
-MIN_BYTES = 64 << 10  # and at least this many bytes
-# the allocator keeps one bit per block in memory (512 MiB at this size) and fsck walks every block
-MAX_BLOCKS = 1 << 32
+MIN_BLOCKS, MIN_BYTES = fmt.MIN_VOLBLOCKS, fmt.MIN_VOLBYTES  # the smallest volume the format allows
+MAX_BLOCKS = fmt.MAX_VOLBLOCKS  # the largest (the allocator keeps one bit per block in memory: 512 MiB here)
 LABEL_BYTES = 32
 ROOT_MODE = stat.S_IFDIR | 0o755
 
@@ -71,13 +69,9 @@ def blocksize_problem(blocksize: int) -> str | None:
 
 
 def min_blocks(blocksize: int) -> int:
-    """The fewest blocks a volume of ``blocksize`` can have: MIN_BLOCKS, MIN_BYTES, and room for the reserved
-    blocks, both bitmap regions and a little more."""
-    reserved, bpb = fmt.reserved_blocks(blocksize), fmt.bitmap_bits_per_block(blocksize)
-    n = max(MIN_BLOCKS, -(-MIN_BYTES // blocksize))
-    while reserved + 2 * -(-n // bpb) + 16 > n:
-        n += 1
-    return n
+    """The fewest blocks a volume of ``blocksize`` can have (``format.min_volblocks``: MIN_BLOCKS, MIN_BYTES, and
+    room for the reserved blocks, both bitmap regions and a little more)."""
+    return fmt.min_volblocks(blocksize)
 
 
 def size_range(blocksize: int) -> str:
@@ -319,7 +313,7 @@ def layout(blocksize: int, volblocks: int, label: bytes, uid: int, gid: int, now
     """The blocks of a new volume ({block number: bytes}) and its two superblock copies (copy 0, copy 1), as
     described in the module docstring. Pure: no I/O."""
     bpb = fmt.bitmap_bits_per_block(blocksize)
-    nbitmap = -(-volblocks // bpb)
+    nbitmap = fmt.bitmap_blocks_for(blocksize, volblocks)
     reserved = fmt.reserved_blocks(blocksize)
     regions = (reserved, reserved + nbitmap)
     leaf = reserved + 2 * nbitmap

@@ -211,13 +211,26 @@ def fsck(image: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([tool("fsck.tux3"), *args, str(image)], capture_output=True, text=True)
 
 
-class Mount:
-    """tux3fuse on ``image`` (a path, or an NBD URI as a str; then ``log`` names the daemon's output file)."""
+def address_space(limit: int):
+    """A ``preexec_fn`` that limits a child's address space to ``limit`` bytes (RLIMIT_AS): a command that would
+    exhaust the machine fails instead."""
+    import resource
 
-    def __init__(self, image: Path | str, mnt: Path, options: str = "", log: Path | None = None) -> None:
+    def set_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    return set_limit
+
+
+class Mount:
+    """tux3fuse on ``image`` (a path, or an NBD URI as a str; then ``log`` names the daemon's output file); with
+    ``memory``, the daemon's address space is limited to that many bytes."""
+
+    def __init__(self, image: Path | str, mnt: Path, options: str = "", log: Path | None = None,
+                 memory: int | None = None) -> None:
         self.image, self.mnt, self.options = image, mnt, options
         self.proc: subprocess.Popen | None = None
         self.log = log or Path(image).with_suffix(".log")
+        self.memory = memory
 
     def start(self, options: str | None = None) -> Mount:
         if options is not None:
@@ -227,7 +240,8 @@ class Mount:
         if self.options:
             args[1:1] = ["-o", self.options]
         self.logfile = open(self.log, "ab")
-        self.proc = subprocess.Popen(args, stdout=self.logfile, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(args, stdout=self.logfile, stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=address_space(self.memory) if self.memory else None)
         deadline = time.monotonic() + 20
         while not is_mounted(str(self.mnt)):
             if self.proc.poll() is not None:

@@ -3,6 +3,8 @@
 Guarantees:
 - A block freed by delta N is not handed out again before delta N's commit is durable (``free_later`` keeps it
   marked used until ``release_pending``).
+- A fixed block (reserved, or a bitmap region's) is never handed out: the load marks them all used whatever the
+  bitmap on disk says (``backend/log.py:load_bitmap``; ``fixed_free`` lists those it had free).
 - Every allocation and free made for a delta is recorded (``take_records``) so the log can rebuild the bitmap
   between unifies.
 - Space is never over-committed: the frontend reserves blocks before dirtying pages (``space.py``,
@@ -42,6 +44,7 @@ class Allocator:
         self.pending: list[tuple[int, int]] = []  # freed by the delta being built, released after its commit
         self.records: list[tuple[int, int, int]] = []
         self.stale: tuple[set[int], set[int]] = (set(), set())  # bitmap blocks differing from each region
+        self.fixed_free: list[int] = []  # fixed blocks the bitmap on disk had free (used in memory all the same)
 
     def _count_used(self) -> int:
         return sum(bin(b).count("1") for b in self.bits[: self.volblocks >> 3]) + sum(
@@ -140,6 +143,15 @@ class Allocator:
                 records[-1] = (code, last_start, last_count + count)
                 return
         records.append((code, start, count))
+
+    def claim(self, start: int, count: int) -> None:
+        """Mark a range the bitmap has free as used, logged as an allocation: a repair, for blocks that the check
+        found in use (a block in use and free in the bitmap would be handed out again)."""
+        for b in range(start, start + count):
+            if not self.is_used(b):
+                self._set_range(b, 1, True)
+                self.free -= 1
+                self._record(LOG_ALLOC, b, 1)
 
     def alloc(self, goal: int | None = None) -> int:
         return self.alloc_run(1, goal)[0]

@@ -5,7 +5,10 @@ changes nothing; it reports, naming the block or inode, every one of: a bad supe
 bad checksum or block number, btree keys out of order or outside their parent's range, extents overlapping, past
 the end of the file or outside the volume, a block referenced twice, a data block whose checksum differs, bitmap
 bits that differ from the set of reachable blocks, wrong free block and inode counts, directory entries naming
-missing inodes or with the wrong type, link counts that differ from the names, and orphans left behind.
+missing inodes or with the wrong type, link counts that differ from the names, and orphans left behind; and every
+value a mount refuses to read (docs/FORMAT.md §13: impossible inode records, pointers outside the allocatable area,
+a tree that reaches a block twice, holes in a directory, which it names in one line per directory). It takes time
+and memory in proportion to the volume's blocks, whatever the image holds.
 
 A report names damage by path as well as by inode: the directory walk records every name of every inode
 (``Names``), and each line about an inode ends with every path that reaches it (a file's hard links all).
@@ -32,6 +35,7 @@ from .recovery import Fix, bit_diff, meta_fix, one_bit_off
 from .repair import (
     Names,
 )
+from .validity import read_inode
 
 # the exit status of fsck.tux3 (as e2fsck)
 FSCK_OK, FSCK_CORRECTED, FSCK_UNCORRECTED, FSCK_ERROR = 0, 1, 4, 8
@@ -105,6 +109,7 @@ class Report:
     errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     leaked: list[int] = field(default_factory=list)  # blocks marked used that nothing references
+    unmarked: list[int] = field(default_factory=list)  # blocks in use that the bitmap has free
     orphans: list[int] = field(default_factory=list)
     counts_wrong: bool = False
     lost_dir_blocks: list[tuple[int, int]] = field(default_factory=list)  # (directory, block index) unreadable
@@ -229,10 +234,10 @@ class Checker:
             return r
         recs: dict[int, InodeRecord] = {}
         for ino, raw in inodes:
-            try:
-                recs[ino] = InodeRecord.unpack(raw)
-            except (ValueError, IndexError) as e:
-                r.error(f"inode {ino}: undecodable record ({e})", ino)
+            try:  # what a mount refuses to use (validity.py); the next inode number is the counts' check
+                recs[ino] = read_inode(ino, raw, sb, fmt.MAX_INUM + 2)
+            except ValueError as e:
+                r.error(f"inode {ino}: impossible record ({e})", ino)
         if fmt.ROOT_INO not in recs or not stat.S_ISDIR(recs[fmt.ROOT_INO].mode):
             r.error("the root directory is missing")
         names: dict[int, int] = {}
@@ -319,7 +324,7 @@ class Checker:
             return
         loaded = self.vol.icache.inodes.get(ino)  # replaying the log loaded it: its tree holds the logged changes
         be = self.vol.backend
-        tree = be.dtree(loaded) if loaded is not None else BTree(be, fmt.KIND_DLEAF, rec.dtree_root)
+        tree = be.dtree(loaded) if loaded is not None else be.tree(fmt.KIND_DLEAF, rec.dtree_root, f"inode {ino}")
         entries = self.tree(tree, f"extent tree of inode {ino}")
         if entries is None:
             return
@@ -353,13 +358,17 @@ class Checker:
         if mapped != rec.blocks:
             r.error(f"inode {ino}: records {rec.blocks} blocks, maps {mapped}", ino)
         if kind == stat.S_IFDIR:
-            if rec.size % bs:
-                r.error(f"directory {ino}: size {rec.size} is not a multiple of the block size", ino)
-            for index in range(nblocks):
-                if (ino, index) in r.lost_dir_blocks:
+            holes = nblocks - sum(1 for index in blocks if index < nblocks)  # a directory has none: each is lost
+            if holes:
+                lost = [index for index in range(nblocks) if index not in blocks]
+                r.error(f"corrupt directory {ino}, block {lost[0]}: {holes} of its {nblocks} blocks are holes "
+                        f"(blocks {', '.join(map(str, lost[:10]))}{' …' if holes > 10 else ''})", ino)
+                r.lost_dir_blocks += [(ino, index) for index in lost]
+            skip = {index for d, index in r.lost_dir_blocks if d == ino}
+            for index in sorted(i for i in blocks if i < nblocks):
+                if index in skip:
                     continue  # its entries cannot be trusted: the names in it are lost
-                phys = blocks.get(index, (0, 0))[0]
-                data = self.vol.backend.dev.read_block(phys) if phys else bytes(bs)
+                data = self.vol.backend.dev.read_block(blocks[index][0])
                 try:
                     for _, _, child, dtype, name in parse_block(ino, index, data):
                         if not child:
@@ -430,9 +439,8 @@ class Checker:
             unknown.update(range(lo, hi))
         if unknown:
             r.owned = set(self.owner)
-        for b in range(first):
-            if not alloc.is_used(b) and b not in unknown:
-                r.error(f"bitmap: fixed block {b} marked free")
+        for b in alloc.fixed_free:  # used in memory whatever the bitmap says; the repair's unify writes them so
+            r.error(f"bitmap: fixed block {b} marked free")
         missing = 0
         total = vol.backend.sb.volblocks
         for chunk in range(first, total, PROGRESS_BLOCKS):
@@ -443,6 +451,7 @@ class Checker:
                 if used and b not in self.owner:
                     r.leaked.append(b)
                 elif not used and b in self.owner:
+                    r.unmarked.append(b)
                     missing += 1
                     if missing <= 10:
                         r.error(f"bitmap: block {b} is used by {self.owner[b]} but marked free",

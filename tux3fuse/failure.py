@@ -5,9 +5,10 @@ Guarantees:
   ``VolumeError`` for a volume that has failed, or one of the control-flow exceptions ``WaitFor`` and
   ``Throttled``, which are raised before anything is changed and tell the caller what to await before it tries
   again (``Volume.call`` does both).
-- Anything else (a corrupt block, or a bug) is logged with its stack, turns the volume read-only (``Health.fail``:
-  the image keeps its last commit) and reaches the caller as EIO (``guarded``), for every caller: the FUSE
-  adapter, tests, scripts.
+- Anything else (a corrupt block, or a bug) turns the volume read-only (``Health.fail``: the image keeps its last
+  commit) and reaches the caller as EIO (``guarded``), for every caller: the FUSE adapter, tests, scripts. A
+  corrupt block or directory (``CorruptBlock``, ``CorruptDir``: what a check at reading found, ``validity.py``) is
+  logged as one line naming the block or inode and the reason; anything else, a bug, with its stack.
 - An operation that fails after it began to change its delta (any exception, an I/O error included, leaving a
   ``Deltas.change`` block) turns the volume read-only before that delta can be committed (``Health.abort``), and
   the log names the operation and its arguments (its inodes and names): what is on disk stays the last commit,
@@ -34,6 +35,11 @@ log = logging.getLogger("tux3fuse")
 
 class VolumeError(Exception):
     """The volume cannot be used (bad image, or it failed while mounted)."""
+
+
+class NotAVolume(VolumeError):
+    """The image holds no tux3fuse volume at all: too short, or no superblock copy has the signature (fsck.tux3
+    exits 8 for it, as e2fsck does for what is not a filesystem it can check)."""
 
 
 class Throttled(Exception):
@@ -79,18 +85,20 @@ class Health:
         self.failed: str | None = None
         self.operation: tuple[str, tuple] | None = None  # the embedded-API operation under way (``guarded``)
 
-    def fail(self, reason: str, exc: BaseException | None = None) -> None:
-        """Turn the volume read-only after an error it cannot recover from; the image keeps its last commit."""
+    def fail(self, reason: str, exc: BaseException | None = None, stack: bool = True) -> None:
+        """Turn the volume read-only after an error it cannot recover from; the image keeps its last commit. The
+        log line carries the stack of ``exc`` (or of the exception being handled) unless ``stack`` is false
+        (damage on disk, whose line says everything)."""
         if self.failed is None:
             self.failed = reason
-            log.error("volume %s is now read-only: %s", self.path, reason, exc_info=exc or True)
+            log.error("volume %s is now read-only: %s", self.path, reason, exc_info=(exc or True) if stack else False)
 
     def abort(self, delta: int, exc: BaseException) -> None:
         """A change of ``delta`` was left by ``exc``, perhaps half made: the volume turns read-only, so that no
         commit takes the delta (``Deltas.on_abort``)."""
         what = describe(self.operation) if self.operation is not None else "a change"
         self.fail(f"{what} failed after it began changing delta {delta} ({type(exc).__name__}: {exc}); "
-                  f"delta {delta} will not be committed", exc)
+                  f"delta {delta} will not be committed", exc, stack=not isinstance(exc, (CorruptBlock, CorruptDir)))
 
     def check_writable(self) -> None:
         if self.failed is not None or self.readonly:
@@ -119,15 +127,13 @@ def guarded(fn):
     event loop serves is handled by the object's ``commit_for(e)`` when it has one (a synchronous commit, then one
     more try; ``Volume``'s embedded mode)."""
     def fail(self, e: Exception) -> OSError:
-        if isinstance(e, (CorruptBlock, CorruptDir)):
-            reason = str(e)
-        else:
-            reason = f"unexpected {type(e).__name__} in {fn.__name__}: {e}"
+        damage = isinstance(e, (CorruptBlock, CorruptDir))
+        reason = str(e) if damage else f"unexpected {type(e).__name__} in {fn.__name__}: {e}"
         health = self.health
         if health.failed is None:
-            health.fail(reason)  # logs the stack
+            health.fail(reason, stack=not damage)  # one line for damage, the stack for a bug
         else:
-            log.error("%s (volume already read-only)", reason, exc_info=True)
+            log.error("%s (volume already read-only)", reason, exc_info=not damage)
         return OSError(errno.EIO, f"{os.strerror(errno.EIO)}: {reason}")
 
     if inspect.isgeneratorfunction(fn):

@@ -47,7 +47,7 @@ from .options import Options
 from .runner import Runner
 from .space import Space
 
-MAX_FILE_SIZE = 1 << 50  # logical blocks must fit the 48-bit range of the format at any block size
+MAX_FILE_SIZE = fmt.MAX_FILE_SIZE
 
 
 def gather(parts: list, lo: int, length: int) -> bytes:

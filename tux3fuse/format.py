@@ -1,9 +1,15 @@
-"""On-disk structures of a tux3fuse volume: packing, unpacking and checksums.
+"""On-disk structures of a tux3fuse volume: packing, unpacking, checksums, and the layout a superblock may name.
 
-Guarantee: every metadata block that leaves this module carries its own block number and an xxh3-64 checksum of
-its whole content, and every block that enters it is checked for both; a mismatch raises ``CorruptBlock`` naming
-the block, its kind and the reason. Nothing here does I/O. docs/FORMAT.md describes every byte written here.
-All integers are little-endian.
+Guarantees:
+- Every metadata block that leaves this module carries its own block number and an xxh3-64 checksum of its whole
+  content, and every block that enters it is checked for both; a mismatch raises ``CorruptBlock`` naming the
+  block, its kind and the reason.
+- Unpacking never trusts a count: a count or length that does not fit the bytes given raises ``ValueError``
+  (never ``struct.error`` or ``IndexError``), and nothing is allocated in proportion to a number read before it
+  is checked against the bytes that hold it.
+- A superblock copy is valid only with the layout mkfs gives a volume of its size (``Super.impossible``,
+  docs/FORMAT.md §2): ``pack`` refuses anything else before it is written, ``unpack`` before it is used.
+Nothing here does I/O. docs/FORMAT.md describes every byte written here. All integers are little-endian.
 """
 
 from __future__ import annotations
@@ -23,6 +29,14 @@ RESERVED_BYTES = 8192 + SUPER_SIZE  # bytes at the start of the volume that are 
 MIN_BLOCKBITS, MAX_BLOCKBITS = 9, 16
 NAME_MAX = 255
 ROOT_INO = 1
+MAX_INUM = (1 << 48) - 1  # inode numbers are 48-bit, as Tux3's: next_inum above this means none is left
+MIN_VOLBLOCKS, MIN_VOLBYTES = 64, 64 << 10  # the smallest volume: at least this many blocks and bytes
+MAX_VOLBLOCKS = 1 << 32  # the largest: the allocator keeps a bit per block in memory, and fsck walks every block
+MAX_LEVEL = 32  # deepest btree accepted: a level takes at least 15 times the insertions of the level below it
+MAX_SEQ = 1 << 62  # the highest delta number a volume may hold: room for every commit after it
+MAX_FILE_SIZE = 1 << 50  # logical blocks must fit the 48-bit range of the format at any block size
+SYMLINK_MAX = 4095  # the longest symlink target
+LINK_MAX, DIR_LINK_MAX = 65000, 1 << 31  # the most links of a file, and of a directory (EMLINK beyond)
 
 # Kinds of metadata block (the first four bytes of the block).
 KIND_ILEAF = b"ILEF"  # inode table leaf
@@ -132,18 +146,47 @@ class Super:
         """The volume's UUID in its usual form (8-4-4-4-12 hexadecimal digits)."""
         return str(uuid.UUID(bytes=bytes(self.uuid)))
 
+    @property
+    def alloc_start(self) -> int:
+        """The first block that may be allocated: past the reserved blocks and both bitmap regions."""
+        return reserved_blocks(self.blocksize) + 2 * self.bitmap_blocks
+
+    def outside(self, start: int, count: int = 1) -> bool:
+        """Do blocks [start, start + count) leave the allocatable area (or is the range empty)? A pointer read from
+        disk (tree node, log block, extent, allocation record) must name blocks inside it."""
+        return count < 1 or start < self.alloc_start or start + count > self.volblocks
+
     def impossible(self) -> str | None:
-        """What no committed state can hold (a negative or overflowing count, a block outside the volume), or
-        None. ``pack`` refuses such a superblock before anything is written, ``unpack`` such a copy."""
-        if not 0 <= self.used_inodes < max(self.next_inum, 1):
+        """What no committed state can hold (a layout other than mkfs's, a negative or overflowing count, a block
+        outside the allocatable area), or None. ``pack`` refuses such a superblock before anything is written,
+        ``unpack`` such a copy; docs/FORMAT.md §2 lists every value refused."""
+        if not MIN_BLOCKBITS <= self.blockbits <= MAX_BLOCKBITS:
+            return f"block size 2^{self.blockbits} out of range"
+        lo, bs = min_volblocks(self.blocksize), self.blocksize
+        if not lo <= self.volblocks <= MAX_VOLBLOCKS:
+            return f"{self.volblocks} blocks: a volume of {bs}-byte blocks has {lo} to {MAX_VOLBLOCKS}"
+        want = bitmap_blocks_for(bs, self.volblocks)
+        regions = (reserved_blocks(bs), reserved_blocks(bs) + want)
+        if self.bitmap_blocks != want or tuple(self.bitmap_start) != regions:
+            return (f"bitmap regions of {self.bitmap_blocks} blocks at {tuple(self.bitmap_start)}: a volume of "
+                    f"{self.volblocks} blocks has two of {want} at {regions}")
+        if self.bitmap_cur not in (0, 1) or self.state not in (STATE_CLEAN, STATE_MOUNTED):
+            return f"bitmap region {self.bitmap_cur} or state {self.state} is neither 0 nor 1"
+        if not ROOT_INO < self.next_inum <= MAX_INUM + 1:
+            return f"next inode number {self.next_inum} outside [{ROOT_INO + 1}, {MAX_INUM + 1}]"
+        if not 0 <= self.used_inodes < self.next_inum:
             return f"used inode count {self.used_inodes} outside [0, {self.next_inum})"
-        if not 0 <= self.free_blocks <= self.volblocks:
-            return f"free block count {self.free_blocks} outside [0, {self.volblocks}]"
+        first = self.alloc_start
+        if not 0 <= self.free_blocks <= self.volblocks - first:
+            return f"free block count {self.free_blocks} outside [0, {self.volblocks - first}]"
         for name in ("itree_root", "otree_root", "log_head"):
-            if not 0 <= getattr(self, name) < self.volblocks:
-                return f"{name} {getattr(self, name)} outside the volume of {self.volblocks} blocks"
-        if self.log_count < 0 or (self.log_count == 0) != (self.log_head == 0):
+            block = getattr(self, name)
+            if (block or name == "itree_root") and self.outside(block):
+                return f"{name} {block} outside the allocatable blocks [{first}, {self.volblocks})"
+        if not 0 <= self.log_count <= self.volblocks - first or (self.log_count == 0) != (self.log_head == 0):
             return f"log of {self.log_count} blocks with head {self.log_head}"
+        if self.seq > MAX_SEQ:
+            return f"delta {self.seq} above {MAX_SEQ}"
         if not 0 <= self.unify_seq <= self.seq:
             return f"last unify at delta {self.unify_seq}, after delta {self.seq}"
         return None
@@ -181,50 +224,10 @@ class Super:
             free_blocks=f[16], used_inodes=f[17], next_inum=f[18], label=f[19].rstrip(b"\0"), uuid=f[20],
             created_ns=f[21], delta_csum=f[22], copy=copy,
         )
-        if not MIN_BLOCKBITS <= sb.blockbits <= MAX_BLOCKBITS:
-            raise FormatError(f"superblock copy {copy}: block size 2^{sb.blockbits} out of range")
-        if sb.bitmap_cur not in (0, 1):
-            raise FormatError(f"superblock copy {copy}: bad bitmap region {sb.bitmap_cur}")
         problem = sb.impossible()
         if problem is not None:
             raise FormatError(f"superblock copy {copy}: {problem}")
         return sb
-
-
-class DeltaDigest:
-    """The superblock's proof that a delta's blocks reached the disk: xxh3-64 over (block number, xxh3-64 of the
-    block) for every block, added in block order. Never 0 (0 means: no proof needed)."""
-
-    def __init__(self) -> None:
-        self.h = xxhash.xxh3_64()
-
-    def add(self, block: int, data: bytes | bytearray | memoryview) -> None:
-        self.h.update(struct.pack("<QQ", block, xxhash.xxh3_64_intdigest(data)))
-
-    def value(self) -> int:
-        return self.h.intdigest() or 1
-
-
-def delta_digest(blocks: dict[int, bytes | bytearray | memoryview]) -> int:
-    """``DeltaDigest`` of every block of ``blocks``, in block order."""
-    digest = DeltaDigest()
-    for block in sorted(blocks):
-        digest.add(block, blocks[block])
-    return digest.value()
-
-
-def delta_blocks(records: list[tuple], out: set[int] | None = None) -> set[int]:
-    """Blocks a delta allocated and still holds, from its log records in order (added to ``out``, which holds
-    the result of the records before these, when given)."""
-    if out is None:
-        out = set()
-    for rec in records:
-        code = rec[0]
-        if code == LOG_ALLOC:
-            out.update(range(rec[1], rec[1] + rec[2]))
-        elif code == LOG_FREE:
-            out.difference_update(range(rec[1], rec[1] + rec[2]))
-    return out
 
 
 def reserved_blocks(blocksize: int) -> int:
@@ -234,6 +237,20 @@ def reserved_blocks(blocksize: int) -> int:
 
 def bitmap_bits_per_block(blocksize: int) -> int:
     return (blocksize - HEADER_SIZE) * 8
+
+
+def bitmap_blocks_for(blocksize: int, volblocks: int) -> int:
+    """Blocks in each bitmap region of a volume of ``volblocks`` blocks: one bit per block."""
+    return -(-volblocks // bitmap_bits_per_block(blocksize))
+
+
+def min_volblocks(blocksize: int) -> int:
+    """The fewest blocks a volume of ``blocksize`` has: MIN_VOLBLOCKS, MIN_VOLBYTES, and room for the reserved
+    blocks, both bitmap regions and a little more."""
+    n = max(MIN_VOLBLOCKS, -(-MIN_VOLBYTES // blocksize))
+    while reserved_blocks(blocksize) + 2 * bitmap_blocks_for(blocksize, n) + 16 > n:
+        n += 1
+    return n
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -280,6 +297,8 @@ def pack_leaf(blocksize: int, kind: bytes, keys: list[int], values: list[bytes],
 def unpack_leaf(buf: bytes | bytearray, count: int) -> tuple[list[int], list[bytes]]:
     keys, values = [], []
     size = len(buf)
+    if HEADER_SIZE + count * _LEAF_ENTRY.size > size:
+        raise ValueError(f"{count} entries do not fit a block of {size} bytes")
     at = HEADER_SIZE
     for _ in range(count):
         key, off, length = _LEAF_ENTRY.unpack_from(buf, at)
@@ -308,6 +327,8 @@ def pack_bnode(blocksize: int, level: int, keys: list[int], children: list[int],
 
 def unpack_bnode(buf: bytes | bytearray, count: int) -> tuple[list[int], list[int]]:
     keys, children = [], []
+    if count > bnode_capacity(len(buf)):
+        raise ValueError(f"{count} entries do not fit a block of {len(buf)} bytes")
     for i in range(count):
         key, child = _BNODE_ENTRY.unpack_from(buf, HEADER_SIZE + i * _BNODE_ENTRY.size)
         keys.append(key)
@@ -372,11 +393,16 @@ class InodeRecord:
 
     @classmethod
     def unpack(cls, buf: bytes) -> InodeRecord:
+        """Decode a record; ValueError when its lengths do not fit its bytes."""
+        if len(buf) < INODE_FIXED:
+            raise ValueError(f"inode record of {len(buf)} bytes")
         (mode, uid, gid, nlink, size, rdev, atime, mtime, ctime, root, blocks, parent, flags,
          nx) = _INODE.unpack_from(buf, 0)
         at = INODE_FIXED
         xattrs = {}
         for _ in range(nx):
+            if at + _XATTR.size > len(buf):
+                raise ValueError(f"inode record of {len(buf)} bytes cut short in its extended attributes")
             nlen, vlen = _XATTR.unpack_from(buf, at)
             at += _XATTR.size
             name = bytes(buf[at: at + nlen])
@@ -403,14 +429,14 @@ def pack_extent(physical: int, csums: list[int]) -> bytes:
 
 
 def unpack_extent(buf: bytes) -> tuple[int, list[int]]:
-    physical, count = _EXTENT.unpack_from(buf, 0)
-    if len(buf) != _EXTENT.size + 8 * count or count == 0:
-        raise ValueError(f"extent record of {len(buf)} bytes for {count} blocks")
+    physical, count = extent_head(buf)
     return physical, list(struct.unpack_from(f"<{count}Q", buf, _EXTENT.size))
 
 
 def extent_head(buf: bytes) -> tuple[int, int]:
     """(physical, blocks) of an extent record, without unpacking its checksums."""
+    if len(buf) < _EXTENT.size:
+        raise ValueError(f"extent record of {len(buf)} bytes")
     physical, count = _EXTENT.unpack_from(buf, 0)
     if len(buf) != _EXTENT.size + 8 * count or count == 0:
         raise ValueError(f"extent record of {len(buf)} bytes for {count} blocks")
@@ -570,6 +596,8 @@ def _unpack_records(buf: bytes | bytearray, at: int, end: int, count: int) -> li
             rec: LogRecord = _LOG_RANGE.unpack_from(buf, at)
         elif code == LOG_INODE:
             _, ino, n = _LOG_INODE.unpack_from(buf, at)
+            if at + _LOG_INODE.size + n > end:
+                raise ValueError(f"log inode record of {n} bytes runs past the records")
             rec = (code, ino, bytes(buf[at + _LOG_INODE.size: at + _LOG_INODE.size + n]))
         elif code == LOG_MAP:
             _, ino, logical, physical, n = _LOG_MAP.unpack_from(buf, at)
@@ -583,6 +611,8 @@ def _unpack_records(buf: bytes | bytearray, at: int, end: int, count: int) -> li
         else:
             raise ValueError(f"unknown log record code {code}")
         at += log_record_size(rec)
+        if at > end:
+            raise ValueError("log record runs past the records")
         records.append(rec)
     if at != end:
         raise ValueError("log record count and length disagree")

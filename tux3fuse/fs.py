@@ -127,7 +127,11 @@ class Volume:
         """Reclaim orphans left by a crash and record the volume as mounted (a commit)."""
         if self.readonly:
             return
-        reclaim_orphans(self.backend, self.icache, self.dirty, self.deltas.current)
+        try:
+            reclaim_orphans(self.backend, self.icache, self.dirty, self.deltas.current)
+        except (CorruptBlock, CorruptDir, OSError) as e:  # nothing is written: the volume stays as it was
+            self.health.fail(f"cannot reclaim the orphans: {e}", stack=False)
+            raise VolumeError(f"{self.path}: cannot reclaim the orphans: {e}; run fsck.tux3 {self.path}") from None
         self.commit(state=fmt.STATE_MOUNTED)
 
     def close_files(self) -> None:

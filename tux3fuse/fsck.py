@@ -15,7 +15,8 @@ bitmap rebuild (§8), leaked blocks, counts, orphans and unreadable directory bl
 A report names damage by path as well as by inode (``Names``).
 ``fsck(verbose=True)`` lists each check as it starts and, on a volume that takes more than a second, shows how far
 it is (``Talk``). An image that cannot be opened or is in use (its lock held by a mount's daemon, up to its last
-commit, or by another fsck) is refused with status 8 before anything is read.
+commit, or by another fsck) is refused with status 8 before anything is read; so is an image that holds no tux3fuse
+volume at all (too short, or no superblock copy with the signature: ``NotAVolume``), in one line.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from . import format as fmt
 from .backend.log import LogDamage
 from .backing import FileBacking, InUse, is_uri, open_backing
 from .checker import FSCK_CORRECTED, FSCK_ERROR, FSCK_OK, FSCK_UNCORRECTED, Report, Talk, check
-from .fs import VolumeError
+from .failure import NotAVolume, VolumeError
 from .recovery import Fix
 from .repair import (
     bare,
@@ -76,7 +77,8 @@ def fsck(path: str, repair: bool = False, verbose: bool = False, data: bool = Tr
     past some delta is reported with that delta; ``repair`` rolls the volume back to it (``roll_back_volume``).
 
     Guarantees: status FSCK_ERROR with one line and nothing read or written when the image cannot be opened, is not
-    a file or block device, or is in use (``unusable``). Every line about an inode names, after what is wrong,
+    a file or block device, or is in use (``unusable``); status FSCK_ERROR with one line and nothing written when
+    it holds no tux3fuse volume (``NotAVolume``). Every line about an inode names, after what is wrong,
     every path that reaches it (``Names``), as the directory walk of the check that found it saw them; the inodes of
     dropped deltas are named by the paths they have in the volume as it is left. No line names the image twice
     at its start. ``verbose``: each check is listed on stdout as it starts, with progress on stderr (``Talk``)."""
@@ -110,6 +112,8 @@ def _fsck(path: str, repair: bool, data: bool, talk: Talk) -> Report:
     dropped: set[int] = set()  # inodes that dropped deltas touched, named once the volume is checked again
     try:
         report, vol = check(path, data, talk)
+    except NotAVolume as e:  # nothing to check: as e2fsck, an operational error
+        return Report(status=FSCK_ERROR, lines=[_about(path, e)])
     except VolumeError as e:
         damage: LogDamage | None = getattr(e, "damage", None)
         fix: Fix | None = getattr(e, "fix", None)  # a tree block the load needs, one flipped bit off
@@ -195,12 +199,12 @@ def _fsck(path: str, repair: bool, data: bool, talk: Talk) -> Report:
             ("setting the counts", True)) if needed))
         try:
             report.repairs += repair_found(path, report.leaked, report.lost_dir_blocks, report.names,
-                                           report.bitmap_rebuild, report.owned)
-        except VolumeError as e:
+                                           report.bitmap_rebuild, report.owned, report.unmarked)
+            again, vol2 = check(path, data, talk)
+        except (VolumeError, OSError, fmt.FormatError) as e:
             report.lines = [head, *map(report.show, report.errors), f"repair failed: {bare(path, e)}"]
             report.status = FSCK_UNCORRECTED
             return report
-        again, vol2 = check(path, data, talk)
         vol2.close_files()
         if not again.errors:
             report.lines = [head, *rolled, *dropped_names(again.names, dropped),

@@ -4,6 +4,8 @@ as the embedded API returns them.
 Guarantees:
 - One ``Inode`` object per inode number while the inode is in memory (``iget`` loads it from the inode table of
   the last commit the first time); an inode with dirty state or a kernel reference is never dropped.
+- An inode record read from the table is checked before use (``validity.read_inode``): one that fails is a
+  ``CorruptBlock`` naming its leaf, the inode and why, and no inode is made of it.
 - ``forget_inode`` drops an inode with its pages, dirty ones included: only for an inode that nothing will write
   any more (destroyed by a commit, or created and removed within the current delta).
 """
@@ -18,6 +20,7 @@ from .cache import AddressSpace, PageCache
 from .failure import err
 from .format import CorruptBlock, InodeRecord
 from .inode import Inode
+from .validity import read_inode
 
 
 @dataclass
@@ -48,13 +51,14 @@ class InodeCache:
         inode = self.inodes.get(ino)
         if inode is not None:
             return inode
-        raw = self.backend.lookup_inode(ino)
+        be = self.backend
+        raw = be.lookup_inode(ino)
         if raw is None:
             raise err(errno.ENOENT, f"inode {ino}")
         try:
-            rec = InodeRecord.unpack(raw)
-        except (ValueError, IndexError) as e:
-            raise CorruptBlock(self.backend.sb.itree_root, "ileaf", f"inode {ino}: {e}") from None
+            rec = read_inode(ino, raw, be.sb, be.next_inum)
+        except ValueError as e:
+            raise CorruptBlock(be.itable.leaf_block(ino), "ileaf", f"inode {ino}: {e}") from None
         return self.new_inode(ino, rec, on_disk=True)
 
     def new_inode(self, ino: int, rec: InodeRecord, on_disk: bool) -> Inode:

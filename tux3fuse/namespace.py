@@ -15,6 +15,10 @@ Guarantees:
   the current delta, whose commit destroys it (only the last delta that dirtied it does, ``CommitJob``).
 - A readdir position stays valid while names come and go: a listing resumed from any position it returned neither
   repeats nor skips a name; with ``dots`` it begins with "." and ".." (``readdir``).
+- A link count is never taken below what the names need: an inode a name reaches has at least one link (a
+  directory two), and a directory that loses a subdirectory had at least three. An inode read from disk that
+  breaks this (``_named``, ``_losing_subdir``) is a ``CorruptDir``/``CorruptBlock``, raised before anything changes,
+  never a negative count in a commit.
 """
 
 from __future__ import annotations
@@ -29,11 +33,11 @@ from collections.abc import Iterator
 from . import format as fmt
 from .backend.store import Backend
 from .delta import Deltas
-from .dir import DirIndex, Place
+from .dir import CorruptDir, DirIndex, Place
 from .dirty import DirtyLists
 from .failure import Health, err
 from .fileio import Files
-from .format import ROOT_INO, InodeRecord
+from .format import ROOT_INO, CorruptBlock, InodeRecord
 from .inode import Inode
 from .inodes import Attr, InodeCache
 from .space import Space
@@ -129,9 +133,23 @@ class Namespace:
             if entry is None:
                 raise err(errno.ENOENT)
             ino = entry[0]
-        inode = self.icache.iget(ino)
+        inode = self.icache.iget(ino) if name in (b".", b"..") else self._named(dirnode, entry)
         inode.lookups += 1
         return self.icache.attr(inode)
+
+    def _named(self, dirnode: Inode, entry: tuple[int, int, int, int]) -> Inode:
+        """The inode a directory entry names: CorruptDir when it has fewer links than a name needs (one; a
+        directory two), which no commit leaves."""
+        inode = self.icache.iget(entry[0])
+        if inode.rec.nlink < (2 if inode.is_dir else 1):
+            raise CorruptDir(dirnode.ino, entry[2], f"names inode {inode.ino}, whose link count is {inode.rec.nlink}")
+        return inode
+
+    def _losing_subdir(self, dirnode: Inode) -> None:
+        """A directory about to lose a subdirectory has at least three links (its name, its ``.``, that ``..``)."""
+        if dirnode.rec.nlink < 3:
+            raise CorruptBlock(self.backend.itable.leaf_block(dirnode.ino), "ileaf", f"inode {dirnode.ino}: "
+                               f"directory with a subdirectory and link count {dirnode.rec.nlink}")
 
     def _make(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0, extra: int = 0
               ) -> Inode:
@@ -147,6 +165,10 @@ class Namespace:
             raise err(errno.ENOENT)
         if index.get(name) is not None:
             raise err(errno.EEXIST)
+        if stat.S_ISDIR(mode) and dirnode.rec.nlink >= fmt.DIR_LINK_MAX:
+            raise err(errno.EMLINK)
+        if not self.backend.inums_left():  # every inode number the format holds has been handed out
+            raise err(errno.ENOSPC, "no inode number left")
         self.files.must_wait(dirnode)
         self.space.reserve(2 + extra)
         where = index.place(name)  # reads the block the entry goes to, before anything changes
@@ -196,7 +218,7 @@ class Namespace:
         return self.icache.attr(self._make(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid))
 
     def symlink(self, parent: int, name: bytes, target: bytes, uid: int = 0, gid: int = 0) -> Attr:
-        if len(target) >= 4096:
+        if len(target) > fmt.SYMLINK_MAX:
             raise err(errno.ENAMETOOLONG)
         inode = self._make(parent, name, stat.S_IFLNK | 0o777, uid, gid, extra=-(-len(target) // self.blocksize))
         with self.deltas.change() as delta:
@@ -223,7 +245,7 @@ class Namespace:
         dirnode = self.icache.iget(parent)
         if self.dir(dirnode).get(name) is not None:
             raise err(errno.EEXIST)
-        if inode.rec.nlink >= 65000:
+        if inode.rec.nlink >= fmt.LINK_MAX:
             raise err(errno.EMLINK)
         self.files.must_wait(dirnode)
         self.space.reserve(1)
@@ -258,13 +280,15 @@ class Namespace:
         entry = index.get(name)
         if entry is None:
             raise err(errno.ENOENT)
-        inode = self.icache.iget(entry[0])
+        inode = self._named(dirnode, entry)
         if is_dir and not inode.is_dir:
             raise err(errno.ENOTDIR)
         if not is_dir and inode.is_dir:
             raise err(errno.EISDIR)
         if is_dir and len(self.dir(inode)):
             raise err(errno.ENOTEMPTY)
+        if is_dir:
+            self._losing_subdir(dirnode)
         self.files.must_wait(dirnode)
         self._read_entry_block(dirnode, name)
         with self.deltas.change() as delta:
@@ -300,9 +324,17 @@ class Namespace:
         sentry = sidx.get(old)
         if sentry is None:
             raise err(errno.ENOENT)
-        src = self.icache.iget(sentry[0])
+        src = self._named(sdir, sentry)
         dentry = didx.get(new)
-        dst = self.icache.iget(dentry[0]) if dentry is not None else None
+        dst = self._named(ddir, dentry) if dentry is not None else None
+        if src.is_dir and sdir is not ddir:
+            self._losing_subdir(sdir)
+            if ddir.rec.nlink >= fmt.DIR_LINK_MAX:
+                raise err(errno.EMLINK)
+        if dst is not None and dst.is_dir and sdir is not ddir and sdir.rec.nlink >= fmt.DIR_LINK_MAX:
+            raise err(errno.EMLINK)  # an exchange moves it into the source directory
+        if dst is not None and dst.is_dir and dst is not src:
+            self._losing_subdir(ddir)
         if flags & RENAME_NOREPLACE and dst is not None:
             raise err(errno.EEXIST)
         self.files.must_wait(sdir)

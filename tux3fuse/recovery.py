@@ -11,6 +11,8 @@ Guarantees:
   byte and bit of each, found through the block's own checksum, so that ``fsck.tux3`` can restore them and lose
   nothing. A bit is only ever named when flipping it makes the checksum hold.
 - Nothing here writes to the image (``Fix.apply`` is called by fsck.tux3 only).
+- Examining a delta trusts nothing it reads: its log walk stops at a loop and at a block outside the allocatable
+  area, and a record naming blocks outside it is damage (``proof.named_blocks``), never a set sized by its count.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import xxhash
 
 from . import format as fmt
 from .backing import Backing, as_backing
+from .proof import named_blocks
 
 UNFINISHED, DAMAGED = "unfinished", "damaged"
 _BITS = tuple(1 << i for i in range(8))
@@ -278,20 +281,25 @@ def examine_delta(backing: Backing | int, sb: fmt.Super, before: fmt.Super | Non
     backing = as_backing(backing)
 
     def read(block: int) -> bytes | None:
-        if not 0 < block < sb.volblocks:
+        if sb.outside(block):
             return None
         return backing.pread(bs, block * bs)
 
     count = sb.log_count
     if before is not None and before.seq < seq and before.unify_seq == sb.unify_seq:
         count -= before.log_count  # this delta's log blocks come first in the chain
-    records: list = []
-    block = sb.log_head
+    blocks_records: list[list] = []  # the records of each log block, newest block first
+    block, seen = sb.log_head, set()
     for i in range(max(count, 0)):
         buf = read(block)
         if buf is None:
-            out.damaged.append(f"log block {i} of the delta is named as block {block}, outside the volume")
+            out.damaged.append(f"log block {i} of the delta is named as block {block}, outside the allocatable "
+                               "area")
             break
+        if block in seen:
+            out.damaged.append(f"log block {block} is reached twice: the chain loops")
+            break
+        seen.add(block)
         ok = _sealed(block, seq)
         if not ok(bytearray(buf)):
             try:
@@ -328,8 +336,9 @@ def examine_delta(backing: Backing | int, sb: fmt.Super, before: fmt.Super | Non
         except ValueError as e:  # sealed whole, yet unreadable: no crash writes that
             out.damaged.append(f"log block {block}: {e}")
             break
-        records[:0] = recs
+        blocks_records.append(recs)
         block = prev
+    records = [rec for recs in reversed(blocks_records) for rec in recs]
     csums: dict[int, tuple[int, int, int]] = {}  # physical block -> (checksum, inode, logical block)
     for rec in records:
         if rec[0] not in (fmt.LOG_ALLOC, fmt.LOG_FREE):
@@ -338,9 +347,12 @@ def examine_delta(backing: Backing | int, sb: fmt.Super, before: fmt.Super | Non
             for j, c in enumerate(rec[4]):
                 csums[rec[3] + j] = (c, rec[1], rec[2] + j)
     failing: list[tuple[int, bytes, int, int, int]] = []
-    for b in sorted(fmt.delta_blocks(records)):
-        if b not in csums:
-            continue
+    try:
+        held = named_blocks(records, (), sb)
+    except ValueError as e:  # sealed whole, yet naming blocks it cannot: no crash writes that
+        out.damaged.append(str(e))
+        return out
+    for b in sorted(b for b in csums if b in held):
         want, ino, logical = csums[b]
         data = read(b)
         if data is None:
@@ -369,7 +381,8 @@ def judge_delta(backing: Backing | int, sb: fmt.Super, before: fmt.Super, path: 
                    exact=bool(found.fixes) and not found.missing and len(found.fixes) == len(found.damaged))
     if found.damaged or sb.state == fmt.STATE_CLEAN:
         rec.cause = DAMAGED
-        why = (f"{len(found.damaged)} of its blocks damaged after they were written" if found.damaged
+        why = (f"{len(found.damaged)} of its blocks damaged after they were written, first {found.damaged[0]}"
+               if found.damaged
                else "its proof fails on a cleanly unmounted volume")
         rec.refuse = (f"{path}: delta {sb.seq} was written and then damaged ({why}); run fsck.tux3 "
                       f"(mount -o ro serves delta {before.seq})")

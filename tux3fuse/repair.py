@@ -4,7 +4,8 @@ Guarantees: these run on an image no mount uses (``fsck.tux3`` holds its lock al
 repair returns the lines that say what it did, naming inodes by path as well as by number (``Names``: every name of
 every inode, as the check's directory walk found them).
 
-- What a mount can fix safely (``repair_found``): orphans, leaked blocks, counts; ``fsck`` then checks again.
+- What a mount can fix safely (``repair_found``): orphans, leaked blocks, counts, and blocks in use that the bitmap
+  has free (marked used before the mount can allocate anything); ``fsck`` then checks again.
 - A log that does not replay past some delta (``roll_back_volume``, ``damage_lines``): the volume is rolled back to
   its last consistent delta (docs/FORMAT.md §9.1), and the lines say what it dropped: the deltas and the inodes
   they touch.
@@ -145,15 +146,18 @@ def fixable(error: str, fixed_by_bit: set[str], lost_dir_blocks: list[tuple[int,
 
 
 def repair_found(path: str, leaked: list[int], lost_dir_blocks: list[tuple[int, int]], names: Names,
-                 bitmap_rebuild: list[tuple[int, int]], owned: set[int]) -> list[str]:
-    """Repair what a check found (its ``Report`` fields of these names): rebuild the corrupt bitmap blocks, free the
-    leaked blocks, set the used inode count, reclaim the orphans (a mount), empty the unreadable directory blocks and
-    reconnect what they cut off (``reconnect``), and commit. Returns what it did beyond the errors it fixed."""
+                 bitmap_rebuild: list[tuple[int, int]], owned: set[int], unmarked: list[int] = ()) -> list[str]:
+    """Repair what a check found (its ``Report`` fields of these names): rebuild the corrupt bitmap blocks, mark used
+    the blocks in use that the bitmap has free (before anything can allocate them), free the leaked blocks, set the
+    used inode count, reclaim the orphans (a mount), empty the unreadable directory blocks and reconnect what they
+    cut off (``reconnect``), and commit. Returns what it did beyond the errors it fixed."""
     done: list[str] = []
     if bitmap_rebuild:
         done += rebuild_bitmap(path, bitmap_rebuild, owned)
     vol = Volume(path, Options())
     try:
+        for block in unmarked:
+            vol.backend.alloc.claim(block, 1)
         for block in leaked:
             vol.backend.alloc.free_later(block, 1)
         vol.backend.used_inodes = len(list(vol.backend.itable.items()))
@@ -286,6 +290,8 @@ def log_fixes(path: str, damage: LogDamage) -> list[Fix]:
     fixes = []
     with open_backing(path, readonly=True) as backing:
         for block in damage.unreadable:
+            if damage.sb.outside(block):  # a pointer gone wrong, not a block with a flipped bit
+                return []
             fix = meta_fix(backing.pread(bs, block * bs), block)
             if fix is None:
                 return []
@@ -331,7 +337,7 @@ def settle_damage(path: str, vol: Volume) -> list[str]:
     found, loaded = vol.recovery, vol.backend.sb
     try:
         newest = newest_logged(vol.backend, max(loaded.seq, found.dropped))
-        chain, broken = walk_log(vol.backend.dev.read_block, loaded.log_head, loaded.log_count)
+        chain, broken = walk_log(vol.backend.dev.read_block, loaded)
     finally:
         vol.close_files()
     lines: list[str] = []

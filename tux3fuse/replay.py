@@ -12,6 +12,10 @@ Guarantees:
   does not, and the load's error says how to roll back to it (``replay_error``).
 - Orphans (``reclaim_orphans``): inodes a crash left with no name are dirtied at mount, so that the first commit
   destroys them.
+- Nothing read is trusted (docs/FORMAT.md §13): the superblock's layout is the one its size allows (``Super``), the
+  log's blocks and records lie in the allocatable area and its tree records pass ``validity.log_problem``, and the
+  proof reads each block it names once (``delta_landed``). A load takes time and memory in proportion to the volume,
+  whatever the image holds; an image with no tux3fuse signature is ``NotAVolume``.
 """
 
 from __future__ import annotations
@@ -36,11 +40,13 @@ from .backend.store import Backend
 from .backing import Backing, as_backing
 from .device import Device, DeviceModel, OutOfRange, image_size
 from .dirty import DirtyLists
-from .failure import VolumeError
+from .failure import NotAVolume, VolumeError
 from .format import CorruptBlock, FormatError, Super
 from .inodes import InodeCache
 from .options import Options
+from .proof import DeltaDigest, named_blocks
 from .recovery import Recovery, meta_fix
+from .validity import log_problem
 
 SCAN_CHUNK = 256  # blocks read at once when the volume is scanned for log blocks
 
@@ -81,18 +87,14 @@ def _load(path: str, dev: Device, sb: Super, report: Recovery, readonly: bool, c
     icache = InodeCache(backend, cache_bytes)
     broken: Exception | None = None  # a log that does not replay: diagnosed below, once the trees are set up
     try:
-        chain = read_chain(dev.read_block, sb.log_head, sb.log_count)
-        replay(alloc, chain)
+        chain = read_chain(dev.read_block, sb)
+        replay(alloc, chain, sb)
     except (CorruptBlock, OutOfRange) as e:
-        if sb.itree_root == 0:
-            raise VolumeError(f"{path}: {e}") from None
         chain, broken = [], e
     backend.log_blocks = [block for block, _ in chain]
     committed = sb.seq
     if report.dropped and not readonly:  # never reuse the number of a delta left out, nor of any log block it
         committed = newest_logged(backend, max(sb.seq, report.dropped))  # left behind
-    if sb.itree_root == 0:  # a volume being made: mkfs creates the root next
-        return backend, icache, report, committed
     try:
         if broken is not None:
             raise broken
@@ -104,8 +106,11 @@ def _load(path: str, dev: Device, sb: Super, report: Recovery, readonly: bool, c
 
 
 def reclaim_orphans(backend: Backend, icache: InodeCache, dirty: DirtyLists, delta: int) -> None:
-    """Dirty every orphan (an inode with no name that a crash left behind) in ``delta``: its commit destroys it."""
+    """Dirty every orphan (an inode with no name that a crash left behind) in ``delta``: its commit destroys it. An
+    orphan entry whose inode is not in the table is left alone (fsck.tux3 reports it): nothing is there to reclaim."""
     for ino, _ in list(backend.otree.items()):
+        if backend.lookup_inode(ino) is None:
+            continue
         inode = icache.iget(ino)
         if inode.rec.nlink == 0:
             dirty.mark(inode, delta)
@@ -118,7 +123,7 @@ def _ignore(start: int, count: int) -> None:
 def replay_trees(backend: Backend, icache: InodeCache, chain: list[tuple[int, list]]) -> None:
     """Apply the tree records of the log, oldest first, to the trees as the last unify left them. The changed
     nodes stay dirty in memory for the next unify, exactly as they were before the crash or unmount."""
-    bs = backend.blocksize
+    bs, sb = backend.blocksize, backend.sb
     for block, records in chain:
         for rec in records:
             code = rec[0]
@@ -126,6 +131,9 @@ def replay_trees(backend: Backend, icache: InodeCache, chain: list[tuple[int, li
                 continue
             ino = rec[1]
             try:
+                problem = log_problem(rec, sb)
+                if problem is not None:
+                    raise ValueError(problem)
                 if code == fmt.LOG_INODE:
                     backend.itable.insert(ino, rec[2])
                     inode = icache.inodes.get(ino)
@@ -148,8 +156,6 @@ def replay_trees(backend: Backend, icache: InodeCache, chain: list[tuple[int, li
                     before = tree.dirty_nodes
                     if code == fmt.LOG_MAP:
                         _, _, logical, physical, csums = rec
-                        if physical <= 0 or physical + len(csums) > backend.sb.volblocks:
-                            raise ValueError(f"blocks {physical}+{len(csums)} outside the volume")
                         extents.map_run(tree, logical, physical, csums, _ignore, bs)
                     else:
                         extents.unmap(tree, rec[2], None, _ignore)
@@ -163,7 +169,7 @@ def _scan_log_blocks(backend: Backend, lo: int, hi: int) -> dict[int, LogEntry]:
     """Every valid log block of the volume whose delta lies in (lo, hi]."""
     found: dict[int, LogEntry] = {}
     bs, volblocks = backend.blocksize, backend.sb.volblocks
-    for start in range(1, volblocks, SCAN_CHUNK):
+    for start in range(backend.sb.alloc_start, volblocks, SCAN_CHUNK):
         n = min(SCAN_CHUNK, volblocks - start)
         data = backend.dev.read_blocks(start, n)
         for i in range(n):
@@ -184,7 +190,7 @@ def newest_logged(backend: Backend, above: int) -> int:
     """The highest delta number of a valid log block anywhere on the volume, or ``above`` when none is higher:
     a superblock written over dropped deltas is numbered above it, so that none of their log blocks can be taken
     for a later delta."""
-    return max([above, *(e.delta for e in _scan_log_blocks(backend, above, 1 << 62).values())])
+    return max([above, *(e.delta for e in _scan_log_blocks(backend, above, fmt.MAX_SEQ).values())])
 
 
 def _other_super(backend: Backend) -> fmt.Super | None:
@@ -206,7 +212,7 @@ def _older_part(backend: Backend, bad_block: int, upper: int, limit: int) -> tup
     sb, read = backend.sb, backend.dev.read_block
     other = _other_super(backend)
     if other is not None and other.unify_seq == sb.unify_seq and other.seq < sb.seq and other.log_count:
-        entries, broken = walk_log(read, other.log_head, other.log_count)
+        entries, broken = walk_log(read, other)
         if broken is None and entries and entries[-1].prev == 0 and bad_block not in {e.block for e in entries}:
             if all(sb.unify_seq < e.delta <= upper for e in entries):
                 return entries[::-1], True  # a superblock committed that delta whole
@@ -244,7 +250,7 @@ def _try_replay(backend: Backend, icache: InodeCache, entries: list[LogEntry]) -
     chain = [(e.block, e.records) for e in entries]
     try:
         _reset(backend, icache)
-        replay(backend.alloc, chain)
+        replay(backend.alloc, chain, backend.sb)
         replay_trees(backend, icache, chain)
         icache.iget(fmt.ROOT_INO)
     except fmt.CorruptBlock as e:
@@ -259,7 +265,7 @@ def find_damage(backend: Backend, icache: InodeCache) -> LogDamage | None:
     ``backend.sb`` names them; None when the log replays (or when the trees themselves do not load: no rollback
     helps then). Leaves ``backend``'s trees and bitmap as of the last consistent delta."""
     sb, read = backend.sb, backend.dev.read_block
-    newer, broken = walk_log(read, sb.log_head, sb.log_count)
+    newer, broken = walk_log(read, sb)
     newest = max([sb.seq, *(e.delta for e in newer)])
     dropped_entries: list[LogEntry] = []
     unreadable: list[int] = []
@@ -337,37 +343,34 @@ def replay_error(backend: Backend, icache: InodeCache, error: Exception) -> Exce
 
 def delta_landed(backing: Backing | int, sb: Super) -> bool:
     """Did every block of the delta this superblock commits reach the disk? (Only for one-flush commits.)
-    ``backing``: the volume's bytes (or an open file descriptor of its image)."""
+    ``backing``: the volume's bytes (or an open file descriptor of its image). Bounded by the volume whatever the
+    log says: each log block is read at most once, and each block its records name once."""
     bs = sb.blocksize
     backing = as_backing(backing)
-
-    def read(block: int) -> bytes:
-        if not 0 < block < sb.volblocks:
-            raise CorruptBlock(block, "log", "outside the volume")
-        return backing.pread(bs, block * bs)
-
-    records: list = []
+    records: list[list] = []
     logs: list[int] = []
     block, left = sb.log_head, sb.log_count
     try:
-        while block and left:
-            buf = read(block)
+        while block and left and block not in logs:
+            if sb.outside(block):
+                return False
+            buf = backing.pread(bs, block * bs)
             _, _, count, delta = fmt.unseal(buf, block, (fmt.KIND_LOG,))
             if delta != sb.seq:
                 break
             prev, recs = fmt.unpack_log(buf, count)
-            records[:0] = recs
+            records.append(recs)
             logs.append(block)
             block, left = prev, left - 1
+        if not logs:
+            return False
+        named = named_blocks((rec for recs in reversed(records) for rec in recs), logs, sb)
     except (CorruptBlock, ValueError):
         return False
-    if not logs:
-        return False
-    named = fmt.delta_blocks(records) | set(logs)
-    try:
-        return fmt.delta_digest({b: read(b) for b in named}) == sb.delta_csum
-    except CorruptBlock:
-        return False
+    digest = DeltaDigest()
+    for b in named:
+        digest.add(b, backing.pread(bs, b * bs))
+    return digest.value() == sb.delta_csum
 
 
 def read_super(backing: Backing | int, path: str = "image") -> Super:
@@ -384,7 +387,7 @@ def find_super(backing: Backing | int, path: str = "image") -> tuple[Super, Reco
     backing = as_backing(backing, path)
     size = image_size(backing)
     if size < fmt.SUPER_OFFSETS[1] + fmt.SUPER_SIZE:
-        raise VolumeError(f"{path}: image is too short ({size} bytes) to hold a tux3fuse volume")
+        raise NotAVolume(f"{path}: not a tux3fuse volume (the image is too short: {size} bytes)")
     found, problems, bad = [], [], []
     for copy, offset in enumerate(fmt.SUPER_OFFSETS):
         raw = backing.pread(fmt.SUPER_SIZE, offset)
@@ -395,9 +398,13 @@ def find_super(backing: Backing | int, path: str = "image") -> tuple[Super, Reco
             bad.append((copy, raw, str(e)))
     if not found:
         if all("wrong magic" in p for p in problems):
-            raise VolumeError(f"{path}: not a tux3fuse volume (no signature found)")
+            raise NotAVolume(f"{path}: not a tux3fuse volume (no signature found)")
         raise VolumeError(f"{path}: no usable superblock ({'; '.join(problems)})")
     found.sort(key=lambda s: s.seq, reverse=True)
+    for sb in found:  # every block a copy names must be on the image
+        if size < sb.volblocks * sb.blocksize:
+            raise VolumeError(f"{path}: image is {size} bytes but the filesystem needs "
+                              f"{sb.volblocks * sb.blocksize} (truncated image?)")
     sb = found[0]
     report = Recovery(path)
     for copy, raw, reason in bad:
@@ -426,7 +433,4 @@ def find_super(backing: Backing | int, path: str = "image") -> tuple[Super, Reco
             report.refuse = (f"{path}: delta {sb.seq}, durable before delta {report.dropped}, fails its proof "
                              "too; run fsck.tux3")
     report.seq = sb.seq
-    if size < sb.volblocks * sb.blocksize:
-        raise VolumeError(f"{path}: image is {size} bytes but the filesystem needs {sb.volblocks * sb.blocksize}"
-                          " (truncated image?)")
     return sb, report

@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from . import format as fmt
-from .backend.btree import BTree
 from .backend.store import Backend
 from .backing import open_backing
 from .inodes import InodeCache
@@ -44,7 +43,7 @@ def _diff(name: str, live: dict[int, bytes], disk: dict[int, bytes], out: list[s
 
 def _extents(be: Backend, icache: InodeCache, ino: int, rec: fmt.InodeRecord) -> dict[int, bytes]:
     inode = icache.inodes.get(ino)
-    tree = be.dtree(inode) if inode is not None else BTree(be, fmt.KIND_DLEAF, rec.dtree_root)
+    tree = be.dtree(inode) if inode is not None else be.tree(fmt.KIND_DLEAF, rec.dtree_root, f"inode {ino}")
     return dict(tree.items())
 
 

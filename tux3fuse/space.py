@@ -120,8 +120,9 @@ class Space:
         freeing, dead = self.freeing()
         free = max(0, be.free + freeing - self.dirty_reservation(dead) - self.slack())
         per_block = max(1, be.blocksize // 128)
+        ffree = max(0, min(free * per_block, fmt.MAX_INUM + 1 - be.next_inum))  # and inode numbers left
         return {
             "bsize": be.blocksize, "frsize": be.blocksize, "blocks": be.sb.volblocks,
-            "bfree": free, "bavail": free, "files": be.used_inodes + free * per_block,
-            "ffree": free * per_block, "namemax": fmt.NAME_MAX,
+            "bfree": free, "bavail": free, "files": be.used_inodes + ffree,
+            "ffree": ffree, "namemax": fmt.NAME_MAX,
         }

@@ -25,7 +25,6 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from mkfs import mkfs
 from tux3fuse import format as fmt
 from tux3fuse.backend import extents
-from tux3fuse.backend.btree import BTree
 from tux3fuse.fs import Options, Volume
 
 MAX_OFFSET = 200 * 1024
@@ -97,7 +96,7 @@ def used_blocks(vol: Volume) -> dict[int, str]:
         rec = fmt.InodeRecord.unpack(raw)
         loaded = vol.icache.inodes.get(ino)
         be = vol.backend
-        tree = be.dtree(loaded) if loaded is not None else BTree(be, fmt.KIND_DLEAF, rec.dtree_root)
+        tree = be.dtree(loaded) if loaded is not None else be.tree(fmt.KIND_DLEAF, rec.dtree_root, f"inode {ino}")
         for b in tree.blocks():
             own(b, 1, f"extent tree of inode {ino}")
         mapped = 0

@@ -398,3 +398,31 @@ def test_leaf_split_never_leaves_an_overflowing_leaf(blocksize: int) -> None:
     for leaf in tree.root.vals:
         assert leaf.used <= cap
     assert [k for k, _ in BTree(tree.store, KIND, root).items()] == [1, 2, 3, 4]
+
+
+def test_a_tree_whose_pointers_all_name_one_node_is_corrupt_and_read_once_per_block() -> None:
+    """Ten levels of nodes whose 30 pointers all name the node below: a walk that followed every pointer would
+    visit 30^10 leaves; the tree reads each block once and calls the second pointer to a block corruption."""
+    store = MemStore(512)
+    leaf = store.next_block = 1000
+    store.blocks[leaf] = bytes(fmt.pack_leaf(512, KIND, [1], [b"v"], leaf, 1))
+    child = leaf
+    for level in range(1, 11):
+        block = child + 1
+        store.blocks[block] = bytes(fmt.pack_bnode(512, level, list(range(0, 300, 10)), [child] * 30, block, 1))
+        child = block
+    reads = Counter()
+    read = store.read_block
+    store.read_block = lambda b: reads.update([b]) or read(b)
+    tree = BTree(store, KIND, child)
+    with pytest.raises(fmt.CorruptBlock, match=f"block {leaf}: the tree reaches this block twice"):
+        list(tree.items())
+    assert max(reads.values()) == 1 and len(reads) == 11
+
+
+def test_a_child_whose_level_is_not_one_below_its_parent_is_corrupt() -> None:
+    store = MemStore(512)
+    store.blocks[10] = bytes(fmt.pack_leaf(512, KIND, [1], [b"v"], 10, 1))
+    store.blocks[11] = bytes(fmt.pack_bnode(512, 2, [0], [10], 11, 1))  # level 2 over a leaf
+    with pytest.raises(fmt.CorruptBlock, match="block 10: level 0 under level 2"):
+        BTree(store, KIND, 11).lookup(1)

@@ -163,7 +163,7 @@ def test_a_mount_that_drops_an_unfinished_delta_never_reuses_its_number(image) -
     vol = Volume(str(image), Options(readonly=True))
     try:
         assert vol.backend.sb.seq == last and not vol.recovery.dropped
-        entries, broken = walk_log(vol.backend.dev.read_block, vol.backend.sb.log_head, vol.backend.sb.log_count)
+        entries, broken = walk_log(vol.backend.dev.read_block, vol.backend.sb)
         assert broken is None and dropped not in {e.delta for e in entries}
         assert read_all(vol, b"new") == b"n" * 9000
     finally:

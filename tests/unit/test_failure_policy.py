@@ -1,8 +1,9 @@
 """The failure policy belongs to the volume: every caller of the embedded API gets the same answer.
 
 An OSError is the caller's answer. A corrupt block, or any other exception raised inside an operation (a bug),
-turns the volume read-only with the stack in the log and reaches the caller as EIO; later changes get EROFS, reads
-of healthy data still work, and the image keeps its last commit.
+turns the volume read-only and reaches the caller as EIO; later changes get EROFS, reads of healthy data still
+work, and the image keeps its last commit. The log says it in one line naming the block for a corrupt block, and
+with the stack for a bug.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def test_an_unexpected_exception_inside_an_operation_is_eio_and_a_read_only_volu
         again.close_files()
 
 
-def test_a_corrupt_block_read_by_an_operation_is_eio_and_a_read_only_volume(make_vol) -> None:
+def test_a_corrupt_block_read_by_an_operation_is_eio_and_a_read_only_volume(make_vol, caplog) -> None:
     vol = make_vol()
     for i in range(3):
         a = vol.create(1, b"f%d" % i, 0o644)
@@ -67,10 +68,12 @@ def test_a_corrupt_block_read_by_an_operation_is_eio_and_a_read_only_volume(make
         with open(vol.path, "r+b") as f:
             f.seek(root * vol.blocksize + 100)
             f.write(b"\xff\xfe\xfd")
-        with pytest.raises(OSError) as info:
+        with caplog.at_level(logging.ERROR, logger="tux3fuse"), pytest.raises(OSError) as info:
             vol.read(ino, 0, 4096)
         assert info.value.errno == errno.EIO
         assert "corrupt" in vol.failed
+        (line,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert f"block {root}" in line.getMessage() and not line.exc_info  # one line: the block and why
         assert read_all(vol, b"f0") == b"x" * 20000  # healthy data still reads
         with pytest.raises(OSError) as info:
             vol.unlink(1, b"f0")

@@ -136,7 +136,8 @@ def test_a_superblock_with_an_impossible_count_is_refused_before_anything_is_wri
 
 
 def test_a_superblock_copy_with_an_impossible_value_does_not_load() -> None:
-    sb = fmt.Super(blockbits=12, volblocks=1000, used_inodes=4, next_inum=10, free_blocks=900)
+    sb = fmt.Super(blockbits=12, volblocks=1000, used_inodes=4, next_inum=10, free_blocks=900, itree_root=5,
+                   bitmap_blocks=1, bitmap_start=(3, 4))
     raw = bytearray(sb.pack())
     assert fmt.Super.unpack(bytes(raw), 0).used_inodes == 4
     sb.free_blocks = 5000

@@ -8,6 +8,11 @@ Guarantees:
   below (the leftmost bound of a node is never relied on).
 - Only the backend modifies a tree; lookups from the frontend see the last flushed or the backend's current state
   and never wait (nodes are loaded with a synchronous read).
+- A node read from disk is used only after its checks: its seal, its kind and level (a child one level below its
+  parent, no level above ``MAX_LEVEL``), its entries (keys strictly increasing, counts that fit the block), the
+  store's own check of its values (``check``: pointers and records, ``validity.py``), and that no other pointer of
+  the tree reached its block before: a block reached twice is a CorruptBlock, so a walk reads each block of a tree
+  at most once and every walk is bounded by the volume, never exponential.
 """
 
 from __future__ import annotations
@@ -40,11 +45,16 @@ class Node:
         self.used = sum(fmt.leaf_entry_cost(len(v)) for v in vals) if level == 0 else 0
 
 
+Check = Callable[[int, list[int], list], "str | None"]  # (level, keys, values) of a node read -> what is wrong
+
+
 class BTree:
-    def __init__(self, store: Store, leaf_kind: bytes, root_block: int = 0) -> None:
+    def __init__(self, store: Store, leaf_kind: bytes, root_block: int = 0, check: Check | None = None) -> None:
         self.store = store
         self.leaf_kind = leaf_kind
         self.root_block = root_block
+        self.check = check
+        self.loaded: set[int] = set()  # every block this tree has read: reaching one again is corruption
         self._root: Node | None = None
         self.leaf_cap = fmt.leaf_capacity(store.blocksize)
         self.bnode_cap = fmt.bnode_capacity(store.blocksize)
@@ -52,11 +62,20 @@ class BTree:
 
     # -- loading ---------------------------------------------------------------------------------------------------
 
-    def _load(self, block: int) -> Node:
+    def _load(self, block: int, level: int | None = None) -> Node:
+        """The node in ``block`` (at ``level``, when the parent says), after every check of the module docstring;
+        only a node that passes them counts as reached."""
+        if block in self.loaded:
+            raise fmt.CorruptBlock(block, fmt.KIND_NAMES[self.leaf_kind], "the tree reaches this block twice")
         buf = self.store.read_block(block)
-        kind, level, count, _ = fmt.unseal(buf, block, (self.leaf_kind, fmt.KIND_BNODE))
+        kind, got, count, _ = fmt.unseal(buf, block, (self.leaf_kind, fmt.KIND_BNODE))
+        name = fmt.KIND_NAMES[kind]
+        if level is not None and got != level:
+            raise fmt.CorruptBlock(block, name, f"level {got} under level {level + 1}")
         try:
-            if level == 0:
+            if got > fmt.MAX_LEVEL:
+                raise ValueError(f"level {got} above {fmt.MAX_LEVEL}")
+            if got == 0:
                 if kind != self.leaf_kind:
                     raise ValueError("leaf level in an interior node")
                 keys, vals = fmt.unpack_leaf(buf, count)
@@ -65,10 +84,14 @@ class BTree:
                     raise ValueError("interior level in a leaf")
                 keys, vals = fmt.unpack_bnode(buf, count)
         except (ValueError, IndexError) as e:
-            raise fmt.CorruptBlock(block, fmt.KIND_NAMES[kind], str(e)) from None
+            raise fmt.CorruptBlock(block, name, str(e)) from None
         if any(a >= b for a, b in zip(keys, keys[1:], strict=False)) or not keys:
-            raise fmt.CorruptBlock(block, fmt.KIND_NAMES[kind], "keys out of order or node empty")
-        return Node(level, keys, vals, block, dirty=False)
+            raise fmt.CorruptBlock(block, name, "keys out of order or node empty")
+        problem = self.check(got, keys, vals) if self.check is not None else None
+        if problem is not None:
+            raise fmt.CorruptBlock(block, name, problem)
+        self.loaded.add(block)
+        return Node(got, keys, vals, block, dirty=False)
 
     @property
     def root(self) -> Node | None:
@@ -79,9 +102,7 @@ class BTree:
     def _child(self, node: Node, i: int) -> Node:
         child = node.vals[i]
         if isinstance(child, int):
-            child = self._load(child)
-            if child.level != node.level - 1:
-                raise fmt.CorruptBlock(child.blocknr, "bnode", f"level {child.level} under level {node.level}")
+            child = self._load(child, node.level - 1)
             node.vals[i] = child
         return child
 
@@ -108,6 +129,11 @@ class BTree:
         if i < len(leaf.keys) and leaf.keys[i] == key:
             return leaf.vals[i]
         return None
+
+    def leaf_block(self, key: int) -> int:
+        """The block of the leaf that holds ``key`` (0 for a leaf not written yet): to name it in an error."""
+        path = self._path(key)
+        return path[-1][0].blocknr if path else 0
 
     def items(self, lo: int = 0, hi: int | None = None) -> Iterator[tuple[int, bytes]]:
         """(key, value) pairs with lo <= key < hi, in key order. The tree must not change while iterating."""

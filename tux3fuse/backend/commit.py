@@ -35,6 +35,7 @@ from .. import format as fmt
 from ..cache.page import CLEAN, Page
 from ..device import WritePlan
 from ..format import checksum
+from ..proof import DeltaDigest, delta_blocks
 from . import extents
 from .log import bitmap_block, split_log_steps, write_log
 from .store import Backend
@@ -147,13 +148,13 @@ class CommitJob:
         yield
         named: set[int] = set()
         for at in range(0, len(records), PROOF_STEP):
-            fmt.delta_blocks(records[at: at + PROOF_STEP], named)
+            delta_blocks(records[at: at + PROOF_STEP], named)
             yield
         named.update(log_blocks)
         if named != written.keys():
             return 0
         yield
-        digest = fmt.DeltaDigest()
+        digest = DeltaDigest()
         for i, block in enumerate(sorted(written)):
             digest.add(block, written[block])
             if i % PROOF_STEP == PROOF_STEP - 1:
@@ -241,6 +242,9 @@ class CommitJob:
         if changes:
             be.unflushed[inode.ino] = inode  # its extent tree has changes the next unify writes
             be.unify_nodes += tree.dirty_nodes - nodes_before
+        if blocks < 0:  # the record read from disk counted fewer blocks than its tree maps: never a negative count
+            raise fmt.CorruptBlock(tree.root_block, "dleaf", f"inode {inode.ino} maps more blocks than the "
+                                   f"{inode.rec.blocks} its record counts")
         rec = inode.attrs_for(delta)
         for r in {id(rec): rec, id(inode.rec): inode.rec}.values():  # a backend-owned field, in every view
             r.blocks = blocks

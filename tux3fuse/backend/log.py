@@ -15,6 +15,9 @@ Guarantees:
 - A log that does not replay is never half applied: ``replay.py:find_damage`` names the first delta that does not
   replay (or whose log block is unreadable) and the newest one before it that does, whose state it rebuilds from
   the last unify; ``roll_back`` makes that delta the volume's (docs/FORMAT.md §9.1).
+- Walking the chain (``walk_log``, ``read_chain``) trusts nothing it reads: it reads at most ``log_count`` blocks,
+  each at most once, only from the allocatable area, and stops at a loop or at a delta out of order; ``replay``
+  refuses an allocation record outside the allocatable area (docs/FORMAT.md §13).
 """
 
 from __future__ import annotations
@@ -73,26 +76,21 @@ def write_log(groups: list[list[fmt.LogRecord]], blocksize: int, head: int, delt
     return head, written
 
 
-def read_chain(read_block: Callable[[int], bytes], head: int, count: int) -> list[tuple[int, list]]:
-    """The log blocks from ``head`` back ``count`` blocks, oldest first: (block, records)."""
-    chain = []
-    block = head
-    for _ in range(count):
-        if not block:
-            raise fmt.CorruptBlock(0, "log", f"log chain ends after {len(chain)} of {count} blocks")
-        buf = read_block(block)
-        _, _, n, _ = fmt.unseal(buf, block, (fmt.KIND_LOG,))
-        try:
-            prev, records = fmt.unpack_log(buf, n)
-        except (ValueError, IndexError) as e:
-            raise fmt.CorruptBlock(block, "log", str(e)) from None
-        chain.append((block, records))
-        block = prev
-    chain.reverse()
-    return chain
+def read_chain(read_block: Callable[[int], bytes], sb: fmt.Super) -> list[tuple[int, list]]:
+    """The log blocks of ``sb`` (``log_count`` blocks back from ``log_head``), oldest first: (block, records).
+    CorruptBlock for the first that ``walk_log`` does not accept, or when the chain ends early."""
+    entries, broken = walk_log(read_block, sb)
+    if broken is not None:
+        raise broken
+    if len(entries) < sb.log_count:
+        raise fmt.CorruptBlock(entries[-1].block if entries else 0, "log",
+                               f"log chain ends after {len(entries)} of {sb.log_count} blocks")
+    return [(e.block, e.records) for e in reversed(entries)]
 
 
-def replay(alloc: Allocator, chain: list[tuple[int, list]]) -> None:
+def replay(alloc: Allocator, chain: list[tuple[int, list]], sb: fmt.Super) -> None:
+    """Apply the allocation records of ``chain`` (oldest first) to ``alloc``, the log blocks marked used. A record
+    naming blocks outside the allocatable area of ``sb`` is a CorruptBlock of its log block."""
     for block, records in chain:
         alloc.mark_used(block, 1)
         for rec in records:
@@ -100,8 +98,9 @@ def replay(alloc: Allocator, chain: list[tuple[int, list]]) -> None:
             if code not in (fmt.LOG_ALLOC, fmt.LOG_FREE):
                 continue
             _, start, count = rec
-            if start + count > alloc.volblocks or start <= 0:
-                raise fmt.CorruptBlock(block, "log", f"record for blocks {start}+{count} outside the volume")
+            if sb.outside(start, count):
+                raise fmt.CorruptBlock(block, "log", f"record for blocks {start}+{count} outside the allocatable "
+                                       f"area [{sb.alloc_start}, {sb.volblocks})")
             if code == fmt.LOG_ALLOC:
                 alloc.mark_used(start, count)
             else:
@@ -113,7 +112,8 @@ def load_bitmap(read_block: Callable[[int], bytes], sb: fmt.Super,
                 damaged: list[tuple[int, int, str]] | None = None) -> Allocator:
     """The allocation bitmap as the last unify wrote it. A bitmap block that fails its checks raises CorruptBlock,
     or, with ``damaged`` (a read-only load, which allocates nothing), reads as all used and is added to it as
-    (index in the region, block, reason)."""
+    (index in the region, block, reason). The fixed blocks (reserved, both bitmap regions) are used whatever the
+    bitmap says; those it had free are listed in ``Allocator.fixed_free`` (fsck reports them)."""
     bpb = fmt.bitmap_bits_per_block(sb.blocksize)
     start = sb.bitmap_start[sb.bitmap_cur]
     bits = bytearray()
@@ -129,6 +129,10 @@ def load_bitmap(read_block: Callable[[int], bytes], sb: fmt.Super,
         bits += buf[fmt.HEADER_SIZE:]
     alloc = Allocator(sb.volblocks, bpb, bits[: -(-sb.volblocks // 8)])
     alloc.stale[1 - sb.bitmap_cur].update(range(sb.bitmap_blocks))  # the other region is of unknown age
+    alloc.fixed_free = [b for b in range(sb.alloc_start) if not alloc.is_used(b)]
+    if alloc.fixed_free:  # never handed out, whatever the bitmap says: used in memory, rewritten by the next unify
+        alloc.mark_used(0, sb.alloc_start)
+        alloc.recount()
     return alloc
 
 
@@ -187,20 +191,28 @@ def log_entry(read_block: Callable[[int], bytes], block: int) -> LogEntry:
     return LogEntry(block, delta, prev, records)
 
 
-def walk_log(read_block: Callable[[int], bytes], head: int, count: int
-             ) -> tuple[list[LogEntry], fmt.CorruptBlock | None]:
-    """The log blocks from ``head`` back ``count`` blocks (or to prev 0), newest first, up to the first block that
-    is not a valid log block: (the valid blocks, the error of the bad one or None)."""
+def walk_log(read_block: Callable[[int], bytes], sb: fmt.Super) -> tuple[list[LogEntry], fmt.CorruptBlock | None]:
+    """The log blocks of ``sb`` from ``log_head`` back ``log_count`` blocks (or to prev 0), newest first, up to the
+    first block that is not a valid log block of this log: (the valid blocks, the error of the bad one or None).
+    Not valid: a block outside the allocatable area, one the walk reached already (a loop), one that fails its
+    checks, or one whose delta is not in (``unify_seq``, the delta of the block after it] (``seq`` for the head).
+    Each block is read at most once: at most ``log_count`` reads, whatever the chain says."""
     out: list[LogEntry] = []
-    block, seen = head, set()
-    while block and len(out) < count:
+    block, seen = sb.log_head, set()
+    while block and len(out) < sb.log_count:
         if block in seen:
             return out, fmt.CorruptBlock(block, "log", "the log chain loops")
+        if sb.outside(block):
+            return out, fmt.CorruptBlock(block, "log", f"outside the allocatable area [{sb.alloc_start}, "
+                                         f"{sb.volblocks})")
         seen.add(block)
         try:
             entry = log_entry(read_block, block)
         except fmt.CorruptBlock as e:
             return out, e
+        upper = out[-1].delta if out else sb.seq
+        if not sb.unify_seq < entry.delta <= upper:
+            return out, fmt.CorruptBlock(block, "log", f"delta {entry.delta} outside ({sb.unify_seq}, {upper}]")
         out.append(entry)
         block = entry.prev
     return out, None

@@ -11,6 +11,8 @@ Guarantees:
 - The tree store (``read_block``, ``alloc_meta``, ``free_meta``, ``write_meta``): a tree node a commit writes goes
   to the write buffer of that commit (``writes``, handed over by ``CommitJob`` with ``take_writes``); one that
   leaves its tree stays allocated until the next unify (``unify_frees``), since the trees on disk point at it.
+- Every tree it makes (``tree``) checks each node it reads (``validity.node_check``): no pointer read from disk
+  leads outside the allocatable area, and a new inode number is one no inode of the table holds (``new_inum``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING
 from .. import format as fmt
 from ..alloc import Allocator
 from ..device import Device
+from ..validity import node_check
 from .btree import BTree
 
 if TYPE_CHECKING:
@@ -39,8 +42,8 @@ class Backend:
         first = fmt.reserved_blocks(bs) + 2 * sb.bitmap_blocks
         alloc.meta_goal = first  # metadata from the front, data from a sixteenth of the way in
         alloc.goal = first + (sb.volblocks - first) // 16
-        self.itable = BTree(self, fmt.KIND_ILEAF, sb.itree_root)
-        self.otree = BTree(self, fmt.KIND_OLEAF, sb.otree_root)
+        self.itable = self.tree(fmt.KIND_ILEAF, sb.itree_root)
+        self.otree = self.tree(fmt.KIND_OLEAF, sb.otree_root)
         self.log_blocks: list[int] = []  # the log chain since the last unify, oldest first
         self.deltas_since_unify = sb.seq - sb.unify_seq
         self.unflushed: dict[int, Inode] = {}  # inodes whose extent tree has changes only the log holds
@@ -53,13 +56,18 @@ class Backend:
     def reset(self, alloc: Allocator) -> None:
         """The trees and the bitmap as the last unify wrote them, before any log record (a replay starts here)."""
         self.alloc = alloc
-        self.itable = BTree(self, fmt.KIND_ILEAF, self.sb.itree_root)
-        self.otree = BTree(self, fmt.KIND_OLEAF, self.sb.otree_root)
+        self.itable = self.tree(fmt.KIND_ILEAF, self.sb.itree_root)
+        self.otree = self.tree(fmt.KIND_OLEAF, self.sb.otree_root)
         self.unflushed = {}
         self.unify_frees = []
         self.unify_nodes = 0
 
     # -- the tree store --------------------------------------------------------------------------------------------
+
+    def tree(self, kind: bytes, root: int, owner: str = "") -> BTree:
+        """The tree of leaf ``kind`` rooted at block ``root`` (0: empty), every node it reads checked; ``owner``
+        ("inode 12") starts what a check finds wrong."""
+        return BTree(self, kind, root, node_check(self.sb, kind, owner))
 
     def read_block(self, block: int) -> bytes:
         return self.dev.read_block(block)
@@ -92,12 +100,19 @@ class Backend:
     def dtree(self, inode: Inode) -> BTree:
         """The extent tree of ``inode`` (loaded on first use; the frontend only looks blocks up in it)."""
         if inode.dtree is None:
-            inode.dtree = BTree(self, fmt.KIND_DLEAF, inode.rec.dtree_root)
+            inode.dtree = self.tree(fmt.KIND_DLEAF, inode.rec.dtree_root, f"inode {inode.ino}")
         return inode.dtree
 
+    def inums_left(self) -> bool:
+        """Is an inode number left to hand out (``MAX_INUM`` is the last)?"""
+        return self.next_inum <= fmt.MAX_INUM
+
     def new_inum(self) -> int:
-        """A new inode number, counted in use."""
+        """A new inode number, counted in use; CorruptBlock when the inode table holds it already (a superblock
+        whose ``next_inum`` is not above every inode: fsck.tux3 sets it right)."""
         ino = self.next_inum
+        if self.itable.lookup(ino) is not None:
+            raise fmt.CorruptBlock(self.sb.itree_root, "ileaf", f"the next inode number {ino} is in use")
         self.next_inum += 1
         self.used_inodes += 1
         return ino
