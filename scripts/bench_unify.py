@@ -208,13 +208,14 @@ class OnDisk:
 
     def records(self) -> int:
         from tux3fuse import format as fmt
+        from tux3fuse import logrecord as logrec
 
         sb = self.super()
         block, count = sb.log_head, 0
         for _ in range(sb.log_count):
             buf = os.pread(self.fd, sb.blocksize, block * sb.blocksize)
             _, _, n, _ = fmt.unseal(buf, block, (fmt.KIND_LOG,))
-            block, records = fmt.unpack_log(buf, n)
+            block, records = logrec.unpack_log(buf, n)
             count += len(records)
         return count
 
@@ -389,11 +390,12 @@ def run_mixed(image: Path, k: int, l: int, *, commits: int = 192, ops: int = 100
 def log_batch(blocksize: int = BLOCK) -> int:
     """Random single-page overwrites whose records fill one log block (a map, an allocate and a free record each,
     beside the file's inode record)."""
-    from tux3fuse import format as fmt
+    from tux3fuse import logrecord as logrec
 
-    per_page = fmt.log_record_size((fmt.LOG_MAP, 1, 0, 1, [0])) + 2 * fmt.log_record_size((fmt.LOG_ALLOC, 1, 1))
+    size = logrec.log_record_size
+    per_page = size((logrec.LOG_MAP, 1, 0, 1, [0])) + 2 * size((logrec.LOG_ALLOC, 1, 1))
     inode = 11 + 256  # the inode record (§9, code 3) with room to spare
-    return (fmt.log_room(blocksize) - inode) // per_page
+    return (logrec.log_room(blocksize) - inode) // per_page
 
 
 def run_crash(image: Path, l: int, *, file_mib: int = FSYNC_FILE_MIB, seed: int = 1, repeats: int = 7

@@ -35,6 +35,7 @@ import textwrap
 from pathlib import Path
 
 from tux3fuse import format as fmt
+from tux3fuse import logrecord as logrec
 from tux3fuse.fs import Options, Volume
 
 BLOCKSIZE = 512
@@ -62,16 +63,16 @@ LOG_HEAD_FIELDS = [("previous log block", "Q"), ("bytes of records", "I")]
 INODE_FIELDS = [("mode", "I"), ("uid", "I"), ("gid", "I"), ("nlink", "I"), ("size", "Q"), ("rdev", "Q"),
                 ("atime_ns", "q"), ("mtime_ns", "q"), ("ctime_ns", "q"), ("dtree_root", "Q"), ("blocks", "Q"),
                 ("parent", "Q"), ("flags", "I"), ("xattrs", "H")]
-RECORD_NAMES = {fmt.LOG_ALLOC: "allocate", fmt.LOG_FREE: "free", fmt.LOG_INODE: "inode", fmt.LOG_MAP: "map",
-                fmt.LOG_UNMAP: "unmap", fmt.LOG_DESTROY: "destroy", fmt.LOG_ORPHAN: "orphan"}
+RECORD_NAMES = {logrec.LOG_ALLOC: "allocate", logrec.LOG_FREE: "free", logrec.LOG_INODE: "inode", logrec.LOG_MAP: "map",
+                logrec.LOG_UNMAP: "unmap", logrec.LOG_DESTROY: "destroy", logrec.LOG_ORPHAN: "orphan"}
 RECORD_FIELDS = {
-    fmt.LOG_ALLOC: [("first block", "Q"), ("blocks", "I")],
-    fmt.LOG_FREE: [("first block", "Q"), ("blocks", "I")],
-    fmt.LOG_INODE: [("inode", "Q"), ("length", "H")],
-    fmt.LOG_MAP: [("inode", "Q"), ("logical block", "Q"), ("physical block", "Q"), ("n", "H")],
-    fmt.LOG_UNMAP: [("inode", "Q"), ("first logical block", "Q")],
-    fmt.LOG_DESTROY: [("inode", "Q")],
-    fmt.LOG_ORPHAN: [("inode", "Q")],
+    logrec.LOG_ALLOC: [("first block", "Q"), ("blocks", "I")],
+    logrec.LOG_FREE: [("first block", "Q"), ("blocks", "I")],
+    logrec.LOG_INODE: [("inode", "Q"), ("length", "H")],
+    logrec.LOG_MAP: [("inode", "Q"), ("logical block", "Q"), ("physical block", "Q"), ("n", "H")],
+    logrec.LOG_UNMAP: [("inode", "Q"), ("first logical block", "Q")],
+    logrec.LOG_DESTROY: [("inode", "Q")],
+    logrec.LOG_ORPHAN: [("inode", "Q")],
 }
 
 
@@ -166,7 +167,7 @@ def dump_super(raw: bytes, copy: int) -> list[str]:
 
 def dump_log(raw: bytes, blocknr: int) -> list[str]:
     kind, level, count, delta = fmt.unseal(raw, blocknr, (fmt.KIND_LOG,))
-    prev, records = fmt.unpack_log(raw, count)
+    prev, records = logrec.unpack_log(raw, count)
     d = Dump(raw)
     header = {}
     for name, code in HEADER_FIELDS:
@@ -179,10 +180,10 @@ def dump_log(raw: bytes, blocknr: int) -> list[str]:
     for i, rec in enumerate(records, 1):
         start = d.at
         code = rec[0]
-        d.note(f"record {i}: {RECORD_NAMES[code]} ({fmt.log_record_size(rec)} bytes)")
+        d.note(f"record {i}: {RECORD_NAMES[code]} ({logrec.log_record_size(rec)} bytes)")
         d.field("code", "B", lambda v: f"{v} ({RECORD_NAMES[v]})", "  ")
         values = [d.field(name, c, prefix="  ") for name, c in RECORD_FIELDS[code]]
-        if code == fmt.LOG_INODE:
+        if code == logrec.LOG_INODE:
             inode = fmt.InodeRecord.unpack(rec[2])
             _require(sum(struct.calcsize("<" + c) for _, c in INODE_FIELDS) == fmt.INODE_FIXED, "inode record")
             for name, c in INODE_FIELDS:
@@ -190,12 +191,12 @@ def dump_log(raw: bytes, blocknr: int) -> list[str]:
                 want = len(inode.xattrs) if name == "xattrs" else getattr(inode, name)
                 _require(value == want, f"inode record field {name}")
             _require(not inode.xattrs, "the dump shows no extended attributes")
-        elif code == fmt.LOG_MAP:
+        elif code == logrec.LOG_MAP:
             for j, csum in enumerate(rec[4]):
                 _require(d.field(f"xxh3 of block {j}", "Q", _hex, "  ") == csum, "map record checksum")
-        _require(tuple(values) == tuple(rec[1:1 + len(values)]) or code in (fmt.LOG_INODE, fmt.LOG_MAP),
+        _require(tuple(values) == tuple(rec[1:1 + len(values)]) or code in (logrec.LOG_INODE, logrec.LOG_MAP),
                  f"record {i} fields")
-        _require(d.at - start == fmt.log_record_size(rec), f"record {i} size")
+        _require(d.at - start == logrec.log_record_size(rec), f"record {i} size")
     d.rest_is_zero()
     return d.lines
 

@@ -87,12 +87,13 @@ ALLOWED_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EINVAL, errno
 
 def _imports() -> None:
     """Import what the targets use; under ``atheris.instrument_imports`` when fuzzing, for coverage."""
-    global fmt, Volume, Options, VolumeError, CorruptBlock, CorruptDir, find_super, fsck, reseal, mkfs, trio
+    global fmt, logrec, Volume, Options, VolumeError, CorruptBlock, CorruptDir, find_super, fsck, reseal, mkfs, trio
     import trio
     from reseal import reseal
 
     from mkfs import mkfs
     from tux3fuse import format as fmt
+    from tux3fuse import logrecord as logrec
     from tux3fuse.dir import CorruptDir
     from tux3fuse.format import CorruptBlock
     from tux3fuse.fs import Options, Volume, VolumeError
@@ -240,19 +241,19 @@ class Seed:
                 return
             code = self.image[at]
             self.places.append((at, 1, False))
-            if code in (fmt.LOG_ALLOC, fmt.LOG_FREE):
+            if code in (logrec.LOG_ALLOC, logrec.LOG_FREE):
                 self.places += [(at + 1, 8, True), (at + 9, 4, False)]
                 at += 13
-            elif code == fmt.LOG_INODE:
+            elif code == logrec.LOG_INODE:
                 self.places += [(at + 1, 8, False), (at + 9, 2, False)]
                 self._inode(at + 11)
                 at += 11 + struct.unpack_from("<H", self.image, at + 9)[0]
-            elif code == fmt.LOG_MAP:
+            elif code == logrec.LOG_MAP:
                 self.places += [(at + 1, 8, False), (at + 9, 8, False), (at + 17, 8, True), (at + 25, 2, False)]
                 at += 27 + 8 * struct.unpack_from("<H", self.image, at + 25)[0]
             else:
                 self.places.append((at + 1, 8, False))
-                at += 17 if code == fmt.LOG_UNMAP else 9
+                at += 17 if code == logrec.LOG_UNMAP else 9
 
     def _dirs(self, path: Path) -> None:
         """The entries of every directory block: inode number, record length, name length, type."""

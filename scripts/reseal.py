@@ -25,6 +25,7 @@ import struct
 from pathlib import Path
 
 from tux3fuse import format as fmt
+from tux3fuse import logrecord as logrec
 from tux3fuse.proof import DeltaDigest
 
 # the fields of a superblock copy in the order of ``format._SUPER`` (docs/FORMAT.md §2)
@@ -99,17 +100,17 @@ def _data_csums(image: bytearray, block: int, bs: int, nblocks: int) -> bool:
             if at >= end:
                 break
             code = image[at]
-            if code in (fmt.LOG_ALLOC, fmt.LOG_FREE):
+            if code in (logrec.LOG_ALLOC, logrec.LOG_FREE):
                 at += 13
-            elif code == fmt.LOG_INODE and at + 11 <= end:
+            elif code == logrec.LOG_INODE and at + 11 <= end:
                 at += 11 + struct.unpack_from("<H", image, at + 9)[0]
-            elif code == fmt.LOG_MAP and at + _MAP.size <= end:
+            elif code == logrec.LOG_MAP and at + _MAP.size <= end:
                 _, _, _, physical, n = _MAP.unpack_from(image, at)
                 fill(at + _MAP.size, physical, n)
                 at += _MAP.size + 8 * n
-            elif code == fmt.LOG_UNMAP:
+            elif code == logrec.LOG_UNMAP:
                 at += 17
-            elif code in (fmt.LOG_DESTROY, fmt.LOG_ORPHAN):
+            elif code in (logrec.LOG_DESTROY, logrec.LOG_ORPHAN):
                 at += 9
             else:
                 break
@@ -129,7 +130,7 @@ def _proof(image: bytearray, copy: int, bs: int, nblocks: int) -> int | None:
         if buf[:4] != fmt.KIND_LOG or fmt.HEADER.unpack_from(buf, 0)[5] != seq:
             break
         try:
-            prev, recs = fmt.unpack_log(buf, fmt.HEADER.unpack_from(buf, 0)[2])
+            prev, recs = logrec.unpack_log(buf, fmt.HEADER.unpack_from(buf, 0)[2])
         except Exception:  # any garbage: the proof cannot be made, leave it
             return None
         logs.append(block)
@@ -139,10 +140,10 @@ def _proof(image: bytearray, copy: int, bs: int, nblocks: int) -> int | None:
         return None
     for recs in reversed(records):
         for rec in recs:
-            if rec[0] in (fmt.LOG_ALLOC, fmt.LOG_FREE):
+            if rec[0] in (logrec.LOG_ALLOC, logrec.LOG_FREE):
                 lo, hi = max(rec[1], 0), min(rec[1] + rec[2], nblocks)
                 if lo < hi:
-                    used[lo:hi] = (b"\1" if rec[0] == fmt.LOG_ALLOC else b"\0") * (hi - lo)
+                    used[lo:hi] = (b"\1" if rec[0] == logrec.LOG_ALLOC else b"\0") * (hi - lo)
     for b in logs:
         used[b] = 1
     digest = DeltaDigest()

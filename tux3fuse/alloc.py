@@ -17,7 +17,7 @@ import re
 from collections import deque
 from collections.abc import Iterator
 
-from .format import LOG_ALLOC, LOG_FREE
+from .logrecord import LOG_ALLOC, LOG_FREE
 
 _NOT_FULL = re.compile(rb"[^\xff]")
 

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 import xxhash
 
 from . import format as fmt
+from . import logrecord as logrec
 
 _SET = re.compile(rb"[^\x00]")
 
@@ -54,9 +55,9 @@ def delta_blocks(records: list[tuple], out: set[int] | None = None) -> set[int]:
         out = set()
     for rec in records:
         code = rec[0]
-        if code == fmt.LOG_ALLOC:
+        if code == logrec.LOG_ALLOC:
             out.update(range(rec[1], rec[1] + rec[2]))
-        elif code == fmt.LOG_FREE:
+        elif code == logrec.LOG_FREE:
             out.difference_update(range(rec[1], rec[1] + rec[2]))
     return out
 
@@ -103,10 +104,10 @@ def named_blocks(records: Iterable[tuple], logs: Iterable[int], sb: fmt.Super) -
     blocks ``logs``); ValueError when a record or log block lies outside the allocatable area of ``sb``."""
     out = BlockSet(sb.volblocks)
     for rec in records:
-        if rec[0] in (fmt.LOG_ALLOC, fmt.LOG_FREE):
+        if rec[0] in (logrec.LOG_ALLOC, logrec.LOG_FREE):
             if sb.outside(rec[1], rec[2]):
                 raise ValueError(f"log record for blocks {rec[1]}+{rec[2]} outside the allocatable area")
-            out.set(rec[1], rec[2], rec[0] == fmt.LOG_ALLOC)
+            out.set(rec[1], rec[2], rec[0] == logrec.LOG_ALLOC)
     for block in logs:
         if sb.outside(block):
             raise ValueError(f"log block {block} outside the allocatable area")

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import xxhash
 
 from . import format as fmt
+from . import logrecord as logrec
 from .backing import Backing, as_backing
 from .proof import named_blocks
 
@@ -262,8 +263,8 @@ def _sealed(block: int, seq: int) -> Callable[[bytearray], bool]:
 def _log_one_bit_off(buf: bytes, ok: Callable[[bytearray], bool]) -> bytearray | None:
     """``one_bit_off`` for a log block, searching only where one flip can be: a log block is its header, its
     records, then zeros, so a single flip past the records shows as the only set bit there."""
-    at = fmt.HEADER_SIZE + fmt._LOG_HEAD.size
-    _, nbytes = fmt._LOG_HEAD.unpack_from(buf, fmt.HEADER_SIZE)
+    at = fmt.HEADER_SIZE + logrec._LOG_HEAD.size
+    _, nbytes = logrec._LOG_HEAD.unpack_from(buf, fmt.HEADER_SIZE)
     end = min(len(buf), at + nbytes)
     tail = int.from_bytes(buf[end:], "little")
     if tail == 0:
@@ -332,7 +333,7 @@ def examine_delta(backing: Backing | int, sb: fmt.Super, before: fmt.Super | Non
             buf = bytes(fixed)
         _, _, n, _ = fmt.unseal(buf, block, (fmt.KIND_LOG,))
         try:
-            prev, recs = fmt.unpack_log(buf, n)
+            prev, recs = logrec.unpack_log(buf, n)
         except ValueError as e:  # sealed whole, yet unreadable: no crash writes that
             out.damaged.append(f"log block {block}: {e}")
             break
@@ -341,9 +342,9 @@ def examine_delta(backing: Backing | int, sb: fmt.Super, before: fmt.Super | Non
     records = [rec for recs in reversed(blocks_records) for rec in recs]
     csums: dict[int, tuple[int, int, int]] = {}  # physical block -> (checksum, inode, logical block)
     for rec in records:
-        if rec[0] not in (fmt.LOG_ALLOC, fmt.LOG_FREE):
+        if rec[0] not in (logrec.LOG_ALLOC, logrec.LOG_FREE):
             out.inodes.add(rec[1])
-        if rec[0] == fmt.LOG_MAP:
+        if rec[0] == logrec.LOG_MAP:
             for j, c in enumerate(rec[4]):
                 csums[rec[3] + j] = (c, rec[1], rec[2] + j)
     failing: list[tuple[int, bytes, int, int, int]] = []

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from . import format as fmt
+from . import logrecord as logrec
 from . import recovery
 from .backend import extents
 from .backend.log import (
@@ -127,21 +128,21 @@ def replay_trees(backend: Backend, icache: InodeCache, chain: list[tuple[int, li
     for block, records in chain:
         for rec in records:
             code = rec[0]
-            if code in (fmt.LOG_ALLOC, fmt.LOG_FREE):
+            if code in (logrec.LOG_ALLOC, logrec.LOG_FREE):
                 continue
             ino = rec[1]
             try:
                 problem = log_problem(rec, sb)
                 if problem is not None:
                     raise ValueError(problem)
-                if code == fmt.LOG_INODE:
+                if code == logrec.LOG_INODE:
                     backend.itable.insert(ino, rec[2])
                     inode = icache.inodes.get(ino)
                     if inode is not None:
                         inode.rec = fmt.InodeRecord.unpack(rec[2])
-                elif code == fmt.LOG_ORPHAN:
+                elif code == logrec.LOG_ORPHAN:
                     backend.otree.insert(ino, b"")
-                elif code == fmt.LOG_DESTROY:
+                elif code == logrec.LOG_DESTROY:
                     inode = icache.iget(ino)
                     tree = backend.dtree(inode)
                     extents.unmap(tree, 0, None, _ignore)
@@ -154,7 +155,7 @@ def replay_trees(backend: Backend, icache: InodeCache, chain: list[tuple[int, li
                     inode = icache.iget(ino)
                     tree = backend.dtree(inode)
                     before = tree.dirty_nodes
-                    if code == fmt.LOG_MAP:
+                    if code == logrec.LOG_MAP:
                         _, _, logical, physical, csums = rec
                         extents.map_run(tree, logical, physical, csums, _ignore, bs)
                     else:
@@ -307,7 +308,7 @@ def find_damage(backend: Backend, icache: InodeCache) -> LogDamage | None:
         return None
     good = chain[-1].delta if chain else sb.unify_seq
     dropped = sorted({e.delta for e in dropped_entries} | {bad, sb.seq} | set(unknown))
-    inodes = {rec[1] for e in dropped_entries for rec in e.records if rec[0] not in (fmt.LOG_ALLOC, fmt.LOG_FREE)}
+    inodes = {rec[1] for e in dropped_entries for rec in e.records if rec[0] not in (logrec.LOG_ALLOC, logrec.LOG_FREE)}
     return LogDamage(good=good, bad=bad, where=where, chain=chain, dropped=dropped, inodes=inodes,
                      unreadable=unreadable, newest=newest, sb=replace(sb), free_blocks=backend.alloc.free,
                      used_inodes=sum(1 for _ in backend.itable.items()))
@@ -358,7 +359,7 @@ def delta_landed(backing: Backing | int, sb: Super) -> bool:
             _, _, count, delta = fmt.unseal(buf, block, (fmt.KIND_LOG,))
             if delta != sb.seq:
                 break
-            prev, recs = fmt.unpack_log(buf, count)
+            prev, recs = logrec.unpack_log(buf, count)
             records.append(recs)
             logs.append(block)
             block, left = prev, left - 1

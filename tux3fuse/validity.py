@@ -25,6 +25,7 @@ from __future__ import annotations
 import stat
 
 from . import format as fmt
+from . import logrecord as logrec
 from .backend.btree import Check
 
 TYPES = (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK)
@@ -107,17 +108,17 @@ def log_problem(rec: tuple, sb: fmt.Super) -> str | None:
     """What makes the tree record ``rec`` of a log block impossible to apply, or None (allocation records are
     checked by the bitmap's replay)."""
     code = rec[0]
-    if code in (fmt.LOG_ALLOC, fmt.LOG_FREE):
+    if code in (logrec.LOG_ALLOC, logrec.LOG_FREE):
         return None
     ino = rec[1]
-    if code == fmt.LOG_INODE:
+    if code == logrec.LOG_INODE:
         try:
             read_inode(ino, rec[2], sb)
         except ValueError as e:
             return f"inode {ino}: {e}"
     elif not fmt.ROOT_INO <= ino < sb.next_inum:
         return f"inode {ino} outside [{fmt.ROOT_INO}, {sb.next_inum}), the numbers handed out"
-    elif code == fmt.LOG_MAP:
+    elif code == logrec.LOG_MAP:
         _, _, logical, physical, csums = rec
         if sb.outside(physical, len(csums)):
             return f"map of blocks {physical}+{len(csums)}, {_area(sb)}"

@@ -24,6 +24,7 @@ from volumes import NO_UNIFY
 
 from mkfs import mkfs
 from tux3fuse import format as fmt
+from tux3fuse import logrecord as logrec
 from tux3fuse.fs import Options, Volume
 
 LIMIT = 2 << 30  # bytes of address space a command may map
@@ -182,7 +183,7 @@ def test_a_log_record_allocating_2_32_minus_1_blocks_is_refused_in_one_line(tmp_
     def patch(image: bytearray) -> None:
         head = reseal.super_fields(image, newest(image))["log_head"]
         at = head * 4096 + 44
-        assert image[at] == fmt.LOG_ALLOC  # the first record of the newest log block allocates its data
+        assert image[at] == logrec.LOG_ALLOC  # the first record of the newest log block allocates its data
         struct.pack_into("<I", image, at + 9, (1 << 32) - 1)
     crafted(img, patch)
     refused(tmp_path, img, "outside the allocatable area")

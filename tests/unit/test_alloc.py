@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from tux3fuse.alloc import Allocator, NoSpace
-from tux3fuse.format import LOG_ALLOC, LOG_FREE
+from tux3fuse.logrecord import LOG_ALLOC, LOG_FREE
 
 
 def bit(data: bytes | bytearray, b: int) -> bool:

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tux3fuse import format as fmt
+from tux3fuse import logrecord as logrec
 
 BLOCKSIZES = [512, 4096, 65536]
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -399,43 +400,43 @@ def test_data_checksum_is_xxh3_of_the_block() -> None:
 # Log blocks
 
 
-log_records = st.tuples(st.sampled_from([fmt.LOG_ALLOC, fmt.LOG_FREE]), u64, u32)
+log_records = st.tuples(st.sampled_from([logrec.LOG_ALLOC, logrec.LOG_FREE]), u64, u32)
 
 
 @pytest.mark.parametrize("blocksize", BLOCKSIZES)
 def test_log_pack_unpack_round_trip(blocksize: int) -> None:
-    cap = fmt.log_capacity(blocksize)
+    cap = logrec.log_capacity(blocksize)
 
     @given(prev=u64, records=st.lists(log_records, max_size=min(cap, 200)), blocknr=st.integers(1, 1 << 40))
     @FAST
     def check(prev, records, blocknr) -> None:
-        buf = fmt.pack_log(blocksize, prev, records, blocknr, 7)
+        buf = logrec.pack_log(blocksize, prev, records, blocknr, 7)
         kind, level, count, delta = fmt.unseal(bytes(buf), blocknr, (fmt.KIND_LOG,))
         assert (kind, count, delta) == (fmt.KIND_LOG, len(records), 7)
-        assert fmt.unpack_log(bytes(buf), count) == (prev, records)
+        assert logrec.unpack_log(bytes(buf), count) == (prev, records)
 
     check()
 
 
 @pytest.mark.parametrize("blocksize", BLOCKSIZES)
 def test_full_log_block_round_trips(blocksize: int) -> None:
-    cap = fmt.log_capacity(blocksize)
-    records = [(fmt.LOG_ALLOC if i % 2 else fmt.LOG_FREE, i + 1, i % 13 + 1) for i in range(cap)]
-    buf = fmt.pack_log(blocksize, 99, records, 3, 1)
-    assert fmt.unpack_log(buf, cap) == (99, records)
+    cap = logrec.log_capacity(blocksize)
+    records = [(logrec.LOG_ALLOC if i % 2 else logrec.LOG_FREE, i + 1, i % 13 + 1) for i in range(cap)]
+    buf = logrec.pack_log(blocksize, 99, records, 3, 1)
+    assert logrec.unpack_log(buf, cap) == (99, records)
 
 
 def test_log_record_with_unknown_code_is_rejected() -> None:
-    buf = fmt.pack_log(512, 0, [(fmt.LOG_ALLOC, 10, 1)], 3, 1)
+    buf = logrec.pack_log(512, 0, [(logrec.LOG_ALLOC, 10, 1)], 3, 1)
     buf[fmt.HEADER_SIZE + 12] = 9  # code of the first record
     with pytest.raises(ValueError, match="unknown log record code 9"):
-        fmt.unpack_log(buf, 1)
+        logrec.unpack_log(buf, 1)
 
 
 def test_log_count_disagreeing_with_byte_length_is_rejected() -> None:
-    buf = fmt.pack_log(512, 0, [(fmt.LOG_ALLOC, 10, 1), (fmt.LOG_FREE, 10, 1)], 3, 1)
+    buf = logrec.pack_log(512, 0, [(logrec.LOG_ALLOC, 10, 1), (logrec.LOG_FREE, 10, 1)], 3, 1)
     with pytest.raises(ValueError, match="disagree"):
-        fmt.unpack_log(buf, 1)
+        logrec.unpack_log(buf, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from mkfs import mkfs
 from tux3fuse import format as fmt
+from tux3fuse import logrecord as logrec
 from tux3fuse.backend.log import LOG_STEP, split_log, split_log_steps, write_log
 from tux3fuse.fs import Options, Volume
 from tux3fuse.fsck import fsck
@@ -26,11 +27,11 @@ NO_UNIFY = {"unify_deltas": 1 << 30, "unify_log_blocks": 1 << 30}
 
 u64 = st.integers(0, (1 << 64) - 1)
 records = st.one_of(
-    st.tuples(st.sampled_from([fmt.LOG_ALLOC, fmt.LOG_FREE]), u64, st.integers(0, (1 << 32) - 1)),
-    st.tuples(st.just(fmt.LOG_INODE), u64, st.binary(max_size=200)),
-    st.tuples(st.just(fmt.LOG_MAP), u64, u64, u64, st.lists(u64, min_size=1, max_size=40)),
-    st.tuples(st.just(fmt.LOG_UNMAP), u64, u64),
-    st.tuples(st.sampled_from([fmt.LOG_DESTROY, fmt.LOG_ORPHAN]), u64),
+    st.tuples(st.sampled_from([logrec.LOG_ALLOC, logrec.LOG_FREE]), u64, st.integers(0, (1 << 32) - 1)),
+    st.tuples(st.just(logrec.LOG_INODE), u64, st.binary(max_size=200)),
+    st.tuples(st.just(logrec.LOG_MAP), u64, u64, u64, st.lists(u64, min_size=1, max_size=40)),
+    st.tuples(st.just(logrec.LOG_UNMAP), u64, u64),
+    st.tuples(st.sampled_from([logrec.LOG_DESTROY, logrec.LOG_ORPHAN]), u64),
 )
 
 
@@ -41,10 +42,10 @@ def test_every_record_kind_round_trips_through_log_blocks(blocksize: int) -> Non
     def check(recs) -> None:
         got = []
         for i, group in enumerate(split_log(recs, blocksize)):
-            assert sum(fmt.log_record_size(r) for r in group) <= fmt.log_room(blocksize)
-            buf = fmt.pack_log(blocksize, i, group, 100 + i, 5)
+            assert sum(logrec.log_record_size(r) for r in group) <= logrec.log_room(blocksize)
+            buf = logrec.pack_log(blocksize, i, group, 100 + i, 5)
             _, _, count, _ = fmt.unseal(bytes(buf), 100 + i, (fmt.KIND_LOG,))
-            prev, unpacked = fmt.unpack_log(bytes(buf), count)
+            prev, unpacked = logrec.unpack_log(bytes(buf), count)
             assert prev == i
             got.extend(unpacked)
         assert [tuple(r) for r in got] == [tuple(r) for r in recs]
@@ -67,29 +68,29 @@ def test_the_commit_packs_the_log_in_steps_into_the_same_blocks(recs) -> None:
     assert steps == sum(-(-len(g) // LOG_STEP) + 1 for g in groups)  # every LOG_STEP records, and every block
     prev = 77
     for block, group in zip(chain, groups, strict=True):
-        assert written[block] == fmt.pack_log(BS, prev, group, block, 9)
+        assert written[block] == logrec.pack_log(BS, prev, group, block, 9)
         prev = block
 
 
 def test_a_log_block_refuses_records_that_do_not_fit() -> None:
-    body = fmt.pack_log_records([(fmt.LOG_MAP, 1, 0, 5, list(range(80)))])
-    assert len(body) > fmt.log_room(512)
+    body = logrec.pack_log_records([(logrec.LOG_MAP, 1, 0, 5, list(range(80)))])
+    assert len(body) > logrec.log_room(512)
     with pytest.raises(ValueError, match="do not fit"):
-        fmt.seal_log(512, 0, body, 1, 3, 1)
+        logrec.seal_log(512, 0, body, 1, 3, 1)
 
 
 def test_a_truncated_map_record_is_rejected() -> None:
-    buf = fmt.pack_log(512, 0, [(fmt.LOG_MAP, 7, 0, 99, [1, 2, 3])], 3, 1)
+    buf = logrec.pack_log(512, 0, [(logrec.LOG_MAP, 7, 0, 99, [1, 2, 3])], 3, 1)
     length = fmt.HEADER_SIZE + 8
-    buf[length: length + 4] = (fmt.log_record_size((fmt.LOG_MAP, 7, 0, 99, [1, 2, 3])) - 8).to_bytes(4, "little")
+    buf[length: length + 4] = (logrec.log_record_size((logrec.LOG_MAP, 7, 0, 99, [1, 2, 3])) - 8).to_bytes(4, "little")
     with pytest.raises(ValueError):
-        fmt.unpack_log(buf, 1)
+        logrec.unpack_log(buf, 1)
 
 
 def test_largest_map_record_fits_one_log_block() -> None:
     for bs in (512, 1024, 4096, 65536):
-        n = fmt.log_map_blocks(bs)
-        assert fmt.log_record_size((fmt.LOG_MAP, 1, 0, 1, [0] * n)) <= fmt.log_room(bs)
+        n = logrec.log_map_blocks(bs)
+        assert logrec.log_record_size((logrec.LOG_MAP, 1, 0, 1, [0] * n)) <= logrec.log_room(bs)
 
 
 
@@ -285,9 +286,9 @@ def test_fsck_reports_a_log_record_that_does_not_apply(image) -> None:
         img.seek(head * BS)
         old = img.read(BS)
         _, _, count, delta = fmt.unseal(old, head, (fmt.KIND_LOG,))
-        prev, _ = fmt.unpack_log(old, count)
+        prev, _ = logrec.unpack_log(old, count)
         img.seek(head * BS)
-        img.write(fmt.pack_log(BS, prev, [(fmt.LOG_MAP, 999, 0, 5000, [1])], head, delta))
+        img.write(logrec.pack_log(BS, prev, [(logrec.LOG_MAP, 999, 0, 5000, [1])], head, delta))
     report = fsck(image)
     assert report.status == 4
     assert any(f"block {head}" in line and "inode 999 does not apply" in line for line in report.lines)
@@ -303,7 +304,7 @@ def test_the_log_limit_counts_bytes_so_large_blocks_do_not_lengthen_the_replay(t
         for i in range(6):
             vol.write(f.ino, i * 65536, bytes([i + 1]) * 65536)
             await vol.sync()
-            assert vol.backend.sb.log_count * 65536 <= 8 * fmt.LOG_UNIT or vol.backend.sb.log_count == 1
+            assert vol.backend.sb.log_count * 65536 <= 8 * logrec.LOG_UNIT or vol.backend.sb.log_count == 1
 
     trio.run(main)
     assert vol.counters["unifies"] >= 3

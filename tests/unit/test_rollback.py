@@ -17,6 +17,7 @@ from conftest import Mount, opened, read_all, require_fuse, tool
 from volumes import LOGGED, History, flip
 
 from tux3fuse import format as fmt
+from tux3fuse import logrecord as logrec
 from tux3fuse.fs import Options, Volume, VolumeError
 from tux3fuse.fsck import fsck
 
@@ -37,10 +38,10 @@ def add_record(image: str, block: int, rec: tuple) -> None:
         f.seek(block * BS)
         old = f.read(BS)
         _, _, count, delta = fmt.unseal(old, block, (fmt.KIND_LOG,))
-        prev, records = fmt.unpack_log(old, count)
+        prev, records = logrec.unpack_log(old, count)
         records.append(rec)
         f.seek(block * BS)
-        f.write(fmt.seal_log(BS, prev, fmt.pack_log_records(records), len(records), block, delta))
+        f.write(logrec.seal_log(BS, prev, logrec.pack_log_records(records), len(records), block, delta))
 
 
 def assert_rolls_back(h: History, good: int, inodes: set[int]) -> None:
@@ -82,7 +83,7 @@ def assert_rolls_back(h: History, good: int, inodes: set[int]) -> None:
 def test_a_record_for_a_missing_inode_in_the_newest_log_block_rolls_back_one_delta(image) -> None:
     h = History(image)
     newest = h.seqs[-1]
-    add_record(image, h.logs[newest][-1], (fmt.LOG_DESTROY, 9999))
+    add_record(image, h.logs[newest][-1], (logrec.LOG_DESTROY, 9999))
     assert_rolls_back(h, h.seqs[-2], h.inodes[newest])
 
 
@@ -90,7 +91,7 @@ def test_a_record_for_a_missing_inode_in_the_newest_log_block_rolls_back_one_del
 def test_a_record_that_does_not_apply_in_the_middle_drops_that_delta_and_every_later_one(image, one_flush) -> None:
     h = History(image, one_flush=one_flush)  # with one flush, the newest delta's proof holds: the damage is older
     middle = h.seqs[2]
-    add_record(image, h.logs[middle][0], (fmt.LOG_MAP, 7777, 0, 100, [1]))
+    add_record(image, h.logs[middle][0], (logrec.LOG_MAP, 7777, 0, 100, [1]))
     assert_rolls_back(h, h.seqs[1], h.dropped_inodes(h.seqs[1]))
 
 
@@ -132,7 +133,7 @@ def test_two_histories_of_one_delta_on_the_disk_are_both_distrusted(image) -> No
     stale = 16384 - 10  # a free block near the end of the 64 MiB volume
     with open(image, "r+b") as f:
         f.seek(stale * BS)
-        f.write(fmt.pack_log(BS, h.logs[s[1]][-1], [(fmt.LOG_DESTROY, 9999)], stale, s[2]))
+        f.write(logrec.pack_log(BS, h.logs[s[1]][-1], [(logrec.LOG_DESTROY, 9999)], stale, s[2]))
     flip(image, h.logs[s[4]][0], 1)  # an unreadable header: the scan must find the older part
     assert_rolls_back(h, s[1], h.dropped_inodes(s[4]))
 
@@ -157,7 +158,7 @@ def test_a_mount_refuses_a_damaged_log_and_fsck_rolls_it_back_to_a_volume_that_m
     subprocess.run([tool("mkfs.tux3"), "-q", "-b", str(BS), "-s", "64M", str(image)], check=True)
     h = History(str(image))
     newest = h.seqs[-1]
-    add_record(str(image), h.logs[newest][-1], (fmt.LOG_DESTROY, 9999))
+    add_record(str(image), h.logs[newest][-1], (logrec.LOG_DESTROY, 9999))
     good = h.seqs[-2]
     mnt = tmp_path / "mnt"
     mnt.mkdir()
@@ -248,7 +249,7 @@ def test_a_data_block_a_dropped_delta_freed_and_a_later_one_rewrote_is_reported_
     vol.write(f.ino, BS, os.urandom(BS))  # ...and the next one writes it again, right after the first
     vol.commit()
     vol.close_files()
-    add_record(image, first_dropped, (fmt.LOG_DESTROY, 9999))
+    add_record(image, first_dropped, (logrec.LOG_DESTROY, 9999))
     repair = fsck(image, repair=True)
     text = "\n".join(repair.lines)
     assert f"rolled back to delta {good}" in text, text

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from .. import format as fmt
+from .. import logrecord as logrec
 from ..cache.page import CLEAN, Page
 from ..device import WritePlan
 from ..format import checksum
@@ -77,7 +78,7 @@ class CommitJob:
         self.unplaced = 0  # pages of that inode not given a block yet
         self.empty = False
         self.used_inodes = used_inodes
-        self.records: list[fmt.LogRecord] = []  # tree changes for the log, in the order replay applies them
+        self.records: list[logrec.LogRecord] = []  # tree changes for the log, in the order replay applies them
         self.waiters: list = []  # trio.Events set when the job completes
         # every block but the superblock is written: the pages' I/O is over (Linux's end_page_writeback), though
         # the flush and the commit point may still be ahead; set on the event loop (``mark_written``)
@@ -112,7 +113,7 @@ class CommitJob:
             log_blocks = len(groups)
             yield
             if (self.unify or (be.deltas_since_unify >= opts.unify_deltas and not self.urgent)
-                    or (sb.log_count + log_blocks) * be.blocksize > opts.unify_log_blocks * fmt.LOG_UNIT):
+                    or (sb.log_count + log_blocks) * be.blocksize > opts.unify_log_blocks * logrec.LOG_UNIT):
                 yield from self._unify()
                 sb.delta_csum = 0
             else:
@@ -220,7 +221,7 @@ class CommitJob:
         blocks = inode.rec.blocks
         if hole is not None:
             blocks -= extents.unmap(tree, hole, None, free)
-        changes: list[fmt.LogRecord] = [] if hole is None else [(fmt.LOG_UNMAP, inode.ino, hole)]
+        changes: list[logrec.LogRecord] = [] if hole is None else [(logrec.LOG_UNMAP, inode.ino, hole)]
         end = -(-size // be.blocksize)
         run: list[Page] = []
         first = True
@@ -250,15 +251,15 @@ class CommitJob:
             r.blocks = blocks
         packed = rec.pack()
         be.itable.insert(inode.ino, packed)
-        self.records.append((fmt.LOG_INODE, inode.ino, packed))  # first: replay maps extents of a known inode
+        self.records.append((logrec.LOG_INODE, inode.ino, packed))  # first: replay maps extents of a known inode
         self.records.extend(changes)
         inode.on_disk = True
         if rec.nlink == 0 and be.otree.lookup(inode.ino) is None:
             be.otree.insert(inode.ino, b"")
-            self.records.append((fmt.LOG_ORPHAN, inode.ino))
+            self.records.append((logrec.LOG_ORPHAN, inode.ino))
         self.counters["inodes_written"] += 1
 
-    def _write_run(self, inode: Inode, size: int, tree, run: list[Page], changes: list[fmt.LogRecord],
+    def _write_run(self, inode: Inode, size: int, tree, run: list[Page], changes: list[logrec.LogRecord],
                    first: bool) -> int:
         """Allocate, checksum and map one run of contiguous dirty pages. The inode's first run of the delta goes
         right after the block before it on disk when it can (a file written at its end stays contiguous); later
@@ -299,9 +300,9 @@ class CommitJob:
             csums = [checksum(d) for d in datas]
             self.writes.extend(zip(range(physical, physical + count), datas, strict=True))
             dropped = extents.map_run(tree, pages[0].index, physical, csums, be.alloc.free_later, bs)
-            step = fmt.log_map_blocks(bs)
+            step = logrec.log_map_blocks(bs)
             for at in range(0, count, step):
-                changes.append((fmt.LOG_MAP, inode.ino, pages[0].index + at, physical + at, csums[at: at + step]))
+                changes.append((logrec.LOG_MAP, inode.ino, pages[0].index + at, physical + at, csums[at: at + step]))
             added += count - dropped
             done += count
         self.counters["data_blocks_written"] += len(run)
@@ -314,7 +315,7 @@ class CommitJob:
         extents.unmap(tree, 0, None, be.alloc.free_later)
         tree.free_all()
         if inode.on_disk:
-            self.records.append((fmt.LOG_DESTROY, inode.ino))
+            self.records.append((logrec.LOG_DESTROY, inode.ino))
         be.unflushed.pop(inode.ino, None)
         be.itable.delete(inode.ino)
         be.used_inodes -= 1

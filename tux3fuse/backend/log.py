@@ -26,6 +26,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, replace
 
 from .. import format as fmt
+from .. import logrecord as logrec
 from ..alloc import Allocator
 from ..device import exclusive
 from ..steps import run_steps
@@ -33,17 +34,17 @@ from ..steps import run_steps
 LOG_STEP = 32  # records split or packed between two yields of a commit's prepare stage
 
 
-def split_log(records: list[fmt.LogRecord], blocksize: int) -> list[list[fmt.LogRecord]]:
+def split_log(records: list[logrec.LogRecord], blocksize: int) -> list[list[logrec.LogRecord]]:
     """Records grouped into log blocks, in order."""
     return run_steps(split_log_steps(records, blocksize))
 
 
-def split_log_steps(records: list[fmt.LogRecord], blocksize: int
-                    ) -> Generator[None, None, list[list[fmt.LogRecord]]]:
+def split_log_steps(records: list[logrec.LogRecord], blocksize: int
+                    ) -> Generator[None, None, list[list[logrec.LogRecord]]]:
     """``split_log`` yielding every ``LOG_STEP`` records."""
-    room = fmt.log_room(blocksize)
-    size_of = fmt.log_record_size
-    blocks: list[list[fmt.LogRecord]] = []
+    room = logrec.log_room(blocksize)
+    size_of = logrec.log_record_size
+    blocks: list[list[logrec.LogRecord]] = []
     used = room
     for i, rec in enumerate(records):
         size = size_of(rec)
@@ -57,7 +58,7 @@ def split_log_steps(records: list[fmt.LogRecord], blocksize: int
     return blocks
 
 
-def write_log(groups: list[list[fmt.LogRecord]], blocksize: int, head: int, delta: int,
+def write_log(groups: list[list[logrec.LogRecord]], blocksize: int, head: int, delta: int,
               alloc_block: Callable[[], int], write: Callable[[int, bytearray], None]
               ) -> Generator[None, None, tuple[int, list[int]]]:
     """Write record groups (from ``split_log``) into new log blocks chained after ``head``, yielding every
@@ -66,10 +67,10 @@ def write_log(groups: list[list[fmt.LogRecord]], blocksize: int, head: int, delt
     for group in groups:
         parts = []
         for at in range(0, len(group), LOG_STEP):
-            parts.append(fmt.pack_log_records(group[at: at + LOG_STEP]))
+            parts.append(logrec.pack_log_records(group[at: at + LOG_STEP]))
             yield
         block = alloc_block()
-        write(block, fmt.seal_log(blocksize, head, b"".join(parts), len(group), block, delta))
+        write(block, logrec.seal_log(blocksize, head, b"".join(parts), len(group), block, delta))
         written.append(block)
         head = block
         yield
@@ -95,13 +96,13 @@ def replay(alloc: Allocator, chain: list[tuple[int, list]], sb: fmt.Super) -> No
         alloc.mark_used(block, 1)
         for rec in records:
             code = rec[0]
-            if code not in (fmt.LOG_ALLOC, fmt.LOG_FREE):
+            if code not in (logrec.LOG_ALLOC, logrec.LOG_FREE):
                 continue
             _, start, count = rec
             if sb.outside(start, count):
                 raise fmt.CorruptBlock(block, "log", f"record for blocks {start}+{count} outside the allocatable "
                                        f"area [{sb.alloc_start}, {sb.volblocks})")
-            if code == fmt.LOG_ALLOC:
+            if code == logrec.LOG_ALLOC:
                 alloc.mark_used(start, count)
             else:
                 alloc.mark_free(start, count)
@@ -185,7 +186,7 @@ def log_entry(read_block: Callable[[int], bytes], block: int) -> LogEntry:
         raise fmt.CorruptBlock(block, "log", str(e)) from None
     _, _, n, delta = fmt.unseal(buf, block, (fmt.KIND_LOG,))
     try:
-        prev, records = fmt.unpack_log(buf, n)
+        prev, records = logrec.unpack_log(buf, n)
     except (ValueError, IndexError) as e:
         raise fmt.CorruptBlock(block, "log", str(e)) from None
     return LogEntry(block, delta, prev, records)
@@ -224,7 +225,7 @@ def header_hint(read_block: Callable[[int], bytes], block: int) -> tuple[int | N
     try:
         buf = read_block(block)
         kind, _, _, own, _, delta = fmt.HEADER.unpack_from(buf, 0)
-        prev, _ = fmt._LOG_HEAD.unpack_from(buf, fmt.HEADER_SIZE)
+        prev, _ = logrec._LOG_HEAD.unpack_from(buf, fmt.HEADER_SIZE)
     except Exception:  # unreadable: no hint
         return None, None
     if kind != fmt.KIND_LOG or own != block:
